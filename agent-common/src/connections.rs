@@ -1,0 +1,178 @@
+//! Connection-lifecycle records: kernel → userspace events and the per-socket
+//! state kept in the `SOCKS` map.
+
+/// Connection initiated by the target (`connect`).
+pub const DIR_OUTBOUND: u16 = 1;
+/// Connection accepted by the target (`accept`).
+pub const DIR_INBOUND: u16 = 2;
+
+/// `ConnEvent::kind`: the connection reached ESTABLISHED (outbound) or was
+/// returned by `accept` (inbound).
+pub const EV_OPEN: u32 = 1;
+/// The connection reached TCP_CLOSE; carries the final counters.
+pub const EV_CLOSE: u32 = 2;
+/// `connect` failed; `reason` is the errno.
+pub const EV_CONNECT_FAILED: u32 = 3;
+/// A connection that existed before the agent started was matched to its
+/// socket (seeded from `/proc`); carries nothing but the socket identity.
+pub const EV_SEED_MATCHED: u32 = 4;
+
+/// `SockState::flags`: the connection was seeded from `/proc`.
+pub const SOCK_SEEDED: u32 = 1 << 0;
+/// A RST was received on this socket (`tcp:tcp_receive_reset`).
+pub const SOCK_RST_RECEIVED: u32 = 1 << 1;
+/// A RST was sent on this socket (`tcp:tcp_send_reset`, or an abortive close).
+pub const SOCK_RST_SENT: u32 = 1 << 2;
+/// The local side closed first (ESTABLISHED → FIN_WAIT1).
+pub const SOCK_LOCAL_CLOSED_FIRST: u32 = 1 << 3;
+/// The peer closed first (ESTABLISHED → CLOSE_WAIT).
+pub const SOCK_PEER_CLOSED_FIRST: u32 = 1 << 4;
+/// The connection reached ESTABLISHED (an outbound socket in SYN_SENT has not).
+pub const SOCK_ESTABLISHED: u32 = 1 << 5;
+/// The socket was already closed when `accept` returned it.
+pub const SOCK_CLOSED_BEFORE_ACCEPT: u32 = 1 << 6;
+
+/// Close reasons carried in `ConnEvent::reason` for [`EV_CLOSE`].
+pub const CLOSE_FIN: u32 = 0;
+pub const CLOSE_RST_SENT: u32 = 1;
+pub const CLOSE_RST_RECEIVED: u32 = 2;
+
+/// TCP states as numbered by the kernel (`include/net/tcp_states.h`).
+pub const TCP_ESTABLISHED: i32 = 1;
+pub const TCP_SYN_SENT: i32 = 2;
+pub const TCP_SYN_RECV: i32 = 3;
+pub const TCP_FIN_WAIT1: i32 = 4;
+pub const TCP_CLOSE: i32 = 7;
+pub const TCP_CLOSE_WAIT: i32 = 8;
+pub const TCP_LAST_ACK: i32 = 9;
+pub const TCP_LISTEN: i32 = 10;
+
+pub const AF_INET: u16 = 2;
+pub const AF_INET6: u16 = 10;
+pub const IPPROTO_TCP: u16 = 6;
+
+/// Capacity of the `SOCKS` LRU map (tracked connections).
+pub const MAX_SOCKS: u32 = 65_536;
+/// Capacity of the `SEEDS` map (pre-existing connections not yet matched).
+pub const MAX_SEEDS: u32 = 16_384;
+
+/// Per-socket state, keyed by the `struct sock` address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct SockState {
+    pub start_ns: u64,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    pub retransmits: u64,
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    /// Command name of the owning process, captured in process context.
+    pub comm: [u8; 16],
+    pub tgid: u32,
+    pub flags: u32,
+    pub family: u16,
+    pub lport: u16,
+    pub rport: u16,
+    pub direction: u16,
+}
+
+/// Key of the `SEEDS` map: a connection seen in `/proc/net/tcp*` before the
+/// agent started, found again by its addresses once its socket shows up.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SeedKey {
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    pub family: u16,
+    pub lport: u16,
+    pub rport: u16,
+    pub _pad: u16,
+}
+
+/// Value of the `SEEDS` map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct SeedValue {
+    pub tgid: u32,
+    pub direction: u16,
+    pub _pad: u16,
+}
+
+/// One record on the connections ring buffer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct ConnEvent {
+    pub ts_ns: u64,
+    pub sk: u64,
+    pub duration_ns: u64,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    pub retransmits: u64,
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    pub comm: [u8; 16],
+    pub tgid: u32,
+    pub kind: u32,
+    pub reason: u32,
+    pub flags: u32,
+    pub family: u16,
+    pub lport: u16,
+    pub rport: u16,
+    pub direction: u16,
+}
+
+/// Indices of the per-CPU `CONN_STATS` array.
+pub const STAT_RING_LOST: u32 = 0;
+pub const STAT_SOCK_UNTRACKED_CLOSE: u32 = 1;
+pub const STAT_SOCKS_FULL: u32 = 2;
+pub const STAT_COUNT: u32 = 4;
+
+/// Byte offsets of tracepoint fields used by the connections collector, read
+/// from `/sys/kernel/tracing/events/<cat>/<name>/format` at startup.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ConnTracepointOffsets {
+    /// `sock:inet_sock_set_state`
+    pub iss_skaddr: u32,
+    pub iss_oldstate: u32,
+    pub iss_newstate: u32,
+    pub iss_sport: u32,
+    pub iss_dport: u32,
+    pub iss_family: u32,
+    pub iss_protocol: u32,
+    pub iss_saddr: u32,
+    pub iss_daddr: u32,
+    pub iss_saddr_v6: u32,
+    pub iss_daddr_v6: u32,
+    /// `sock:sock_send_length` / `sock:sock_recv_length` (same layout)
+    pub len_sk: u32,
+    pub len_protocol: u32,
+    pub len_ret: u32,
+    pub len_flags: u32,
+    /// `tcp:tcp_retransmit_skb`
+    pub retrans_skaddr: u32,
+    /// `tcp:tcp_send_reset`
+    pub send_reset_skaddr: u32,
+    /// `tcp:tcp_receive_reset`
+    pub recv_reset_skaddr: u32,
+    /// `syscalls:sys_enter_connect`
+    pub connect_fd: u32,
+    pub connect_uservaddr: u32,
+    /// `syscalls:sys_exit_*`
+    pub exit_ret: u32,
+    pub _pad: u32,
+}
+
+/// In-flight `connect` of one thread, keyed by tid in `CONNECTING`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct PendingConnect {
+    pub daddr: [u8; 16],
+    pub fd: u32,
+    /// Set when the socket reached SYN_SENT: the state tracepoint then owns
+    /// the outcome and the syscall exit must not count it again.
+    pub syn_sent: u32,
+    pub family: u16,
+    pub rport: u16,
+    pub _pad: u32,
+}

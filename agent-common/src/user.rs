@@ -1,0 +1,15 @@
+//! Userspace half: `aya::Pod` for every type that crosses a map or a ring.
+
+use crate::{config, connections};
+
+// SAFETY: all of these are `#[repr(C)]`, made only of integers and integer
+// arrays, with no implicit padding, so every bit pattern is a valid value.
+unsafe impl aya::Pod for config::AgentConfig {}
+unsafe impl aya::Pod for config::KernelOffsets {}
+unsafe impl aya::Pod for connections::SockState {}
+unsafe impl aya::Pod for connections::SeedKey {}
+unsafe impl aya::Pod for connections::SeedValue {}
+unsafe impl aya::Pod for connections::ConnEvent {}
+unsafe impl aya::Pod for connections::ConnTracepointOffsets {}
+unsafe impl aya::Pod for connections::PendingConnect {}
+unsafe impl aya::Pod for config::SchedTracepointOffsets {}

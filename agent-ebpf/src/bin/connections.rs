@@ -1,0 +1,538 @@
+//! Connection lifecycle: TCP state changes, accept/connect outcomes, bytes,
+//! retransmits and resets of the targets' sockets.
+//!
+//! Sockets enter `SOCKS` only in process context of a target (accept exit,
+//! connect's CLOSE → SYN_SENT), so softirq-context probes filter by one
+//! lookup of the socket address and attribute to the owner recorded there,
+//! never to whatever task ran the softirq.
+#![no_std]
+#![no_main]
+// The bpfel target has no 64-bit atomic types, but the instruction exists
+// (BPF_XADD, available on every BPF CPU version when the result is unused).
+#![feature(core_intrinsics)]
+#![expect(internal_features, reason = "atomic add on map values, see above")]
+
+use core::intrinsics::{AtomicOrdering, atomic_xadd};
+
+use aya_ebpf::{
+    Global,
+    helpers::{bpf_get_current_comm, bpf_ktime_get_ns, bpf_probe_read_user},
+    macros::{map, tracepoint},
+    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
+    programs::TracePointContext,
+};
+use pipelens_common::connections::*;
+use pipelens_ebpf::{current_ids, is_target, sock_err, sock_of_fd, sock_protocol, sock_state, sock_tuple};
+
+#[unsafe(no_mangle)]
+static CONN_TP_OFFSETS: Global<ConnTracepointOffsets> = Global::new(ConnTracepointOffsets {
+    iss_skaddr: 0,
+    iss_oldstate: 0,
+    iss_newstate: 0,
+    iss_sport: 0,
+    iss_dport: 0,
+    iss_family: 0,
+    iss_protocol: 0,
+    iss_saddr: 0,
+    iss_daddr: 0,
+    iss_saddr_v6: 0,
+    iss_daddr_v6: 0,
+    len_sk: 0,
+    len_protocol: 0,
+    len_ret: 0,
+    len_flags: 0,
+    retrans_skaddr: 0,
+    send_reset_skaddr: 0,
+    recv_reset_skaddr: 0,
+    connect_fd: 0,
+    connect_uservaddr: 0,
+    exit_ret: 0,
+    _pad: 0,
+});
+
+#[map]
+static CONN_EVENTS: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
+
+#[map]
+static SOCKS: LruHashMap<u64, SockState> = LruHashMap::with_max_entries(MAX_SOCKS, 0);
+
+#[map]
+static SEEDS: HashMap<SeedKey, SeedValue> = HashMap::with_max_entries(MAX_SEEDS, 0);
+
+/// Number of entries userspace put in `SEEDS`; zero once all are matched or
+/// expired, so that the miss path costs one array read.
+#[map]
+static SEED_COUNT: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+#[map]
+static CONNECTING: LruHashMap<u32, PendingConnect> = LruHashMap::with_max_entries(4096, 0);
+
+#[map]
+static CONN_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STAT_COUNT, 0);
+
+const MSG_PEEK: i32 = 2;
+const EINPROGRESS: i64 = 115;
+const EALREADY: i64 = 114;
+const EISCONN: i64 = 106;
+const EINTR: i64 = 4;
+/// Reported when a socket left SYN_SENT without the kernel recording an error:
+/// the application closed it before the handshake finished.
+const ECANCELED: u32 = 125;
+
+#[inline(always)]
+fn bump(stat: u32) {
+    if let Some(p) = CONN_STATS.get_ptr_mut(stat) {
+        // SAFETY: per-CPU slot, no concurrent writer on this CPU.
+        unsafe { *p += 1 };
+    }
+}
+
+#[inline(always)]
+fn add(field: *mut u64, n: u64) {
+    // SAFETY: `field` points into a live map value; the add is atomic because
+    // the same socket may be written and read on two CPUs at once.
+    unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(field, n) };
+}
+
+#[inline(always)]
+fn tp<T>(ctx: &TracePointContext, offset: u32) -> Result<T, i32> {
+    // SAFETY: offsets come from this tracepoint's format file.
+    unsafe { ctx.read_at::<T>(offset as usize) }
+}
+
+fn emit(kind: u32, sk: u64, s: &SockState, reason: u32, now: u64) {
+    let Some(mut entry) = CONN_EVENTS.reserve::<ConnEvent>(0) else {
+        bump(STAT_RING_LOST);
+        return;
+    };
+    let ev = ConnEvent {
+        ts_ns: now,
+        sk,
+        duration_ns: now.saturating_sub(s.start_ns),
+        bytes_sent: s.bytes_sent,
+        bytes_received: s.bytes_received,
+        retransmits: s.retransmits,
+        saddr: s.saddr,
+        daddr: s.daddr,
+        comm: s.comm,
+        tgid: s.tgid,
+        kind,
+        reason,
+        flags: s.flags,
+        family: s.family,
+        lport: s.lport,
+        rport: s.rport,
+        direction: s.direction,
+    };
+    entry.write(ev);
+    entry.submit(0);
+}
+
+fn new_state(tgid: u32, direction: u16, flags: u32, now: u64) -> SockState {
+    SockState {
+        start_ns: now,
+        bytes_sent: 0,
+        bytes_received: 0,
+        retransmits: 0,
+        saddr: [0; 16],
+        daddr: [0; 16],
+        comm: bpf_get_current_comm().unwrap_or([0; 16]),
+        tgid,
+        flags,
+        family: 0,
+        lport: 0,
+        rport: 0,
+        direction,
+    }
+}
+
+/// The tracked state of `sk`, or — for a connection that existed before the
+/// agent started — its seed, found by its addresses and promoted to `SOCKS`.
+#[inline(always)]
+fn sock_entry(sk: u64) -> Option<*mut SockState> {
+    if let Some(p) = SOCKS.get_ptr_mut(&sk) {
+        return Some(p);
+    }
+    let pending = SEED_COUNT.get(0).copied().unwrap_or(0);
+    // SEED_COUNT is per-CPU: userspace writes the same count into every slot.
+    if pending == 0 {
+        return None;
+    }
+    let t = sock_tuple(sk).ok()?;
+    let key = SeedKey {
+        saddr: t.saddr,
+        daddr: t.daddr,
+        family: t.family,
+        lport: t.lport,
+        rport: t.rport,
+        _pad: 0,
+    };
+    // SAFETY: copied out before the entry is removed.
+    let seed = unsafe { SEEDS.get(&key) }.copied()?;
+    let now = unsafe { bpf_ktime_get_ns() };
+    let mut s = new_state(seed.tgid, seed.direction, SOCK_SEEDED | SOCK_ESTABLISHED, now);
+    s.comm = [0; 16];
+    s.saddr = t.saddr;
+    s.daddr = t.daddr;
+    s.family = t.family;
+    s.lport = t.lport;
+    s.rport = t.rport;
+    let _ = SEEDS.remove(&key);
+    if SOCKS.insert(&sk, &s, 0).is_err() {
+        bump(STAT_SOCKS_FULL);
+        return None;
+    }
+    emit(EV_SEED_MATCHED, sk, &s, 0, now);
+    SOCKS.get_ptr_mut(&sk)
+}
+
+/// `sock:inet_sock_set_state(skaddr, oldstate, newstate, sport, dport, family,
+/// protocol, saddr, daddr, saddr_v6, daddr_v6)`
+#[tracepoint]
+pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
+    match try_set_state(&ctx) {
+        Ok(()) | Err(_) => 0,
+    }
+}
+
+fn try_set_state(ctx: &TracePointContext) -> Result<(), i32> {
+    let off = CONN_TP_OFFSETS.load();
+    let protocol: u16 = tp(ctx, off.iss_protocol)?;
+    if protocol != IPPROTO_TCP {
+        return Ok(());
+    }
+    let sk: u64 = tp(ctx, off.iss_skaddr)?;
+    let old: i32 = tp(ctx, off.iss_oldstate)?;
+    let new: i32 = tp(ctx, off.iss_newstate)?;
+    let now = unsafe { bpf_ktime_get_ns() };
+
+    if old == TCP_CLOSE && new == TCP_SYN_SENT {
+        // connect(): process context of the caller.
+        let (tgid, tid) = current_ids();
+        if !is_target(tgid) {
+            return Ok(());
+        }
+        let s = new_state(tgid, DIR_OUTBOUND, 0, now);
+        if SOCKS.insert(&sk, &s, 0).is_err() {
+            bump(STAT_SOCKS_FULL);
+        }
+        if let Some(p) = CONNECTING.get_ptr_mut(&tid) {
+            // SAFETY: live map value of this thread only.
+            unsafe { (*p).syn_sent = 1 };
+        }
+        return Ok(());
+    }
+
+    let Some(p) = sock_entry(sk) else {
+        return Ok(());
+    };
+    // SAFETY: `p` points into a live SOCKS value.
+    let s = unsafe { &mut *p };
+
+    if old == TCP_SYN_SENT && new == TCP_ESTABLISHED {
+        // The local port is bound after SYN_SENT is entered: take the tuple now.
+        let family: u16 = tp(ctx, off.iss_family)?;
+        s.family = family;
+        s.lport = tp(ctx, off.iss_sport)?;
+        s.rport = tp(ctx, off.iss_dport)?;
+        if family == AF_INET {
+            let a: [u8; 4] = tp(ctx, off.iss_saddr)?;
+            let b: [u8; 4] = tp(ctx, off.iss_daddr)?;
+            s.saddr[..4].copy_from_slice(&a);
+            s.daddr[..4].copy_from_slice(&b);
+        } else {
+            s.saddr = tp(ctx, off.iss_saddr_v6)?;
+            s.daddr = tp(ctx, off.iss_daddr_v6)?;
+        }
+        s.flags |= SOCK_ESTABLISHED;
+        s.start_ns = now;
+        emit(EV_OPEN, sk, s, 0, now);
+        return Ok(());
+    }
+
+    if old == TCP_ESTABLISHED && new == TCP_FIN_WAIT1 {
+        if s.flags & SOCK_PEER_CLOSED_FIRST == 0 {
+            s.flags |= SOCK_LOCAL_CLOSED_FIRST;
+        }
+        return Ok(());
+    }
+    if old == TCP_ESTABLISHED && new == TCP_CLOSE_WAIT {
+        if s.flags & SOCK_LOCAL_CLOSED_FIRST == 0 {
+            s.flags |= SOCK_PEER_CLOSED_FIRST;
+        }
+        return Ok(());
+    }
+
+    if new == TCP_CLOSE {
+        if s.flags & SOCK_ESTABLISHED == 0 {
+            // Left SYN_SENT without a handshake: a failed connect. The
+            // kernel stores the errno in sk_err before tcp_done().
+            let mut err = sock_err(sk).unwrap_or(0) as u32;
+            if err == 0 && s.flags & SOCK_RST_RECEIVED != 0 {
+                err = 111; // ECONNREFUSED
+            }
+            if err == 0 {
+                err = ECANCELED;
+            }
+            let mut snapshot = *s;
+            let family: u16 = tp(ctx, off.iss_family)?;
+            snapshot.family = family;
+            snapshot.rport = tp(ctx, off.iss_dport)?;
+            emit(EV_CONNECT_FAILED, sk, &snapshot, err, now);
+        } else {
+            // Going straight to CLOSE from ESTABLISHED or CLOSE_WAIT, with no
+            // RST received, is an abortive close (SO_LINGER 0, unread data):
+            // the kernel sends a RST right after this transition.
+            let abortive = old == TCP_ESTABLISHED || old == TCP_CLOSE_WAIT;
+            if abortive && s.flags & SOCK_RST_RECEIVED == 0 {
+                s.flags |= SOCK_RST_SENT;
+            }
+            let reason = if s.flags & SOCK_RST_RECEIVED != 0 {
+                CLOSE_RST_RECEIVED
+            } else if s.flags & SOCK_RST_SENT != 0 {
+                CLOSE_RST_SENT
+            } else {
+                CLOSE_FIN
+            };
+            emit(EV_CLOSE, sk, s, reason, now);
+        }
+        let _ = SOCKS.remove(&sk);
+    }
+    Ok(())
+}
+
+/// `syscalls:sys_exit_accept4` and `syscalls:sys_exit_accept`: the returned
+/// descriptor is walked to its socket, which becomes tracked and owned by
+/// the accepting process.
+#[tracepoint]
+pub fn sys_exit_accept(ctx: TracePointContext) -> u32 {
+    match try_accept(&ctx) {
+        Ok(()) | Err(_) => 0,
+    }
+}
+
+fn try_accept(ctx: &TracePointContext) -> Result<(), i32> {
+    let (tgid, _) = current_ids();
+    if !is_target(tgid) {
+        return Ok(());
+    }
+    let ret: i64 = tp(ctx, CONN_TP_OFFSETS.load().exit_ret)?;
+    if ret < 0 {
+        return Ok(());
+    }
+    let sk = sock_of_fd(ret as u64)?;
+    let t = sock_tuple(sk)?;
+    if t.family != AF_INET && t.family != AF_INET6 {
+        return Ok(());
+    }
+    if sock_protocol(sk)? != IPPROTO_TCP {
+        return Ok(());
+    }
+    let now = unsafe { bpf_ktime_get_ns() };
+    let mut s = new_state(tgid, DIR_INBOUND, SOCK_ESTABLISHED, now);
+    s.family = t.family;
+    s.lport = t.lport;
+    s.rport = t.rport;
+    s.saddr = t.saddr;
+    s.daddr = t.daddr;
+    emit(EV_OPEN, sk, &s, 0, now);
+    if sock_state(sk)? as i32 == TCP_CLOSE {
+        // Reset by the peer while it waited in the backlog: it will never
+        // change state again, so it is closed here.
+        s.flags |= SOCK_CLOSED_BEFORE_ACCEPT | SOCK_RST_RECEIVED;
+        emit(EV_CLOSE, sk, &s, CLOSE_RST_RECEIVED, now);
+        return Ok(());
+    }
+    if SOCKS.insert(&sk, &s, 0).is_err() {
+        bump(STAT_SOCKS_FULL);
+    }
+    Ok(())
+}
+
+/// `syscalls:sys_enter_connect(fd, uservaddr, addrlen)`
+#[tracepoint]
+pub fn sys_enter_connect(ctx: TracePointContext) -> u32 {
+    match try_enter_connect(&ctx) {
+        Ok(()) | Err(_) => 0,
+    }
+}
+
+fn try_enter_connect(ctx: &TracePointContext) -> Result<(), i32> {
+    let (tgid, tid) = current_ids();
+    if !is_target(tgid) {
+        return Ok(());
+    }
+    let off = CONN_TP_OFFSETS.load();
+    let fd: u64 = tp(ctx, off.connect_fd)?;
+    let addr: u64 = tp(ctx, off.connect_uservaddr)?;
+    // SAFETY: bpf_probe_read_user validates the user address.
+    let family: u16 = unsafe { bpf_probe_read_user((addr) as *const u16)? };
+    if family != AF_INET && family != AF_INET6 {
+        return Ok(());
+    }
+    let port_be: u16 = unsafe { bpf_probe_read_user((addr + 2) as *const u16)? };
+    let mut pending = PendingConnect {
+        daddr: [0; 16],
+        fd: fd as u32,
+        syn_sent: 0,
+        family,
+        rport: u16::from_be(port_be),
+        _pad: 0,
+    };
+    if family == AF_INET {
+        let a: [u8; 4] = unsafe { bpf_probe_read_user((addr + 4) as *const [u8; 4])? };
+        pending.daddr[..4].copy_from_slice(&a);
+    } else {
+        pending.daddr = unsafe { bpf_probe_read_user((addr + 8) as *const [u8; 16])? };
+    }
+    CONNECTING.insert(&tid, &pending, 0)?;
+    Ok(())
+}
+
+/// `syscalls:sys_exit_connect(ret)`: counts failures that happened before
+/// the socket ever reached SYN_SENT (no route, no local port, refused by a
+/// filter). Failures after SYN_SENT are counted by the state tracepoint.
+#[tracepoint]
+pub fn sys_exit_connect(ctx: TracePointContext) -> u32 {
+    match try_exit_connect(&ctx) {
+        Ok(()) | Err(_) => 0,
+    }
+}
+
+fn try_exit_connect(ctx: &TracePointContext) -> Result<(), i32> {
+    let (tgid, tid) = current_ids();
+    if !is_target(tgid) {
+        return Ok(());
+    }
+    // SAFETY: copied out before removal.
+    let Some(pending) = (unsafe { CONNECTING.get(&tid) }).copied() else {
+        return Ok(());
+    };
+    let _ = CONNECTING.remove(&tid);
+    let ret: i64 = tp(ctx, CONN_TP_OFFSETS.load().exit_ret)?;
+    if ret >= 0 || pending.syn_sent != 0 {
+        return Ok(());
+    }
+    let err = -ret;
+    if err == EINPROGRESS || err == EALREADY || err == EISCONN || err == EINTR {
+        return Ok(());
+    }
+    let sk = sock_of_fd(pending.fd as u64)?;
+    if sock_protocol(sk)? != IPPROTO_TCP {
+        return Ok(());
+    }
+    let now = unsafe { bpf_ktime_get_ns() };
+    let mut s = new_state(tgid, DIR_OUTBOUND, 0, now);
+    s.family = pending.family;
+    s.rport = pending.rport;
+    s.daddr = pending.daddr;
+    emit(EV_CONNECT_FAILED, sk, &s, err as u32, now);
+    Ok(())
+}
+
+/// `sock:sock_send_length(sk, family, protocol, ret, flags)`, process context.
+#[tracepoint]
+pub fn sock_send_length(ctx: TracePointContext) -> u32 {
+    match try_length(&ctx, true) {
+        Ok(()) | Err(_) => 0,
+    }
+}
+
+/// `sock:sock_recv_length(sk, family, protocol, ret, flags)`, process context.
+#[tracepoint]
+pub fn sock_recv_length(ctx: TracePointContext) -> u32 {
+    match try_length(&ctx, false) {
+        Ok(()) | Err(_) => 0,
+    }
+}
+
+#[inline(always)]
+fn try_length(ctx: &TracePointContext, send: bool) -> Result<(), i32> {
+    let (tgid, _) = current_ids();
+    if !is_target(tgid) {
+        return Ok(());
+    }
+    let off = CONN_TP_OFFSETS.load();
+    let protocol: u16 = tp(ctx, off.len_protocol)?;
+    if protocol != IPPROTO_TCP {
+        return Ok(());
+    }
+    let ret: i32 = tp(ctx, off.len_ret)?;
+    if ret <= 0 {
+        return Ok(());
+    }
+    if !send {
+        let flags: i32 = tp(ctx, off.len_flags)?;
+        if flags & MSG_PEEK != 0 {
+            return Ok(());
+        }
+    }
+    let sk: u64 = tp(ctx, off.len_sk)?;
+    let Some(p) = sock_entry(sk) else {
+        return Ok(());
+    };
+    // SAFETY: `p` points into a live SOCKS value.
+    unsafe {
+        if send {
+            add(&raw mut (*p).bytes_sent, ret as u64);
+        } else {
+            add(&raw mut (*p).bytes_received, ret as u64);
+        }
+    }
+    Ok(())
+}
+
+/// `tcp:tcp_retransmit_skb(skbaddr, skaddr, ...)`, softirq or timer context.
+#[tracepoint]
+pub fn tcp_retransmit_skb(ctx: TracePointContext) -> u32 {
+    match try_retransmit(&ctx) {
+        Ok(()) | Err(_) => 0,
+    }
+}
+
+fn try_retransmit(ctx: &TracePointContext) -> Result<(), i32> {
+    let sk: u64 = tp(ctx, CONN_TP_OFFSETS.load().retrans_skaddr)?;
+    if let Some(p) = SOCKS.get_ptr_mut(&sk) {
+        // SAFETY: `p` points into a live SOCKS value.
+        unsafe { add(&raw mut (*p).retransmits, 1) };
+    }
+    Ok(())
+}
+
+/// `tcp:tcp_send_reset(skbaddr, skaddr, state, reason, ...)`
+#[tracepoint]
+pub fn tcp_send_reset(ctx: TracePointContext) -> u32 {
+    match try_reset(&ctx, CONN_TP_OFFSETS.load().send_reset_skaddr, SOCK_RST_SENT) {
+        Ok(()) | Err(_) => 0,
+    }
+}
+
+/// `tcp:tcp_receive_reset(skaddr, ...)`
+#[tracepoint]
+pub fn tcp_receive_reset(ctx: TracePointContext) -> u32 {
+    match try_reset(&ctx, CONN_TP_OFFSETS.load().recv_reset_skaddr, SOCK_RST_RECEIVED) {
+        Ok(()) | Err(_) => 0,
+    }
+}
+
+fn try_reset(ctx: &TracePointContext, offset: u32, flag: u32) -> Result<(), i32> {
+    let sk: u64 = tp(ctx, offset)?;
+    if sk == 0 {
+        return Ok(());
+    }
+    if let Some(p) = SOCKS.get_ptr_mut(&sk) {
+        // SAFETY: `p` points into a live SOCKS value.
+        unsafe { (*p).flags |= flag };
+    }
+    Ok(())
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
