@@ -6,7 +6,6 @@ use aya_ebpf::{
 };
 use pipelens_common::config::{AgentConfig, KernelOffsets, MAX_TARGETS, MODE_ALL};
 
-
 /// Written by the loader before the object is loaded.
 #[unsafe(no_mangle)]
 pub static AGENT_CONFIG: Global<AgentConfig> = Global::new(AgentConfig::empty());
@@ -55,7 +54,8 @@ macro_rules! config_field {
 #[macro_export]
 macro_rules! kernel_offset {
     ($field:ident) => {{
-        let off = (&raw const $crate::KERNEL_OFFSETS).cast::<pipelens_common::config::KernelOffsets>();
+        let off =
+            (&raw const $crate::KERNEL_OFFSETS).cast::<pipelens_common::config::KernelOffsets>();
         // SAFETY: `Global<T>` is `repr(transparent)` over an initialised `T`.
         unsafe { core::ptr::read_volatile(&raw const (*off).$field) }
     }};

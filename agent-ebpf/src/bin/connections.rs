@@ -22,7 +22,9 @@ use aya_ebpf::{
     programs::TracePointContext,
 };
 use pipelens_common::connections::*;
-use pipelens_ebpf::{current_ids, is_target, sock_err, sock_of_fd, sock_protocol, sock_state, sock_tuple};
+use pipelens_ebpf::{
+    current_ids, is_target, sock_err, sock_of_fd, sock_protocol, sock_state, sock_tuple,
+};
 
 #[unsafe(no_mangle)]
 static CONN_TP_OFFSETS: Global<ConnTracepointOffsets> = Global::new(ConnTracepointOffsets {
@@ -170,7 +172,12 @@ fn sock_entry(sk: u64) -> Option<*mut SockState> {
     // SAFETY: copied out before the entry is removed.
     let seed = unsafe { SEEDS.get(&key) }.copied()?;
     let now = unsafe { bpf_ktime_get_ns() };
-    let mut s = new_state(seed.tgid, seed.direction, SOCK_SEEDED | SOCK_ESTABLISHED, now);
+    let mut s = new_state(
+        seed.tgid,
+        seed.direction,
+        SOCK_SEEDED | SOCK_ESTABLISHED,
+        now,
+    );
     s.comm = [0; 16];
     s.saddr = t.saddr;
     s.daddr = t.daddr;
@@ -502,7 +509,11 @@ fn try_retransmit(ctx: &TracePointContext) -> Result<(), i32> {
 /// `tcp:tcp_send_reset(skbaddr, skaddr, state, reason, ...)`
 #[tracepoint]
 pub fn tcp_send_reset(ctx: TracePointContext) -> u32 {
-    match try_reset(&ctx, CONN_TP_OFFSETS.load().send_reset_skaddr, SOCK_RST_SENT) {
+    match try_reset(
+        &ctx,
+        CONN_TP_OFFSETS.load().send_reset_skaddr,
+        SOCK_RST_SENT,
+    ) {
         Ok(()) | Err(_) => 0,
     }
 }
@@ -510,7 +521,11 @@ pub fn tcp_send_reset(ctx: TracePointContext) -> u32 {
 /// `tcp:tcp_receive_reset(skaddr, ...)`
 #[tracepoint]
 pub fn tcp_receive_reset(ctx: TracePointContext) -> u32 {
-    match try_reset(&ctx, CONN_TP_OFFSETS.load().recv_reset_skaddr, SOCK_RST_RECEIVED) {
+    match try_reset(
+        &ctx,
+        CONN_TP_OFFSETS.load().recv_reset_skaddr,
+        SOCK_RST_RECEIVED,
+    ) {
         Ok(()) | Err(_) => 0,
     }
 }

@@ -5,13 +5,11 @@
 #![no_main]
 
 use aya_ebpf::{
-    Global,
-    helpers::bpf_get_current_comm,
-    macros::tracepoint,
-    programs::TracePointContext,
+    Global, helpers::bpf_get_current_comm, macros::tracepoint, programs::TracePointContext,
 };
 use pipelens_common::config::{
-    AgentConfig, COMM_LEN, FIELD_ABSENT, MAX_COMMS, MODE_ALL, SchedTracepointOffsets, TARGET_CHILD, TARGET_COMM,
+    AgentConfig, COMM_LEN, FIELD_ABSENT, MAX_COMMS, MODE_ALL, SchedTracepointOffsets, TARGET_CHILD,
+    TARGET_COMM,
 };
 use pipelens_ebpf::{AGENT_CONFIG, TARGETS, config_field, current_ids};
 

@@ -1,0 +1,155 @@
+//! `pipelens run`: attach, serve, stop cleanly, write the summary.
+
+use std::{
+    sync::{Arc, Mutex},
+    time::Instant,
+};
+
+use anyhow::{Context as _, bail};
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    btf,
+    cli::RunArgs,
+    collector::{CollectorKind, Health, Status},
+    connections::{ConnectionTracker, ConnectionsCollector},
+    objects::Loader,
+    privileges, process, server, summary,
+    targets::{Selection, TargetTracker},
+    telemetry, tracefs,
+};
+
+pub async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let selection = Selection {
+        all: args.all,
+        pids: args.pids.clone(),
+        comms: args.comms.clone(),
+    };
+    selection.validate()?;
+    privileges::check()?;
+    let requested: Vec<CollectorKind> = if args.collectors.is_empty() {
+        CollectorKind::ALL.to_vec()
+    } else {
+        let mut v = args.collectors.clone();
+        v.sort();
+        v.dedup();
+        v
+    };
+
+    let handle = telemetry::install()?;
+    let health = Health::new(&requested);
+    let listener = server::bind(args.listen).await?;
+    log::info!(
+        "serving /metrics and /healthz on http://{}",
+        listener.local_addr()?
+    );
+
+    tracefs::ensure_mounted()?;
+    let offsets = btf::kernel_offsets().context("resolving kernel structure offsets")?;
+    let loader = Loader::new(selection.agent_config(), offsets)?;
+    let targets =
+        TargetTracker::start(&loader, &selection).context("following target processes")?;
+
+    let shutdown = CancellationToken::new();
+    let server_task = tokio::spawn(server::serve(
+        listener,
+        handle.clone(),
+        health.clone(),
+        shutdown.clone(),
+    ));
+    let upkeep = {
+        let handle = handle.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => handle.run_upkeep(),
+                    () = shutdown.cancelled() => break,
+                }
+            }
+        })
+    };
+
+    let mut tasks = Vec::new();
+    let mut trackers: Vec<(CollectorKind, Arc<Mutex<ConnectionTracker>>)> = Vec::new();
+    for kind in &requested {
+        match kind {
+            CollectorKind::Connections => match ConnectionsCollector::start(&loader) {
+                Ok(mut collector) => {
+                    let tgids = if selection.all {
+                        all_processes()
+                    } else {
+                        targets.current()
+                    };
+                    match collector.seed_existing(&tgids) {
+                        Ok(n) => log::info!("connections: {n} existing connection(s) seeded"),
+                        Err(e) => log::warn!("connections: seeding existing connections: {e}"),
+                    }
+                    trackers.push((*kind, collector.tracker()));
+                    health.set(*kind, Status::Up);
+                    tasks.push(tokio::spawn(collector.run(shutdown.clone())));
+                }
+                Err(e) => {
+                    log::error!("collector {kind} is down: {e}");
+                    health.set(*kind, Status::Down(e.to_string()));
+                }
+            },
+        }
+    }
+    if !requested
+        .iter()
+        .any(|k| health.snapshot().get(k).is_some_and(|s| *s == Status::Up))
+    {
+        shutdown.cancel();
+        bail!("no collector could be attached: {:?}", health.snapshot());
+    }
+    log::info!("attached in {:.0?}", started.elapsed());
+
+    wait_for_stop(args.duration).await?;
+    log::info!("stopping");
+    shutdown.cancel();
+    for task in tasks {
+        match task.await {
+            Ok(Ok(collector)) => drop(collector),
+            Ok(Err(e)) => log::error!("collector failed: {e}"),
+            Err(e) => log::error!("collector task panicked: {e}"),
+        }
+    }
+    drop(targets);
+    drop(loader);
+    let _ = upkeep.await;
+    if let Ok(Err(e)) = server_task.await {
+        log::warn!("http server: {e}");
+    }
+
+    if let Some(path) = &args.summary_json {
+        let doc = summary::build(started.elapsed(), &health, &trackers);
+        summary::write(path, &doc)?;
+        log::info!("summary written to {}", path.display());
+    }
+    Ok(())
+}
+
+fn all_processes() -> Vec<u32> {
+    process::parent_map().into_keys().collect()
+}
+
+async fn wait_for_stop(duration: Option<std::time::Duration>) -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let sleep = async {
+        match duration {
+            Some(d) => tokio::time::sleep(d).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        () = sleep => {}
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    Ok(())
+}

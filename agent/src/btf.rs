@@ -1,0 +1,191 @@
+//! Kernel structure offsets resolved from `/sys/kernel/btf/vmlinux`, so that
+//! the one walk the kernel programs make through kernel structs (file
+//! descriptor → `struct sock`) is right on any kernel, never a constant tied
+//! to one build.
+
+use std::{fs, path::Path};
+
+use btf_rs::{Btf, BtfType, Type};
+use pipelens_common::config::KernelOffsets;
+use thiserror::Error;
+
+pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
+
+#[derive(Debug, Error)]
+pub enum BtfError {
+    #[error(
+        "cannot read kernel BTF at {VMLINUX_BTF} ({0}); a kernel built with CONFIG_DEBUG_INFO_BTF=y is required"
+    )]
+    Unavailable(String),
+    #[error("kernel BTF has no struct `{0}`")]
+    NoStruct(String),
+    #[error("kernel BTF: struct `{strukt}` has no member `{path}`")]
+    NoMember { strukt: String, path: String },
+    #[error("kernel BTF: {0}")]
+    Parse(String),
+}
+
+/// Offsets of the fields read by `sock_of_fd` and friends in the kernel
+/// programs.
+pub fn kernel_offsets() -> Result<KernelOffsets, BtfError> {
+    let btf = Btf::from_file(VMLINUX_BTF).map_err(|e| BtfError::Unavailable(e.to_string()))?;
+    let r = Resolver { btf: &btf };
+    let socket_file_ops = kallsyms_address("socket_file_ops").unwrap_or(0);
+    Ok(KernelOffsets {
+        task_files: r.offset_of("task_struct", "files")?,
+        files_fdt: r.offset_of("files_struct", "fdt")?,
+        fdtable_fd: r.offset_of("fdtable", "fd")?,
+        fdtable_max_fds: r.offset_of("fdtable", "max_fds")?,
+        file_private_data: r.offset_of("file", "private_data")?,
+        file_f_op: r.offset_of("file", "f_op")?,
+        socket_sk: r.offset_of("socket", "sk")?,
+        sk_family: r.offset_of("sock", "__sk_common.skc_family")?,
+        sk_num: r.offset_of("sock", "__sk_common.skc_num")?,
+        sk_dport: r.offset_of("sock", "__sk_common.skc_dport")?,
+        sk_rcv_saddr: r.offset_of("sock", "__sk_common.skc_rcv_saddr")?,
+        sk_daddr: r.offset_of("sock", "__sk_common.skc_daddr")?,
+        sk_v6_rcv_saddr: r.offset_of("sock", "__sk_common.skc_v6_rcv_saddr")?,
+        sk_v6_daddr: r.offset_of("sock", "__sk_common.skc_v6_daddr")?,
+        sk_protocol: r.offset_of("sock", "sk_protocol")?,
+        sk_err: r.offset_of("sock", "sk_err")?,
+        sk_state: r.offset_of("sock", "__sk_common.skc_state")?,
+        _pad: 0,
+        socket_file_ops,
+    })
+}
+
+struct Resolver<'a> {
+    btf: &'a Btf,
+}
+
+impl Resolver<'_> {
+    /// Byte offset of `path` (dot-separated, anonymous unions and structs
+    /// looked through) inside struct `strukt`.
+    fn offset_of(&self, strukt: &str, path: &str) -> Result<u32, BtfError> {
+        let types = self
+            .btf
+            .resolve_types_by_name(strukt)
+            .map_err(|_| BtfError::NoStruct(strukt.to_owned()))?;
+        let mut current = types
+            .into_iter()
+            .find_map(|t| match t {
+                Type::Struct(s) if !s.members.is_empty() => Some(s),
+                _ => None,
+            })
+            .ok_or_else(|| BtfError::NoStruct(strukt.to_owned()))?;
+        let mut bits = 0u32;
+        let parts: Vec<&str> = path.split('.').collect();
+        for (i, part) in parts.iter().enumerate() {
+            let (off, ty) =
+                self.find_member(&current, part)?
+                    .ok_or_else(|| BtfError::NoMember {
+                        strukt: strukt.to_owned(),
+                        path: path.to_owned(),
+                    })?;
+            bits += off;
+            if i + 1 < parts.len() {
+                current = match self.strip(ty)? {
+                    Type::Struct(s) | Type::Union(s) => s,
+                    _ => {
+                        return Err(BtfError::NoMember {
+                            strukt: strukt.to_owned(),
+                            path: path.to_owned(),
+                        });
+                    }
+                };
+            }
+        }
+        if bits % 8 != 0 {
+            return Err(BtfError::Parse(format!("{strukt}.{path} is a bitfield")));
+        }
+        Ok(bits / 8)
+    }
+
+    /// Finds `name` among the members of `s`, descending into anonymous
+    /// members; returns its bit offset relative to `s` and its type.
+    fn find_member(&self, s: &btf_rs::Struct, name: &str) -> Result<Option<(u32, Type)>, BtfError> {
+        for m in &s.members {
+            let mname = self.btf.resolve_name(m).unwrap_or_default();
+            let ty = self
+                .btf
+                .resolve_chained_type(m)
+                .map_err(|e| BtfError::Parse(e.to_string()))?;
+            if mname == name {
+                return Ok(Some((m.bit_offset(), ty)));
+            }
+            if mname.is_empty()
+                && let Type::Struct(inner) | Type::Union(inner) = self.strip(ty)?
+                && let Some((off, t)) = self.find_member(&inner, name)?
+            {
+                return Ok(Some((m.bit_offset() + off, t)));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Looks through typedefs and qualifiers.
+    fn strip(&self, mut ty: Type) -> Result<Type, BtfError> {
+        for _ in 0..16 {
+            ty = match ty {
+                Type::Typedef(ref t) => self.chained(t)?,
+                Type::Const(ref t) | Type::Volatile(ref t) | Type::Restrict(ref t) => {
+                    self.chained(t)?
+                }
+                Type::TypeTag(ref t) => self.chained(t)?,
+                other => return Ok(other),
+            };
+        }
+        Err(BtfError::Parse("type chain too long".to_owned()))
+    }
+
+    fn chained(&self, t: &dyn BtfType) -> Result<Type, BtfError> {
+        self.btf
+            .resolve_chained_type(t)
+            .map_err(|e| BtfError::Parse(e.to_string()))
+    }
+}
+
+/// Address of a kernel symbol from `/proc/kallsyms` (readable with real
+/// addresses by root). `None` when hidden or absent: the kernel programs then
+/// skip the "is this file a socket" check, which only guards against a race
+/// with a concurrent `dup2`.
+pub fn kallsyms_address(symbol: &str) -> Option<u64> {
+    let text = fs::read_to_string(Path::new("/proc/kallsyms")).ok()?;
+    text.lines().find_map(|line| {
+        let mut it = line.split_whitespace();
+        let addr = it.next()?;
+        let _kind = it.next()?;
+        let name = it.next()?;
+        (name == symbol)
+            .then(|| u64::from_str_radix(addr, 16).ok())
+            .flatten()
+            .filter(|a| *a != 0)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Reads the running kernel's BTF: every offset must resolve, and the
+    /// ones whose layout is fixed by the C standard (first members) are
+    /// known exactly.
+    #[test]
+    fn resolves_on_this_kernel() {
+        if !Path::new(VMLINUX_BTF).exists() {
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "{VMLINUX_BTF} missing under CI"
+            );
+            eprintln!("skipping test - {VMLINUX_BTF} absent");
+            return;
+        }
+        let off = kernel_offsets().expect("offsets resolve");
+        // struct sock starts with struct sock_common; skc_daddr is its first field.
+        assert_eq!(off.sk_daddr, 0);
+        assert_eq!(off.sk_rcv_saddr, 4);
+        assert!(off.sk_num > off.sk_rcv_saddr);
+        assert!(off.sk_protocol > off.sk_v6_daddr);
+        assert!(off.task_files > 0);
+    }
+}

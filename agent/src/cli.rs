@@ -1,0 +1,122 @@
+//! Command-line interface (the contract in the brief: every flag documented).
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::collector::CollectorKind;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "pipelens",
+    version,
+    about = "eBPF observability for a running service: connection lifecycles, query latencies, \
+             WebSocket sessions and allocation hotspots, without touching its code",
+    long_about = None
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Attach to target processes and serve Prometheus metrics until stopped.
+    Run(RunArgs),
+    /// Report the kernel, hooks and collectors usable on this host, with reasons.
+    Check,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Trace this process (and the children it forks). Repeatable.
+    #[arg(long = "pid", value_name = "PID")]
+    pub pids: Vec<u32>,
+
+    /// Trace every process whose command name (comm, at most 15 bytes) is NAME,
+    /// running now or started later. Repeatable, up to 8 names.
+    #[arg(long = "comm", value_name = "NAME")]
+    pub comms: Vec<String>,
+
+    /// Trace every process on the host except pipelens itself.
+    #[arg(long, conflicts_with_all = ["pids", "comms"])]
+    pub all: bool,
+
+    /// Comma-separated collectors to run (default: all of them).
+    #[arg(long, value_delimiter = ',', value_name = "LIST")]
+    pub collectors: Vec<CollectorKind>,
+
+    /// Address of the HTTP server for /metrics and /healthz.
+    #[arg(long, default_value = "127.0.0.1:9464", value_name = "ADDR")]
+    pub listen: SocketAddr,
+
+    /// Stop after this many seconds (default: run until SIGINT/SIGTERM).
+    #[arg(long, value_name = "SECS", value_parser = parse_secs)]
+    pub duration: Option<Duration>,
+
+    /// Write a JSON summary of everything observed to PATH on exit.
+    #[arg(long, value_name = "PATH")]
+    pub summary_json: Option<PathBuf>,
+}
+
+fn parse_secs(s: &str) -> Result<Duration, String> {
+    let secs: f64 = s
+        .parse()
+        .map_err(|_| format!("`{s}` is not a number of seconds"))?;
+    if !(secs > 0.0 && secs.is_finite()) {
+        return Err(format!("duration must be positive, got `{s}`"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn run_flags_parse() {
+        let cli = Cli::try_parse_from([
+            "pipelens",
+            "run",
+            "--pid",
+            "1",
+            "--pid",
+            "2",
+            "--comm",
+            "postgres",
+            "--collectors",
+            "connections",
+            "--listen",
+            "127.0.0.1:0",
+            "--duration",
+            "1.5",
+            "--summary-json",
+            "/tmp/s.json",
+        ])
+        .unwrap();
+        let Command::Run(run) = cli.command else {
+            panic!("not run")
+        };
+        assert_eq!(run.pids, [1, 2]);
+        assert_eq!(run.comms, ["postgres"]);
+        assert_eq!(run.collectors, [CollectorKind::Connections]);
+        assert_eq!(run.duration, Some(Duration::from_millis(1500)));
+    }
+
+    #[test]
+    fn wrong_flags_are_rejected_with_a_reason() {
+        let err = Cli::try_parse_from(["pipelens", "run", "--all", "--pid", "1"]).unwrap_err();
+        assert!(err.to_string().contains("cannot be used with"), "{err}");
+        let err = Cli::try_parse_from(["pipelens", "run", "--collectors", "nope"]).unwrap_err();
+        assert!(err.to_string().contains("connections"), "{err}");
+        let err = Cli::try_parse_from(["pipelens", "run", "--duration", "-3"]).unwrap_err();
+        assert!(err.to_string().contains("positive"), "{err}");
+    }
+}

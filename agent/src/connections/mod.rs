@@ -1,0 +1,322 @@
+//! The connections collector: TCP connection lifecycles of the targets.
+//!
+//! Kernel side: `agent-ebpf/src/bin/connections.rs`. Here: loading and
+//! attaching it, reading its ring buffer, polling per-socket counters, and
+//! seeding connections that predate the agent.
+
+mod seed;
+mod tracker;
+
+use std::{
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use aya::{
+    Ebpf,
+    maps::{HashMap, MapData, PerCpuArray, PerCpuValues, RingBuf},
+    programs::TracePoint,
+};
+use pipelens_common::connections::{
+    ConnEvent, ConnTracepointOffsets, STAT_RING_LOST, SeedKey, SeedValue, SockState,
+};
+use thiserror::Error;
+use tokio::io::unix::AsyncFd;
+use tokio_util::sync::CancellationToken;
+pub use tracker::ConnectionTracker;
+use tracker::SockSnapshot;
+
+use crate::{
+    objects::{self, LoadError, Loader},
+    tracefs::{self, TracefsError, TracepointFormat},
+};
+
+#[derive(Debug, Error)]
+pub enum ConnectionsError {
+    #[error(transparent)]
+    Tracefs(#[from] TracefsError),
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    #[error("attaching {category}:{name}: {source}")]
+    Attach {
+        category: &'static str,
+        name: &'static str,
+        source: aya::programs::ProgramError,
+    },
+    #[error("kernel object has no map {0}")]
+    MissingMap(&'static str),
+    #[error("map: {0}")]
+    Map(#[from] aya::maps::MapError),
+    #[error("ring buffer: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Tracepoints this collector attaches: (program, category, name).
+pub const HOOKS: &[(&str, &str, &str)] = &[
+    ("inet_sock_set_state", "sock", "inet_sock_set_state"),
+    ("sys_exit_accept", "syscalls", "sys_exit_accept4"),
+    ("sys_exit_accept", "syscalls", "sys_exit_accept"),
+    ("sys_enter_connect", "syscalls", "sys_enter_connect"),
+    ("sys_exit_connect", "syscalls", "sys_exit_connect"),
+    ("sock_send_length", "sock", "sock_send_length"),
+    ("sock_recv_length", "sock", "sock_recv_length"),
+    ("tcp_retransmit_skb", "tcp", "tcp_retransmit_skb"),
+    ("tcp_send_reset", "tcp", "tcp_send_reset"),
+    ("tcp_receive_reset", "tcp", "tcp_receive_reset"),
+];
+
+/// Tracepoint field offsets for this kernel, from tracefs.
+pub fn tracepoint_offsets() -> Result<ConnTracepointOffsets, TracefsError> {
+    let iss = TracepointFormat::load("sock", "inet_sock_set_state")?;
+    let send = TracepointFormat::load("sock", "sock_send_length")?;
+    let recv = TracepointFormat::load("sock", "sock_recv_length")?;
+    let retrans = TracepointFormat::load("tcp", "tcp_retransmit_skb")?;
+    let send_reset = TracepointFormat::load("tcp", "tcp_send_reset")?;
+    let recv_reset = TracepointFormat::load("tcp", "tcp_receive_reset")?;
+    let connect = TracepointFormat::load("syscalls", "sys_enter_connect")?;
+    let exit = TracepointFormat::load("syscalls", "sys_exit_connect")?;
+    for (a, b) in [
+        ("sk", "sk"),
+        ("protocol", "protocol"),
+        ("ret", "ret"),
+        ("flags", "flags"),
+    ] {
+        if send.offset(a)? != recv.offset(b)? {
+            return Err(TracefsError::Format {
+                path: "sock_send_length / sock_recv_length".into(),
+                reason: format!("field `{a}` differs between the two; they must share a layout"),
+            });
+        }
+    }
+    Ok(ConnTracepointOffsets {
+        iss_skaddr: iss.offset("skaddr")?,
+        iss_oldstate: iss.offset("oldstate")?,
+        iss_newstate: iss.offset("newstate")?,
+        iss_sport: iss.offset("sport")?,
+        iss_dport: iss.offset("dport")?,
+        iss_family: iss.offset("family")?,
+        iss_protocol: iss.offset("protocol")?,
+        iss_saddr: iss.offset("saddr")?,
+        iss_daddr: iss.offset("daddr")?,
+        iss_saddr_v6: iss.offset("saddr_v6")?,
+        iss_daddr_v6: iss.offset("daddr_v6")?,
+        len_sk: send.offset("sk")?,
+        len_protocol: send.offset("protocol")?,
+        len_ret: send.offset("ret")?,
+        len_flags: send.offset("flags")?,
+        retrans_skaddr: retrans.offset("skaddr")?,
+        send_reset_skaddr: send_reset.offset("skaddr")?,
+        recv_reset_skaddr: recv_reset.offset("skaddr")?,
+        connect_fd: connect.offset("fd")?,
+        connect_uservaddr: connect.offset("uservaddr")?,
+        exit_ret: exit.offset("ret")?,
+        _pad: 0,
+    })
+}
+
+/// Missing hooks on this kernel, as `category:name`.
+pub fn missing_hooks() -> Vec<String> {
+    HOOKS
+        .iter()
+        .filter(|(_, c, n)| !tracefs::exists(c, n))
+        .map(|(_, c, n)| format!("{c}:{n}"))
+        .collect()
+}
+
+/// The attached collector. Dropping it detaches every probe.
+pub struct ConnectionsCollector {
+    ebpf: Ebpf,
+    tracker: Arc<Mutex<ConnectionTracker>>,
+}
+
+impl ConnectionsCollector {
+    pub fn start(loader: &Loader) -> Result<Self, ConnectionsError> {
+        let offsets = tracepoint_offsets()?;
+        let mut ebpf = loader.load("connections", objects::CONNECTIONS, |l| {
+            l.override_global("CONN_TP_OFFSETS", &offsets, true);
+        })?;
+        let mut loaded = std::collections::HashSet::new();
+        for (prog, category, name) in HOOKS {
+            let tp: &mut TracePoint = ebpf
+                .program_mut(prog)
+                .expect("program defined in the object")
+                .try_into()
+                .expect("program is a tracepoint");
+            let attach = |tp: &mut TracePoint| -> Result<(), aya::programs::ProgramError> {
+                tp.attach(category, name)?;
+                Ok(())
+            };
+            let result = if loaded.insert(*prog) {
+                tp.load().and_then(|()| attach(tp))
+            } else {
+                attach(tp)
+            };
+            result.map_err(|source| ConnectionsError::Attach {
+                category,
+                name,
+                source,
+            })?;
+        }
+        Ok(Self {
+            ebpf,
+            tracker: Arc::new(Mutex::new(ConnectionTracker::new())),
+        })
+    }
+
+    pub fn tracker(&self) -> Arc<Mutex<ConnectionTracker>> {
+        self.tracker.clone()
+    }
+
+    /// Seeds connections that `tgids` hold open right now. Called after the
+    /// probes are attached, so that nothing closes unseen in between.
+    pub fn seed_existing(&mut self, tgids: &[u32]) -> Result<usize, ConnectionsError> {
+        let seeds = seed::find_existing(tgids);
+        let mut map: HashMap<_, SeedKey, SeedValue> = HashMap::try_from(
+            self.ebpf
+                .map_mut("SEEDS")
+                .ok_or(ConnectionsError::MissingMap("SEEDS"))?,
+        )?;
+        let mut tracker = lock(&self.tracker);
+        for s in &seeds {
+            map.insert(
+                s.key,
+                SeedValue {
+                    tgid: s.tgid,
+                    direction: s.direction,
+                    _pad: 0,
+                },
+                0,
+            )?;
+            tracker.add_seed(s.key, s.tgid, s.direction);
+        }
+        drop(tracker);
+        self.set_seed_count(seeds.len() as u64)?;
+        Ok(seeds.len())
+    }
+
+    fn set_seed_count(&mut self, n: u64) -> Result<(), ConnectionsError> {
+        let mut count: PerCpuArray<_, u64> = PerCpuArray::try_from(
+            self.ebpf
+                .map_mut("SEED_COUNT")
+                .ok_or(ConnectionsError::MissingMap("SEED_COUNT"))?,
+        )?;
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| e)?;
+        count.set(0, PerCpuValues::try_from(vec![n; cpus])?, 0)?;
+        Ok(())
+    }
+
+    /// Reads events until `shutdown`, polls per-socket counters every second,
+    /// and drains everything once more before returning.
+    pub async fn run(mut self, shutdown: CancellationToken) -> Result<Self, ConnectionsError> {
+        let ring = RingBuf::try_from(
+            self.ebpf
+                .take_map("CONN_EVENTS")
+                .ok_or(ConnectionsError::MissingMap("CONN_EVENTS"))?,
+        )?;
+        // SAFETY: the ring buffer owns its fd for as long as the AsyncFd
+        // holds it, and nothing else closes it.
+        let mut ring = unsafe { AsyncFd::register(ring) }
+            .map_err(|e| ConnectionsError::Io(std::io::Error::other(e.to_string())))?;
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let mut lost_seen = 0u64;
+        let mut seed_check = 0u32;
+        loop {
+            tokio::select! {
+                guard = ring.readable_mut() => {
+                    let mut guard = guard?;
+                    drain(guard.get_inner_mut(), &self.tracker);
+                    guard.clear_ready();
+                }
+                _ = tick.tick() => {
+                    drain(ring.get_mut(), &self.tracker);
+                    self.poll(&mut lost_seen)?;
+                    seed_check += 1;
+                    if seed_check % 5 == 0 {
+                        self.reconcile_seeds()?;
+                    }
+                }
+                () = shutdown.cancelled() => break,
+            }
+        }
+        drain(ring.get_mut(), &self.tracker);
+        self.poll(&mut lost_seen)?;
+        Ok(self)
+    }
+
+    fn poll(&mut self, lost_seen: &mut u64) -> Result<(), ConnectionsError> {
+        let socks: HashMap<&MapData, u64, SockState> = HashMap::try_from(
+            self.ebpf
+                .map("SOCKS")
+                .ok_or(ConnectionsError::MissingMap("SOCKS"))?,
+        )?;
+        let snapshot: Vec<SockSnapshot> = socks
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(sk, state)| SockSnapshot { sk, state })
+            .collect();
+        lock(&self.tracker).poll(&snapshot);
+
+        let stats: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(
+            self.ebpf
+                .map("CONN_STATS")
+                .ok_or(ConnectionsError::MissingMap("CONN_STATS"))?,
+        )?;
+        let lost: u64 = stats.get(&STAT_RING_LOST, 0)?.iter().sum();
+        if lost > *lost_seen {
+            metrics::counter!("pipelens_events_lost_total", "collector" => "connections")
+                .increment(lost - *lost_seen);
+            *lost_seen = lost;
+        }
+        Ok(())
+    }
+
+    /// Seeds whose connection is gone from `/proc` without the kernel having
+    /// matched them closed in the window before they were seeded.
+    fn reconcile_seeds(&mut self) -> Result<(), ConnectionsError> {
+        let pending: Vec<(SeedKey, u32)> = lock(&self.tracker)
+            .pending_seeds()
+            .map(|(k, tgid)| (*k, tgid))
+            .collect();
+        if pending.is_empty() {
+            return Ok(());
+        }
+        let mut tables: std::collections::HashMap<u32, std::collections::HashSet<SeedKey>> =
+            std::collections::HashMap::new();
+        let mut map: HashMap<_, SeedKey, SeedValue> = HashMap::try_from(
+            self.ebpf
+                .map_mut("SEEDS")
+                .ok_or(ConnectionsError::MissingMap("SEEDS"))?,
+        )?;
+        let mut tracker = lock(&self.tracker);
+        for (key, tgid) in pending {
+            let table = tables
+                .entry(tgid)
+                .or_insert_with(|| seed::tcp_table(tgid).into_iter().map(|r| r.key).collect());
+            if !table.contains(&key) {
+                let _ = map.remove(&key);
+                tracker.drop_seed(&key);
+            }
+        }
+        let remaining = tracker.pending_seeds().count() as u64;
+        drop(tracker);
+        self.set_seed_count(remaining)
+    }
+}
+
+fn drain(ring: &mut RingBuf<MapData>, tracker: &Mutex<ConnectionTracker>) {
+    let mut tracker = lock(tracker);
+    while let Some(item) = ring.next() {
+        if item.len() < size_of::<ConnEvent>() {
+            log::warn!("short connection record ({} bytes)", item.len());
+            continue;
+        }
+        // SAFETY: the length is checked; read_unaligned makes no alignment
+        // assumption about the ring's memory.
+        let ev: ConnEvent = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+        tracker.handle(&ev);
+    }
+}
+
+fn lock(m: &Mutex<ConnectionTracker>) -> std::sync::MutexGuard<'_, ConnectionTracker> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}

@@ -1,0 +1,574 @@
+//! `ConnectionTracker`: turns connection records from the kernel, and the
+//! periodic snapshot of per-socket counters, into metrics and the summary.
+
+use std::collections::{BTreeMap, HashMap};
+
+use pipelens_common::connections::*;
+use serde::Serialize;
+
+use crate::{
+    process::ProcessNames,
+    telemetry::{LabelCap, OTHER},
+};
+
+/// Distinct `process` values per metric family.
+const PROCESS_CAP: usize = 200;
+/// Distinct `port` values per metric family.
+const PORT_CAP: usize = 200;
+/// Polls a tracked socket may be missing from the kernel map, without its
+/// close having arrived, before it is taken as evicted.
+const EVICTION_POLLS: u8 = 3;
+/// Duration samples kept per summary row for its percentiles.
+const DURATION_SAMPLES: usize = 100_000;
+
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct Labels {
+    pub process: String,
+    pub container: String,
+    pub direction: &'static str,
+    pub port: String,
+}
+
+/// Per-socket counters as last seen, to export deltas.
+#[derive(Clone, Debug)]
+struct LiveConn {
+    labels: Labels,
+    sent: u64,
+    received: u64,
+    retransmits: u64,
+    missing_polls: u8,
+}
+
+/// One row of the summary: a (process, direction, port).
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct ConnSummary {
+    pub opened: u64,
+    pub closed: u64,
+    pub active: i64,
+    pub seeded: u64,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    pub retransmits: u64,
+    pub resets_sent: u64,
+    pub resets_received: u64,
+    pub closes: BTreeMap<&'static str, u64>,
+    pub connect_failures: BTreeMap<String, u64>,
+    pub evicted: u64,
+    #[serde(skip)]
+    durations: Vec<f64>,
+    pub duration_seconds: Option<Quantiles>,
+}
+
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct Quantiles {
+    pub count: usize,
+    pub p50: f64,
+    pub p95: f64,
+    pub p99: f64,
+    pub max: f64,
+}
+
+/// A snapshot of one `SOCKS` map entry.
+#[derive(Clone, Copy, Debug)]
+pub struct SockSnapshot {
+    pub sk: u64,
+    pub state: SockState,
+}
+
+pub struct ConnectionTracker {
+    names: ProcessNames,
+    process_cap: LabelCap,
+    port_cap: LabelCap,
+    live: HashMap<(u64, u64), LiveConn>,
+    seeds: HashMap<SeedKey, (Labels, u32)>,
+    rows: BTreeMap<Labels, ConnSummary>,
+    evictions: u64,
+}
+
+impl Default for ConnectionTracker {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl ConnectionTracker {
+    pub fn new() -> Self {
+        Self {
+            names: ProcessNames::default(),
+            process_cap: LabelCap::new(PROCESS_CAP),
+            port_cap: LabelCap::new(PORT_CAP),
+            live: HashMap::new(),
+            seeds: HashMap::new(),
+            rows: BTreeMap::new(),
+            evictions: 0,
+        }
+    }
+
+    fn labels(&mut self, tgid: u32, comm: &[u8], direction: u16, lport: u16, rport: u16) -> Labels {
+        let (process, container) = self.names.labels(tgid, comm);
+        let (direction, port) = match direction {
+            DIR_INBOUND => ("inbound", lport),
+            _ => ("outbound", rport),
+        };
+        Labels {
+            process: self.process_cap.admit(&process),
+            container,
+            direction,
+            port: self.port_cap.admit(&port.to_string()),
+        }
+    }
+
+    fn row(&mut self, labels: &Labels) -> &mut ConnSummary {
+        self.rows.entry(labels.clone()).or_default()
+    }
+
+    /// Registers connections found open at startup: counted active now,
+    /// matched to their socket by the kernel on first sight.
+    pub fn add_seed(&mut self, key: SeedKey, tgid: u32, direction: u16) {
+        let labels = self.labels(tgid, &[], direction, key.lport, key.rport);
+        gauge(&labels).increment(1.0);
+        let row = self.row(&labels);
+        row.active += 1;
+        row.seeded += 1;
+        self.seeds.insert(key, (labels, tgid));
+    }
+
+    /// Seeds not matched yet, with the process that held them.
+    pub fn pending_seeds(&self) -> impl Iterator<Item = (&SeedKey, u32)> {
+        self.seeds.iter().map(|(k, (_, tgid))| (k, *tgid))
+    }
+
+    /// A seeded connection that vanished without the kernel ever seeing its
+    /// socket again (it closed between the `/proc` read and the seed).
+    pub fn drop_seed(&mut self, key: &SeedKey) {
+        if let Some((labels, _)) = self.seeds.remove(key) {
+            gauge(&labels).decrement(1.0);
+            metrics::counter!(
+                "pipelens_tcp_connections_closed_total",
+                label_pairs(&labels, "unobserved")
+            )
+            .increment(1);
+            let row = self.row(&labels);
+            row.active -= 1;
+            row.closed += 1;
+            *row.closes.entry("unobserved").or_default() += 1;
+        }
+    }
+
+    pub fn handle(&mut self, ev: &ConnEvent) {
+        match ev.kind {
+            EV_OPEN => self.on_open(ev),
+            EV_CLOSE => self.on_close(ev),
+            EV_CONNECT_FAILED => self.on_connect_failed(ev),
+            EV_SEED_MATCHED => self.on_seed_matched(ev),
+            other => log::debug!("unknown connection event kind {other}"),
+        }
+    }
+
+    fn on_open(&mut self, ev: &ConnEvent) {
+        let labels = self.labels(ev.tgid, &ev.comm, ev.direction, ev.lport, ev.rport);
+        metrics::counter!("pipelens_tcp_connections_opened_total", base_pairs(&labels))
+            .increment(1);
+        gauge(&labels).increment(1.0);
+        let row = self.row(&labels);
+        row.opened += 1;
+        row.active += 1;
+        self.live.insert(
+            (ev.sk, ev.ts_ns - ev.duration_ns),
+            LiveConn {
+                labels,
+                sent: 0,
+                received: 0,
+                retransmits: 0,
+                missing_polls: 0,
+            },
+        );
+    }
+
+    fn on_seed_matched(&mut self, ev: &ConnEvent) {
+        let key = SeedKey {
+            saddr: ev.saddr,
+            daddr: ev.daddr,
+            family: ev.family,
+            lport: ev.lport,
+            rport: ev.rport,
+            _pad: 0,
+        };
+        let Some((labels, _)) = self.seeds.remove(&key) else {
+            return;
+        };
+        self.live.insert(
+            (ev.sk, ev.ts_ns - ev.duration_ns),
+            LiveConn {
+                labels,
+                sent: 0,
+                received: 0,
+                retransmits: 0,
+                missing_polls: 0,
+            },
+        );
+    }
+
+    fn on_close(&mut self, ev: &ConnEvent) {
+        let key = (ev.sk, ev.ts_ns - ev.duration_ns);
+        let (labels, was_live, prev) = match self.live.remove(&key) {
+            Some(c) => (c.labels.clone(), true, (c.sent, c.received, c.retransmits)),
+            // The open record was lost (ring full): count what the close says.
+            None => (
+                self.labels(ev.tgid, &ev.comm, ev.direction, ev.lport, ev.rport),
+                false,
+                (0, 0, 0),
+            ),
+        };
+        self.add_traffic(
+            &labels,
+            ev.bytes_sent.saturating_sub(prev.0),
+            ev.bytes_received.saturating_sub(prev.1),
+            ev.retransmits.saturating_sub(prev.2),
+        );
+        let reason = match ev.reason {
+            CLOSE_RST_SENT => "reset_sent",
+            CLOSE_RST_RECEIVED => "reset_received",
+            _ => "fin",
+        };
+        metrics::counter!(
+            "pipelens_tcp_connections_closed_total",
+            label_pairs(&labels, reason)
+        )
+        .increment(1);
+        if was_live {
+            gauge(&labels).decrement(1.0);
+        }
+        let seeded = ev.flags & SOCK_SEEDED != 0;
+        let secs = ev.duration_ns as f64 / 1e9;
+        if !seeded {
+            metrics::histogram!(
+                "pipelens_tcp_connection_duration_seconds",
+                base_pairs(&labels)
+            )
+            .record(secs);
+        }
+        if reason != "fin" {
+            let r = if reason == "reset_sent" {
+                "sent"
+            } else {
+                "received"
+            };
+            metrics::counter!("pipelens_tcp_resets_total", label_pairs(&labels, r)).increment(1);
+        }
+        let row = self.row(&labels);
+        row.closed += 1;
+        if was_live {
+            row.active -= 1;
+        }
+        *row.closes.entry(reason).or_default() += 1;
+        match reason {
+            "reset_sent" => row.resets_sent += 1,
+            "reset_received" => row.resets_received += 1,
+            _ => {}
+        }
+        if !seeded && row.durations.len() < DURATION_SAMPLES {
+            row.durations.push(secs);
+        }
+    }
+
+    fn on_connect_failed(&mut self, ev: &ConnEvent) {
+        let labels = self.labels(ev.tgid, &ev.comm, DIR_OUTBOUND, ev.lport, ev.rport);
+        let reason = errno_name(ev.reason);
+        metrics::counter!(
+            "pipelens_tcp_connect_failures_total",
+            label_pairs(&labels, &reason)
+        )
+        .increment(1);
+        *self
+            .row(&labels)
+            .connect_failures
+            .entry(reason)
+            .or_default() += 1;
+    }
+
+    fn add_traffic(&mut self, labels: &Labels, sent: u64, received: u64, retransmits: u64) {
+        if sent > 0 {
+            metrics::counter!("pipelens_tcp_bytes_sent_total", base_pairs(labels)).increment(sent);
+        }
+        if received > 0 {
+            metrics::counter!("pipelens_tcp_bytes_received_total", base_pairs(labels))
+                .increment(received);
+        }
+        if retransmits > 0 {
+            metrics::counter!("pipelens_tcp_retransmits_total", base_pairs(labels))
+                .increment(retransmits);
+        }
+        let row = self.row(labels);
+        row.bytes_sent += sent;
+        row.bytes_received += received;
+        row.retransmits += retransmits;
+    }
+
+    /// Exports byte and retransmit deltas of every live socket, and takes
+    /// sockets that left the kernel map without a close as evicted.
+    pub fn poll(&mut self, snapshot: &[SockSnapshot]) {
+        let mut present = std::collections::HashSet::with_capacity(snapshot.len());
+        for s in snapshot {
+            let key = (s.sk, s.state.start_ns);
+            present.insert(key);
+            let Some(conn) = self.live.get_mut(&key) else {
+                continue;
+            };
+            conn.missing_polls = 0;
+            let d = (
+                s.state.bytes_sent.saturating_sub(conn.sent),
+                s.state.bytes_received.saturating_sub(conn.received),
+                s.state.retransmits.saturating_sub(conn.retransmits),
+            );
+            conn.sent = conn.sent.max(s.state.bytes_sent);
+            conn.received = conn.received.max(s.state.bytes_received);
+            conn.retransmits = conn.retransmits.max(s.state.retransmits);
+            let labels = conn.labels.clone();
+            self.add_traffic(&labels, d.0, d.1, d.2);
+        }
+        let mut evicted = Vec::new();
+        for (key, conn) in &mut self.live {
+            if !present.contains(key) {
+                conn.missing_polls += 1;
+                if conn.missing_polls >= EVICTION_POLLS {
+                    evicted.push(*key);
+                }
+            }
+        }
+        for key in evicted {
+            if let Some(conn) = self.live.remove(&key) {
+                self.evictions += 1;
+                metrics::counter!("pipelens_map_evictions_total", "map" => "connections_socks")
+                    .increment(1);
+                gauge(&conn.labels).decrement(1.0);
+                let row = self.row(&conn.labels);
+                row.active -= 1;
+                row.evicted += 1;
+            }
+        }
+    }
+
+    pub fn summary(&self) -> serde_json::Value {
+        let rows: Vec<serde_json::Value> = self
+            .rows
+            .iter()
+            .map(|(labels, row)| {
+                let mut row = row.clone();
+                row.duration_seconds = quantiles(&row.durations);
+                serde_json::json!({ "labels": labels, "stats": row })
+            })
+            .collect();
+        serde_json::json!({ "connections": rows, "evictions": self.evictions })
+    }
+
+    #[cfg(test)]
+    pub fn row_for(&self, process: &str, direction: &str, port: &str) -> Option<&ConnSummary> {
+        self.rows
+            .iter()
+            .find(|(l, _)| l.process == process && l.direction == direction && l.port == port)
+            .map(|(_, r)| r)
+    }
+}
+
+fn base_pairs(l: &Labels) -> Vec<metrics::Label> {
+    vec![
+        metrics::Label::new("process", l.process.clone()),
+        metrics::Label::new("container", l.container.clone()),
+        metrics::Label::new("direction", l.direction),
+        metrics::Label::new("port", l.port.clone()),
+    ]
+}
+
+fn label_pairs(l: &Labels, reason: &str) -> Vec<metrics::Label> {
+    let mut v = base_pairs(l);
+    v.push(metrics::Label::new("reason", reason.to_owned()));
+    v
+}
+
+fn gauge(l: &Labels) -> metrics::Gauge {
+    metrics::gauge!("pipelens_tcp_connections_active", base_pairs(l))
+}
+
+/// `ECONNREFUSED` for 111; unknown numbers stay numeric (`E1234`), still a
+/// bounded set.
+pub fn errno_name(errno: u32) -> String {
+    let e = nix::errno::Errno::from_raw(errno as i32);
+    if e == nix::errno::Errno::UnknownErrno {
+        return if errno == 0 {
+            OTHER.to_owned()
+        } else {
+            format!("E{errno}")
+        };
+    }
+    format!("{e:?}")
+}
+
+fn quantiles(samples: &[f64]) -> Option<Quantiles> {
+    if samples.is_empty() {
+        return None;
+    }
+    let mut v = samples.to_vec();
+    v.sort_by(f64::total_cmp);
+    let at = |q: f64| v[((v.len() as f64 - 1.0) * q).round() as usize];
+    Some(Quantiles {
+        count: v.len(),
+        p50: at(0.5),
+        p95: at(0.95),
+        p99: at(0.99),
+        max: v[v.len() - 1],
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(kind: u32, sk: u64, direction: u16, ts: u64, dur: u64) -> ConnEvent {
+        let mut comm = [0u8; 16];
+        comm[..6].copy_from_slice(b"server");
+        ConnEvent {
+            ts_ns: ts,
+            sk,
+            duration_ns: dur,
+            bytes_sent: 0,
+            bytes_received: 0,
+            retransmits: 0,
+            saddr: [0; 16],
+            daddr: [0; 16],
+            comm,
+            tgid: 4242,
+            kind,
+            reason: 0,
+            flags: SOCK_ESTABLISHED,
+            family: AF_INET,
+            lport: 8080,
+            rport: 50000,
+            direction,
+        }
+    }
+
+    fn sock(start: u64, sent: u64, received: u64) -> SockState {
+        SockState {
+            start_ns: start,
+            bytes_sent: sent,
+            bytes_received: received,
+            retransmits: 0,
+            saddr: [0; 16],
+            daddr: [0; 16],
+            comm: [0; 16],
+            tgid: 4242,
+            flags: SOCK_ESTABLISHED,
+            family: AF_INET,
+            lport: 8080,
+            rport: 50000,
+            direction: DIR_INBOUND,
+        }
+    }
+
+    #[test]
+    fn bytes_are_exact_across_polls_and_close() {
+        let mut t = ConnectionTracker::new();
+        t.handle(&event(EV_OPEN, 1, DIR_INBOUND, 1_000, 0));
+        t.poll(&[SockSnapshot {
+            sk: 1,
+            state: sock(1_000, 100, 10),
+        }]);
+        t.poll(&[SockSnapshot {
+            sk: 1,
+            state: sock(1_000, 150, 10),
+        }]);
+        let mut close = event(EV_CLOSE, 1, DIR_INBOUND, 2_001_000, 2_000_000);
+        close.bytes_sent = 400;
+        close.bytes_received = 25;
+        t.handle(&close);
+        let row = t.row_for("server", "inbound", "8080").unwrap();
+        assert_eq!((row.opened, row.closed, row.active), (1, 1, 0));
+        assert_eq!((row.bytes_sent, row.bytes_received), (400, 25));
+        assert_eq!(row.closes.get("fin"), Some(&1));
+        assert_eq!(quantiles(&row.durations).unwrap().p50, 0.002);
+    }
+
+    #[test]
+    fn socket_address_reuse_does_not_mix_connections() {
+        let mut t = ConnectionTracker::new();
+        t.handle(&event(EV_OPEN, 7, DIR_OUTBOUND, 10, 0));
+        let mut c1 = event(EV_CLOSE, 7, DIR_OUTBOUND, 20, 10);
+        c1.bytes_sent = 5;
+        t.handle(&event(EV_OPEN, 7, DIR_OUTBOUND, 30, 0));
+        t.handle(&c1);
+        t.poll(&[SockSnapshot {
+            sk: 7,
+            state: sock(30, 3, 0),
+        }]);
+        let row = t.row_for("server", "outbound", "50000").unwrap();
+        assert_eq!(row.bytes_sent, 8);
+        assert_eq!(row.active, 1);
+    }
+
+    #[test]
+    fn resets_and_failures_are_classified() {
+        let mut t = ConnectionTracker::new();
+        t.handle(&event(EV_OPEN, 1, DIR_INBOUND, 1, 0));
+        let mut close = event(EV_CLOSE, 1, DIR_INBOUND, 2, 1);
+        close.reason = CLOSE_RST_SENT;
+        t.handle(&close);
+        let mut fail = event(EV_CONNECT_FAILED, 2, DIR_OUTBOUND, 3, 0);
+        fail.reason = 111;
+        t.handle(&fail);
+        fail.reason = 110;
+        t.handle(&fail);
+        let row = t.row_for("server", "inbound", "8080").unwrap();
+        assert_eq!(row.resets_sent, 1);
+        let row = t.row_for("server", "outbound", "50000").unwrap();
+        assert_eq!(row.connect_failures.get("ECONNREFUSED"), Some(&1));
+        assert_eq!(row.connect_failures.get("ETIMEDOUT"), Some(&1));
+        assert_eq!(row.opened, 0);
+    }
+
+    #[test]
+    fn seeded_connections_are_active_until_closed() {
+        let mut t = ConnectionTracker::new();
+        let key = SeedKey {
+            saddr: [0; 16],
+            daddr: [0; 16],
+            family: AF_INET,
+            lport: 8080,
+            rport: 50000,
+            _pad: 0,
+        };
+        t.add_seed(key, 4242, DIR_INBOUND);
+        let mut matched = event(EV_SEED_MATCHED, 9, DIR_INBOUND, 100, 0);
+        matched.flags |= SOCK_SEEDED;
+        t.handle(&matched);
+        let mut close = event(EV_CLOSE, 9, DIR_INBOUND, 200, 100);
+        close.flags |= SOCK_SEEDED;
+        t.handle(&close);
+        let row = t.rows.values().next().unwrap();
+        assert_eq!(
+            (row.opened, row.closed, row.active, row.seeded),
+            (0, 1, 0, 1)
+        );
+        assert!(row.durations.is_empty(), "a seeded lifetime is unknown");
+    }
+
+    #[test]
+    fn vanished_sockets_are_counted_as_evicted() {
+        let mut t = ConnectionTracker::new();
+        t.handle(&event(EV_OPEN, 1, DIR_INBOUND, 1, 0));
+        for _ in 0..EVICTION_POLLS {
+            t.poll(&[]);
+        }
+        assert_eq!(t.evictions, 1);
+        let row = t.row_for("server", "inbound", "8080").unwrap();
+        assert_eq!(row.active, 0);
+    }
+
+    #[test]
+    fn errno_names() {
+        assert_eq!(errno_name(111), "ECONNREFUSED");
+        assert_eq!(errno_name(110), "ETIMEDOUT");
+        assert_eq!(errno_name(113), "EHOSTUNREACH");
+        assert_eq!(errno_name(9999), "E9999");
+    }
+}

@@ -1,0 +1,126 @@
+//! The metrics registry: a Prometheus recorder with real bucketed histograms,
+//! metric descriptions, and the cardinality caps every label goes through.
+
+use std::collections::HashSet;
+
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+/// Buckets for connection lifetimes: from sub-millisecond churn to
+/// hour-long WebSocket sessions.
+pub const CONNECTION_DURATION_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    60.0, 300.0, 900.0, 3600.0,
+];
+
+/// Overflow value of a capped label.
+pub const OTHER: &str = "other";
+
+/// Installs the global recorder and describes every metric.
+pub fn install() -> anyhow::Result<PrometheusHandle> {
+    let handle = PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            Matcher::Full("pipelens_tcp_connection_duration_seconds".to_owned()),
+            CONNECTION_DURATION_BUCKETS,
+        )?
+        .install_recorder()?;
+    describe();
+    Ok(handle)
+}
+
+fn describe() {
+    use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+    describe_counter!(
+        "pipelens_tcp_connections_opened_total",
+        "TCP connections established by (outbound) or accepted by (inbound) a target"
+    );
+    describe_counter!(
+        "pipelens_tcp_connections_closed_total",
+        "TCP connections of a target that reached CLOSE, by how they ended"
+    );
+    describe_gauge!(
+        "pipelens_tcp_connections_active",
+        "TCP connections of a target currently open"
+    );
+    describe_histogram!(
+        "pipelens_tcp_connection_duration_seconds",
+        Unit::Seconds,
+        "Lifetime of closed TCP connections, from establishment to CLOSE"
+    );
+    describe_counter!(
+        "pipelens_tcp_connect_failures_total",
+        "Outbound connects that failed, by errno"
+    );
+    describe_counter!(
+        "pipelens_tcp_bytes_sent_total",
+        Unit::Bytes,
+        "Bytes written by a target to its TCP connections"
+    );
+    describe_counter!(
+        "pipelens_tcp_bytes_received_total",
+        Unit::Bytes,
+        "Bytes read by a target from its TCP connections"
+    );
+    describe_counter!(
+        "pipelens_tcp_retransmits_total",
+        "Segments retransmitted on a target's TCP connections"
+    );
+    describe_counter!(
+        "pipelens_tcp_resets_total",
+        "TCP connections of a target ended by a RST, sent or received"
+    );
+    describe_counter!(
+        "pipelens_events_lost_total",
+        "Kernel events dropped because a ring buffer was full (the traced process is never blocked)"
+    );
+    describe_gauge!(
+        "pipelens_collector_up",
+        "1 when every probe of the collector is attached"
+    );
+    describe_counter!(
+        "pipelens_map_evictions_total",
+        "Entries a kernel map lost to LRU eviction before they completed"
+    );
+}
+
+/// Caps the number of distinct values one label may take; values past the
+/// cap are reported as [`OTHER`].
+#[derive(Debug)]
+pub struct LabelCap {
+    cap: usize,
+    seen: HashSet<String>,
+}
+
+impl LabelCap {
+    pub fn new(cap: usize) -> Self {
+        Self {
+            cap,
+            seen: HashSet::new(),
+        }
+    }
+
+    pub fn admit(&mut self, value: &str) -> String {
+        if self.seen.contains(value) {
+            return value.to_owned();
+        }
+        if self.seen.len() < self.cap {
+            self.seen.insert(value.to_owned());
+            return value.to_owned();
+        }
+        OTHER.to_owned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn values_past_the_cap_become_other() {
+        let mut cap = LabelCap::new(2);
+        assert_eq!(cap.admit("a"), "a");
+        assert_eq!(cap.admit("b"), "b");
+        assert_eq!(cap.admit("c"), OTHER);
+        assert_eq!(cap.admit("a"), "a");
+        assert_eq!(cap.admit("d"), OTHER);
+    }
+}
