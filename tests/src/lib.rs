@@ -1,1 +1,379 @@
+//! Harness for the probe tests: runs the real `pipelens` binary as root
+//! against peers started here, and reads back what it exported.
 
+use std::{
+    collections::BTreeMap,
+    io::{BufRead, BufReader, Read, Write},
+    net::TcpStream,
+    path::PathBuf,
+    process::{Child, ChildStdin, ChildStdout, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+/// True when the probe tests can run here. Under `CI=true` a host that
+/// cannot run them fails the test instead of skipping it.
+pub fn probes_available(test: &str) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    let reason = if !root {
+        Some("not root")
+    } else if !pipelens_bin().exists() {
+        Some("target/release/pipelens not built (run `cargo xtask test`)")
+    } else {
+        None
+    };
+    match reason {
+        None => true,
+        Some(r) if std::env::var("CI").as_deref() == Ok("true") => {
+            panic!("{test}: probe test cannot run under CI: {r}")
+        }
+        Some(r) => {
+            eprintln!("skipping test - {test}: {r}");
+            false
+        }
+    }
+}
+
+pub fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_owned()
+}
+
+/// The agent under test: `PIPELENS_BIN`, or the workspace's release build.
+pub fn pipelens_bin() -> PathBuf {
+    std::env::var_os("PIPELENS_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target/release/pipelens"))
+}
+
+/// A free loopback port (bound, then released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// A running `pipelens run`, stopped (SIGINT) when dropped.
+pub struct Agent {
+    child: Option<Child>,
+    pub port: u16,
+    pub summary_path: PathBuf,
+    _dir: TempDir,
+}
+
+impl Agent {
+    /// Starts `pipelens run ARGS` and waits until `/healthz` answers 200.
+    pub fn start(args: &[&str]) -> Agent {
+        let dir = TempDir::new("agent");
+        let port = free_port();
+        let summary_path = dir.path.join("summary.json");
+        let listen = format!("127.0.0.1:{port}");
+        let mut cmd = Command::new(pipelens_bin());
+        cmd.arg("run")
+            .args(args)
+            .args(["--listen", &listen])
+            .arg("--summary-json")
+            .arg(&summary_path)
+            .env("RUST_LOG", "info");
+        let child = cmd.spawn().expect("spawn pipelens");
+        let mut agent = Agent {
+            child: Some(child),
+            port,
+            summary_path,
+            _dir: dir,
+        };
+        agent.wait_healthy(Duration::from_secs(30));
+        agent
+    }
+
+    fn wait_healthy(&mut self, timeout: Duration) {
+        let start = Instant::now();
+        loop {
+            if let Ok((200, _)) = http_get(self.port, "/healthz") {
+                return;
+            }
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!("pipelens exited before it was healthy: {status}");
+            }
+            assert!(
+                start.elapsed() < timeout,
+                "pipelens not healthy after {timeout:?}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    pub fn metrics_text(&self) -> String {
+        let (code, body) = http_get(self.port, "/metrics").expect("GET /metrics");
+        assert_eq!(code, 200);
+        body
+    }
+
+    pub fn metrics(&self) -> Metrics {
+        Metrics::parse(&self.metrics_text())
+    }
+
+    /// Scrapes until `cond` holds (the agent exports kernel counters about
+    /// once a second), or panics with the last scrape after `timeout`.
+    pub fn wait_for(
+        &self,
+        what: &str,
+        timeout: Duration,
+        cond: impl Fn(&Metrics) -> bool,
+    ) -> Metrics {
+        let start = Instant::now();
+        loop {
+            let m = self.metrics();
+            if cond(&m) {
+                return m;
+            }
+            if start.elapsed() > timeout {
+                panic!("timed out waiting for {what}; last scrape:\n{}", m.dump());
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// SIGINT, wait for exit, and return the summary it wrote.
+    pub fn stop(mut self) -> serde_json::Value {
+        let mut child = self.child.take().expect("running");
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+        let status = child.wait().expect("wait pipelens");
+        assert!(status.success(), "pipelens exited with {status}");
+        let text = std::fs::read_to_string(&self.summary_path).expect("summary written");
+        serde_json::from_str(&text).expect("summary is JSON")
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Minimal HTTP/1.0 GET, enough for /metrics and /healthz.
+pub fn http_get(port: u16, path: &str) -> std::io::Result<(u16, String)> {
+    let mut s = TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
+    let mut text = String::new();
+    s.read_to_string(&mut text)?;
+    let code = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    Ok((code, body))
+}
+
+/// Samples of a Prometheus text exposition, by name and label set.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    pub samples: Vec<(String, BTreeMap<String, String>, f64)>,
+}
+
+impl Metrics {
+    pub fn parse(text: &str) -> Metrics {
+        let mut samples = Vec::new();
+        for line in text.lines() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let (series, value) = line.rsplit_once(' ').expect("sample line");
+            let value: f64 = match value {
+                "+Inf" => f64::INFINITY,
+                "-Inf" => f64::NEG_INFINITY,
+                v => v.parse().expect("sample value"),
+            };
+            let (name, labels) = match series.split_once('{') {
+                Some((n, rest)) => (n, parse_labels(rest.trim_end_matches('}'))),
+                None => (series, BTreeMap::new()),
+            };
+            samples.push((name.to_owned(), labels, value));
+        }
+        Metrics { samples }
+    }
+
+    /// Sum of `name` over every series whose labels include `want`.
+    pub fn sum(&self, name: &str, want: &[(&str, &str)]) -> f64 {
+        self.samples
+            .iter()
+            .filter(|(n, labels, _)| {
+                n == name
+                    && want
+                        .iter()
+                        .all(|(k, v)| labels.get(*k).is_some_and(|x| x == v))
+            })
+            .map(|(_, _, v)| v)
+            .sum()
+    }
+
+    pub fn dump(&self) -> String {
+        self.samples
+            .iter()
+            .filter(|(n, _, _)| !n.ends_with("_bucket"))
+            .map(|(n, l, v)| format!("{n}{l:?} {v}"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+fn parse_labels(s: &str) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    let mut rest = s;
+    while let Some((key, after)) = rest.split_once("=\"") {
+        let mut value = String::new();
+        let mut chars = after.char_indices();
+        let mut end = after.len();
+        while let Some((i, c)) = chars.next() {
+            match c {
+                '\\' => {
+                    if let Some((_, n)) = chars.next() {
+                        value.push(match n {
+                            'n' => '\n',
+                            other => other,
+                        });
+                    }
+                }
+                '"' => {
+                    end = i + 1;
+                    break;
+                }
+                c => value.push(c),
+            }
+        }
+        out.insert(key.trim_start_matches(',').trim().to_owned(), value);
+        rest = after[end..].trim_start_matches(',');
+    }
+    out
+}
+
+/// A helper process speaking the `tcp-peer` line protocol.
+pub struct Peer {
+    pub child: Child,
+    stdin: Option<ChildStdin>,
+    stdout: BufReader<ChildStdout>,
+}
+
+impl Peer {
+    pub fn spawn(bin: &str, args: &[&str]) -> Peer {
+        let mut child = Command::new(bin)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {bin}: {e}"));
+        let stdout = BufReader::new(child.stdout.take().expect("stdout"));
+        let stdin = child.stdin.take();
+        Peer {
+            child,
+            stdin,
+            stdout,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Next line printed by the peer.
+    pub fn line(&mut self) -> String {
+        let mut line = String::new();
+        self.stdout.read_line(&mut line).expect("peer stdout");
+        assert!(!line.is_empty(), "peer exited without answering");
+        line.trim_end().to_owned()
+    }
+
+    /// Waits for a line starting with `prefix`, returning the rest.
+    pub fn expect(&mut self, prefix: &str) -> String {
+        let line = self.line();
+        line.strip_prefix(prefix)
+            .unwrap_or_else(|| panic!("peer said `{line}`, expected `{prefix}…`"))
+            .trim()
+            .to_owned()
+    }
+
+    pub fn send(&mut self, line: &str) {
+        let stdin = self.stdin.as_mut().expect("stdin open");
+        writeln!(stdin, "{line}").expect("peer stdin");
+        stdin.flush().expect("peer stdin");
+    }
+
+    pub fn wait(mut self) {
+        drop(self.stdin.take());
+        let status = self.child.wait().expect("wait peer");
+        assert!(status.success(), "peer failed: {status}");
+    }
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A temporary directory removed on drop.
+pub struct TempDir {
+    pub path: PathBuf,
+}
+
+impl TempDir {
+    pub fn new(prefix: &str) -> TempDir {
+        let path = std::env::temp_dir().join(format!(
+            "pipelens-{prefix}-{}-{}",
+            std::process::id(),
+            Instant::now().elapsed().as_nanos() ^ rand_seed()
+        ));
+        std::fs::create_dir_all(&path).expect("temp dir");
+        TempDir { path }
+    }
+}
+
+fn rand_seed() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0)
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_exposition_lines() {
+        let m = Metrics::parse(
+            "# HELP x y\nfoo_total{a=\"1\",b=\"q\\\"x\"} 3\nfoo_total{a=\"2\",b=\"\"} 4\nbar 1.5\nh_bucket{le=\"+Inf\"} 2\n",
+        );
+        assert_eq!(m.sum("foo_total", &[]), 7.0);
+        assert_eq!(m.sum("foo_total", &[("a", "1")]), 3.0);
+        assert_eq!(m.sum("foo_total", &[("b", "q\"x")]), 3.0);
+        assert_eq!(m.sum("foo_total", &[("b", "")]), 4.0);
+        assert_eq!(m.sum("bar", &[]), 1.5);
+        assert_eq!(m.sum("h_bucket", &[("le", "+Inf")]), 2.0);
+    }
+}

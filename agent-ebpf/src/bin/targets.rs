@@ -64,9 +64,11 @@ fn try_exec() -> Result<(), i32> {
     let cfg = (&raw const AGENT_CONFIG).cast::<AgentConfig>();
     let mut i = 0;
     while i < MAX_COMMS {
+        // A volatile read: through a plain reference the compiler would fold
+        // the static's compile-time value (all zeroes), not the loader's.
         // SAFETY: `Global<T>` is `repr(transparent)` over an initialised `T`.
-        let wanted = unsafe { &*(&raw const (*cfg).comms[i]) };
-        if (i as u32) < count && comm_eq(&comm, wanted) {
+        let wanted = unsafe { core::ptr::read_volatile(&raw const (*cfg).comms[i]) };
+        if (i as u32) < count && comm_eq(&comm, &wanted) {
             TARGETS.insert(&tgid, &TARGET_COMM, 0)?;
             return Ok(());
         }

@@ -1,0 +1,275 @@
+//! A TCP peer whose behaviour is known exactly, for the probe tests: it is
+//! the ground truth the agent's counts are compared with.
+//!
+//! ```text
+//! tcp-peer serve ADDR N REQ RESP HOLD_MS [linger0]   accept N, read REQ, wait, write RESP, close
+//! tcp-peer connect ADDR N REQ RESP HOLD_MS THREADS  N connections: write REQ, read to EOF
+//! tcp-peer refused ADDR N [nonblocking]             N connects to a closed port
+//! tcp-peer hold-server ADDR                          accept one, echo bytes until EOF
+//! tcp-peer hold-client ADDR                          connect, then per stdin line "send N" / "close"
+//! tcp-peer fork-client ADDR N                        wait for a stdin line, fork, child connects N times
+//! ```
+//! Every mode prints `ready` once set up and `done` with its own counts.
+
+use std::{
+    io::{BufRead, Read, Write},
+    net::{SocketAddr, TcpListener, TcpStream},
+    os::fd::AsRawFd,
+    thread,
+    time::Duration,
+};
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let mode = args.get(1).map(String::as_str).unwrap_or("");
+    let arg = |i: usize| -> String {
+        args.get(i)
+            .cloned()
+            .unwrap_or_else(|| panic!("missing argument {i} for {mode}"))
+    };
+    let num = |i: usize| -> u64 { arg(i).parse().expect("number") };
+    match mode {
+        "serve" => serve(
+            arg(2).parse().expect("addr"),
+            num(3),
+            num(4) as usize,
+            num(5) as usize,
+            num(6),
+            args.get(7).is_some_and(|s| s == "linger0"),
+        ),
+        "connect" => connect(
+            arg(2).parse().expect("addr"),
+            num(3),
+            num(4) as usize,
+            num(5) as usize,
+            num(6),
+            num(7),
+        ),
+        "refused" => refused(
+            arg(2).parse().expect("addr"),
+            num(3),
+            args.get(4).is_some_and(|s| s == "nonblocking"),
+        ),
+        "hold-server" => hold_server(arg(2).parse().expect("addr")),
+        "hold-client" => hold_client(arg(2).parse().expect("addr")),
+        "fork-client" => fork_client(arg(2).parse().expect("addr"), num(3)),
+        _ => {
+            eprintln!("usage: see the doc comment of tests/src/bin/tcp_peer.rs");
+            std::process::exit(2);
+        }
+    }
+}
+
+fn say(line: &str) {
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{line}").expect("stdout");
+    out.flush().expect("stdout");
+}
+
+fn serve(addr: SocketAddr, n: u64, req: usize, resp: usize, hold_ms: u64, linger0: bool) {
+    let listener = TcpListener::bind(addr).expect("bind");
+    say(&format!(
+        "ready {}",
+        listener.local_addr().expect("addr").port()
+    ));
+    let payload = vec![b's'; resp];
+    let mut handles = Vec::new();
+    for _ in 0..n {
+        let (mut c, _) = listener.accept().expect("accept");
+        let payload = payload.clone();
+        handles.push(thread::spawn(move || {
+            let mut buf = vec![0u8; req];
+            c.read_exact(&mut buf).expect("read request");
+            thread::sleep(Duration::from_millis(hold_ms));
+            c.write_all(&payload).expect("write response");
+            if linger0 {
+                set_linger0(&c);
+            }
+            drop(c);
+        }));
+    }
+    for h in handles {
+        h.join().expect("server thread");
+    }
+    say(&format!("done {n}"));
+}
+
+fn set_linger0(c: &TcpStream) {
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: valid fd and a correctly sized option value.
+    let rc = unsafe {
+        libc::setsockopt(
+            c.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&raw const linger).cast(),
+            size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0, "SO_LINGER");
+}
+
+fn connect(addr: SocketAddr, n: u64, req: usize, resp: usize, _hold_ms: u64, threads: u64) {
+    say("ready");
+    let per = n / threads;
+    let mut handles = Vec::new();
+    for t in 0..threads {
+        let count = if t == threads - 1 {
+            n - per * (threads - 1)
+        } else {
+            per
+        };
+        handles.push(thread::spawn(move || {
+            let mut got_total = 0usize;
+            let mut resets = 0u64;
+            for _ in 0..count {
+                let mut c = TcpStream::connect(addr).expect("connect");
+                c.write_all(&vec![b'c'; req]).expect("write request");
+                let mut got = Vec::with_capacity(resp);
+                match c.read_to_end(&mut got) {
+                    Ok(_) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => resets += 1,
+                    Err(e) => panic!("read: {e}"),
+                }
+                got_total += got.len();
+            }
+            (got_total, resets)
+        }));
+    }
+    let (mut bytes, mut resets) = (0, 0);
+    for h in handles {
+        let (b, r) = h.join().expect("client thread");
+        bytes += b;
+        resets += r;
+    }
+    say(&format!("done {n} received {bytes} resets {resets}"));
+}
+
+fn refused(addr: SocketAddr, n: u64, nonblocking: bool) {
+    say("ready");
+    let mut refused = 0;
+    for _ in 0..n {
+        let err = if nonblocking {
+            nonblocking_connect(addr)
+        } else {
+            TcpStream::connect(addr)
+                .err()
+                .and_then(|e| e.raw_os_error())
+        };
+        if err == Some(libc::ECONNREFUSED) {
+            refused += 1;
+        }
+    }
+    say(&format!("done {refused}"));
+}
+
+/// connect() on a non-blocking socket, then poll and SO_ERROR: the path
+/// event loops (tokio, Go, libuv) take.
+fn nonblocking_connect(addr: SocketAddr) -> Option<i32> {
+    let SocketAddr::V4(v4) = addr else {
+        panic!("nonblocking mode is IPv4 only")
+    };
+    // SAFETY: plain socket syscalls on a descriptor owned here.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_NONBLOCK, 0);
+        assert!(fd >= 0);
+        let sin = libc::sockaddr_in {
+            sin_family: libc::AF_INET as u16,
+            sin_port: v4.port().to_be(),
+            sin_addr: libc::in_addr {
+                s_addr: u32::from_ne_bytes(v4.ip().octets()),
+            },
+            sin_zero: [0; 8],
+        };
+        let rc = libc::connect(
+            fd,
+            (&raw const sin).cast(),
+            size_of::<libc::sockaddr_in>() as u32,
+        );
+        let mut err = 0;
+        if rc != 0 {
+            let e = *libc::__errno_location();
+            if e == libc::EINPROGRESS {
+                let mut pfd = libc::pollfd {
+                    fd,
+                    events: libc::POLLOUT,
+                    revents: 0,
+                };
+                libc::poll(&mut pfd, 1, 5000);
+                let mut len = size_of::<i32>() as u32;
+                libc::getsockopt(
+                    fd,
+                    libc::SOL_SOCKET,
+                    libc::SO_ERROR,
+                    (&raw mut err).cast(),
+                    &mut len,
+                );
+            } else {
+                err = e;
+            }
+        }
+        libc::close(fd);
+        (err != 0).then_some(err)
+    }
+}
+
+fn hold_server(addr: SocketAddr) {
+    let listener = TcpListener::bind(addr).expect("bind");
+    say(&format!(
+        "ready {}",
+        listener.local_addr().expect("addr").port()
+    ));
+    let (mut c, _) = listener.accept().expect("accept");
+    let mut total = 0;
+    let mut buf = [0u8; 4096];
+    loop {
+        match c.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => total += n,
+        }
+    }
+    say(&format!("done {total}"));
+}
+
+fn hold_client(addr: SocketAddr) {
+    let mut c = TcpStream::connect(addr).expect("connect");
+    say("ready");
+    for line in std::io::stdin().lock().lines() {
+        let line = line.expect("stdin");
+        if let Some(n) = line.strip_prefix("send ") {
+            let n: usize = n.trim().parse().expect("count");
+            c.write_all(&vec![b'h'; n]).expect("write");
+            say("sent");
+        } else if line == "close" {
+            break;
+        }
+    }
+    drop(c);
+    say("done");
+}
+
+fn fork_client(addr: SocketAddr, n: u64) {
+    say("ready");
+    let mut line = String::new();
+    std::io::stdin().read_line(&mut line).expect("stdin");
+    // SAFETY: the process is single-threaded here; the child only makes
+    // syscalls through std and exits.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0, "fork");
+    if pid == 0 {
+        for _ in 0..n {
+            let mut c = TcpStream::connect(addr).expect("connect");
+            c.write_all(b"q").expect("write");
+            let mut sink = Vec::new();
+            let _ = c.read_to_end(&mut sink);
+        }
+        std::process::exit(0);
+    }
+    let mut status = 0;
+    // SAFETY: waiting for our own child.
+    unsafe { libc::waitpid(pid, &mut status, 0) };
+    say(&format!("done {n}"));
+}

@@ -1,0 +1,61 @@
+//! Wrong input to the agent gets a clear error and a failing exit status.
+
+use std::process::Command;
+
+use pipelens_tests::{pipelens_bin, probes_available};
+
+fn run(args: &[&str]) -> (bool, String) {
+    let out = Command::new(pipelens_bin())
+        .args(args)
+        .output()
+        .expect("run pipelens");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn bad_invocations_say_what_is_wrong() {
+    if !probes_available("bad_invocations_say_what_is_wrong") {
+        return;
+    }
+    let (ok, err) = run(&["run", "--pid", "999999999"]);
+    assert!(!ok);
+    assert!(err.contains("no process with pid 999999999"), "{err}");
+
+    let (ok, err) = run(&["run"]);
+    assert!(!ok);
+    assert!(err.contains("give --pid, --comm or --all"), "{err}");
+
+    let (ok, err) = run(&["run", "--all", "--collectors", "bogus"]);
+    assert!(!ok);
+    assert!(
+        err.contains("possible values") && err.contains("connections"),
+        "{err}"
+    );
+
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = busy.local_addr().expect("addr").to_string();
+    let (ok, err) = run(&["run", "--all", "--listen", &addr, "--duration", "1"]);
+    assert!(!ok);
+    assert!(err.contains("address already in use"), "{err}");
+}
+
+#[test]
+fn check_reports_usable_collectors() {
+    if !probes_available("check_reports_usable_collectors") {
+        return;
+    }
+    let out = Command::new(pipelens_bin())
+        .arg("check")
+        .output()
+        .expect("run");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("collector connections") && l.contains("ok")),
+        "{text}"
+    );
+}

@@ -1,0 +1,436 @@
+//! Probe tests of the connections collector: the real agent, real sockets,
+//! counts compared with what the peers know they did.
+
+use std::time::Duration;
+
+use pipelens_tests::{Agent, Metrics, Peer, free_port, probes_available};
+
+const PEER: &str = env!("CARGO_BIN_EXE_tcp-peer");
+const WAIT: Duration = Duration::from_secs(15);
+
+fn inbound(port: u16) -> [(&'static str, String); 3] {
+    [
+        ("process", "tcp-peer".to_owned()),
+        ("direction", "inbound".to_owned()),
+        ("port", port.to_string()),
+    ]
+}
+
+fn outbound(port: u16) -> [(&'static str, String); 3] {
+    [
+        ("process", "tcp-peer".to_owned()),
+        ("direction", "outbound".to_owned()),
+        ("port", port.to_string()),
+    ]
+}
+
+fn sum(m: &Metrics, name: &str, labels: &[(&'static str, String)], extra: &[(&str, &str)]) -> f64 {
+    let mut want: Vec<(&str, &str)> = labels.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    want.extend_from_slice(extra);
+    m.sum(name, &want)
+}
+
+/// 200 connections between two processes, both targeted: exact opens,
+/// closes and bytes each way, and lifetimes in the right buckets.
+fn churn(host: &str) {
+    let name = format!("churn_{host}");
+    if !probes_available(&name) {
+        return;
+    }
+    let agent = Agent::start(&["--comm", "tcp-peer"]);
+    const N: u64 = 200;
+    const REQ: u64 = 1_234;
+    const RESP: u64 = 56_789;
+    let port = free_port();
+    let addr = if host == "ipv6" {
+        format!("[::1]:{port}")
+    } else {
+        format!("127.0.0.1:{port}")
+    };
+    // Half the connections are held 10 ms by the server, half 100 ms.
+    let mut fast_server = Peer::spawn(
+        PEER,
+        &[
+            "serve",
+            &addr,
+            "100",
+            &REQ.to_string(),
+            &RESP.to_string(),
+            "10",
+        ],
+    );
+    fast_server.expect("ready");
+    let mut client = Peer::spawn(
+        PEER,
+        &[
+            "connect",
+            &addr,
+            "100",
+            &REQ.to_string(),
+            &RESP.to_string(),
+            "0",
+            "4",
+        ],
+    );
+    client.expect("ready");
+    assert_eq!(
+        client.expect("done"),
+        format!("100 received {} resets 0", 100 * RESP)
+    );
+    assert_eq!(fast_server.expect("done"), "100");
+    fast_server.wait();
+    client.wait();
+    let mut slow_server = Peer::spawn(
+        PEER,
+        &[
+            "serve",
+            &addr,
+            "100",
+            &REQ.to_string(),
+            &RESP.to_string(),
+            "100",
+        ],
+    );
+    slow_server.expect("ready");
+    let mut client = Peer::spawn(
+        PEER,
+        &[
+            "connect",
+            &addr,
+            "100",
+            &REQ.to_string(),
+            &RESP.to_string(),
+            "0",
+            "10",
+        ],
+    );
+    client.expect("ready");
+    assert_eq!(
+        client.expect("done"),
+        format!("100 received {} resets 0", 100 * RESP)
+    );
+    slow_server.wait();
+    client.wait();
+
+    let (i, o) = (inbound(port), outbound(port));
+    let m = agent.wait_for("every close and byte counted", WAIT, |m| {
+        sum(m, "pipelens_tcp_connections_closed_total", &i, &[]) >= N as f64
+            && sum(m, "pipelens_tcp_connections_closed_total", &o, &[]) >= N as f64
+            && sum(m, "pipelens_tcp_bytes_received_total", &i, &[]) >= (N * REQ) as f64
+            && sum(m, "pipelens_tcp_bytes_received_total", &o, &[]) >= (N * RESP) as f64
+    });
+    for labels in [&i, &o] {
+        assert_eq!(
+            sum(&m, "pipelens_tcp_connections_opened_total", labels, &[]),
+            N as f64,
+            "{}",
+            m.dump()
+        );
+        assert_eq!(
+            sum(
+                &m,
+                "pipelens_tcp_connections_closed_total",
+                labels,
+                &[("reason", "fin")]
+            ),
+            N as f64
+        );
+        assert_eq!(sum(&m, "pipelens_tcp_connections_active", labels, &[]), 0.0);
+        assert_eq!(
+            sum(
+                &m,
+                "pipelens_tcp_connection_duration_seconds_count",
+                labels,
+                &[]
+            ),
+            N as f64
+        );
+        // Every connection lived at least its 10 ms hold; the 10 ms ones
+        // well under 100 ms, the 100 ms ones over it.
+        let bucket = |le: &str| {
+            sum(
+                &m,
+                "pipelens_tcp_connection_duration_seconds_bucket",
+                labels,
+                &[("le", le)],
+            )
+        };
+        assert_eq!(bucket("0.01"), 0.0, "nothing shorter than the 10 ms hold");
+        assert_eq!(
+            bucket("0.1"),
+            100.0,
+            "the 10 ms half, and only it, under 100 ms"
+        );
+        assert_eq!(bucket("+Inf"), N as f64);
+    }
+    assert_eq!(
+        sum(&m, "pipelens_tcp_bytes_received_total", &i, &[]),
+        (N * REQ) as f64
+    );
+    assert_eq!(
+        sum(&m, "pipelens_tcp_bytes_sent_total", &i, &[]),
+        (N * RESP) as f64
+    );
+    assert_eq!(
+        sum(&m, "pipelens_tcp_bytes_sent_total", &o, &[]),
+        (N * REQ) as f64
+    );
+    assert_eq!(
+        sum(&m, "pipelens_tcp_bytes_received_total", &o, &[]),
+        (N * RESP) as f64
+    );
+    promtool_accepts(&agent.metrics_text());
+
+    let summary = agent.stop();
+    let rows = summary["connections"]["connections"]
+        .as_array()
+        .expect("rows");
+    let row = rows
+        .iter()
+        .find(|r| r["labels"]["direction"] == "inbound" && r["labels"]["port"] == port.to_string())
+        .expect("inbound row in summary");
+    assert_eq!(row["stats"]["opened"], N);
+    assert_eq!(row["stats"]["closed"], N);
+    assert_eq!(row["stats"]["bytes_received"], N * REQ);
+    assert_eq!(row["stats"]["duration_seconds"]["count"], N);
+}
+
+#[test]
+fn churn_ipv4() {
+    churn("ipv4");
+}
+
+#[test]
+fn churn_ipv6() {
+    churn("ipv6");
+}
+
+/// The exposition passes `promtool check metrics` (naming, units, types).
+fn promtool_accepts(text: &str) {
+    use std::io::Write;
+    let mut child = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool (installed by `cargo xtask setup`)");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(text.as_bytes())
+        .expect("write");
+    let out = child.wait_with_output().expect("promtool");
+    let report = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && report.trim().is_empty(),
+        "promtool check metrics:\n{report}"
+    );
+}
+
+/// 50 connects to a closed port, half blocking and half non-blocking (the
+/// event-loop path, where the errno arrives through SO_ERROR): exactly 50
+/// ECONNREFUSED. And a server closing with SO_LINGER 0 resets every
+/// connection: counted as sent on its side, received on the client's.
+#[test]
+fn refused_and_reset() {
+    if !probes_available("refused_and_reset") {
+        return;
+    }
+    let agent = Agent::start(&["--comm", "tcp-peer"]);
+    let closed = free_port();
+    let addr = format!("127.0.0.1:{closed}");
+    for mode in [None, Some("nonblocking")] {
+        let mut args = vec!["refused", addr.as_str(), "25"];
+        args.extend(mode);
+        let mut p = Peer::spawn(PEER, &args);
+        p.expect("ready");
+        assert_eq!(p.expect("done"), "25");
+        p.wait();
+    }
+    let o = outbound(closed);
+    let m = agent.wait_for("50 refused connects", WAIT, |m| {
+        sum(m, "pipelens_tcp_connect_failures_total", &o, &[]) >= 50.0
+    });
+    assert_eq!(
+        sum(
+            &m,
+            "pipelens_tcp_connect_failures_total",
+            &o,
+            &[("reason", "ECONNREFUSED")]
+        ),
+        50.0,
+        "{}",
+        m.dump()
+    );
+    assert_eq!(
+        sum(&m, "pipelens_tcp_connections_opened_total", &o, &[]),
+        0.0
+    );
+
+    const N: u64 = 20;
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut server = Peer::spawn(
+        PEER,
+        &["serve", &addr, &N.to_string(), "10", "100", "20", "linger0"],
+    );
+    server.expect("ready");
+    let mut client = Peer::spawn(
+        PEER,
+        &["connect", &addr, &N.to_string(), "10", "100", "0", "1"],
+    );
+    client.expect("ready");
+    let done = client.expect("done");
+    server.wait();
+    client.wait();
+    let client_resets: u64 = done
+        .rsplit(' ')
+        .next()
+        .and_then(|s| s.parse().ok())
+        .expect("resets");
+    let (i, o) = (inbound(port), outbound(port));
+    let m = agent.wait_for("resets", WAIT, |m| {
+        sum(m, "pipelens_tcp_connections_closed_total", &i, &[]) >= N as f64
+            && sum(m, "pipelens_tcp_connections_closed_total", &o, &[]) >= N as f64
+    });
+    assert_eq!(
+        sum(&m, "pipelens_tcp_resets_total", &i, &[("reason", "sent")]),
+        N as f64,
+        "{}",
+        m.dump()
+    );
+    assert_eq!(
+        sum(
+            &m,
+            "pipelens_tcp_connections_closed_total",
+            &i,
+            &[("reason", "reset_sent")]
+        ),
+        N as f64
+    );
+    // The client saw the RST on every connection; whether read() reported
+    // it as ECONNRESET or as EOF depends on timing, the kernel's state does not.
+    assert_eq!(
+        sum(
+            &m,
+            "pipelens_tcp_resets_total",
+            &o,
+            &[("reason", "received")]
+        ),
+        N as f64
+    );
+    assert!(client_resets <= N);
+}
+
+/// A connection opened before the agent starts and closed after: counted
+/// as closed, active back to where it started, bytes after the start exact.
+#[test]
+fn preexisting_connection() {
+    if !probes_available("preexisting_connection") {
+        return;
+    }
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut server = Peer::spawn(PEER, &["hold-server", &addr]);
+    server.expect("ready");
+    let mut client = Peer::spawn(PEER, &["hold-client", &addr]);
+    client.expect("ready");
+    let agent = Agent::start(&[
+        "--pid",
+        &server.pid().to_string(),
+        "--pid",
+        &client.pid().to_string(),
+    ]);
+    let (i, o) = (inbound(port), outbound(port));
+    let m = agent.metrics();
+    assert_eq!(
+        sum(&m, "pipelens_tcp_connections_active", &i, &[]),
+        1.0,
+        "{}",
+        m.dump()
+    );
+    assert_eq!(sum(&m, "pipelens_tcp_connections_active", &o, &[]), 1.0);
+    client.send("send 4321");
+    client.expect("sent");
+    client.send("close");
+    client.expect("done");
+    assert_eq!(server.expect("done"), "4321");
+    let m = agent.wait_for("the close", WAIT, |m| {
+        sum(m, "pipelens_tcp_connections_closed_total", &i, &[]) >= 1.0
+            && sum(m, "pipelens_tcp_connections_closed_total", &o, &[]) >= 1.0
+    });
+    for labels in [&i, &o] {
+        assert_eq!(
+            sum(&m, "pipelens_tcp_connections_closed_total", labels, &[]),
+            1.0,
+            "{}",
+            m.dump()
+        );
+        assert_eq!(sum(&m, "pipelens_tcp_connections_active", labels, &[]), 0.0);
+        assert_eq!(
+            sum(&m, "pipelens_tcp_connections_opened_total", labels, &[]),
+            0.0
+        );
+    }
+    assert_eq!(sum(&m, "pipelens_tcp_bytes_sent_total", &o, &[]), 4321.0);
+    assert_eq!(
+        sum(&m, "pipelens_tcp_bytes_received_total", &i, &[]),
+        4321.0
+    );
+    server.wait();
+    client.wait();
+}
+
+/// Only targets count: a child forked by a target is traced from its first
+/// connection; a process with the same name that is not targeted is not.
+#[test]
+fn targets_and_their_children_only() {
+    if !probes_available("targets_and_their_children_only") {
+        return;
+    }
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut server = Peer::spawn(PEER, &["serve", &addr, "17", "1", "5", "0"]);
+    server.expect("ready");
+    let mut parent = Peer::spawn(PEER, &["fork-client", &addr, "7"]);
+    parent.expect("ready");
+    let agent = Agent::start(&["--pid", &parent.pid().to_string()]);
+    let mut stranger = Peer::spawn(PEER, &["connect", &addr, "10", "1", "5", "0", "1"]);
+    stranger.expect("ready");
+    stranger.expect("done");
+    stranger.wait();
+    parent.send("go");
+    assert_eq!(parent.expect("done"), "7");
+    parent.wait();
+    server.wait();
+    let o = outbound(port);
+    let m = agent.wait_for("the child's closes", WAIT, |m| {
+        sum(m, "pipelens_tcp_connections_closed_total", &o, &[]) >= 7.0
+    });
+    assert_eq!(
+        sum(&m, "pipelens_tcp_connections_opened_total", &o, &[]),
+        7.0,
+        "{}",
+        m.dump()
+    );
+    assert_eq!(
+        sum(&m, "pipelens_tcp_connections_closed_total", &o, &[]),
+        7.0
+    );
+    assert_eq!(sum(&m, "pipelens_tcp_bytes_sent_total", &o, &[]), 7.0);
+    assert_eq!(
+        sum(
+            &m,
+            "pipelens_tcp_connections_opened_total",
+            &inbound(port),
+            &[]
+        ),
+        0.0
+    );
+}
