@@ -79,7 +79,7 @@ pub fn is_target(tgid: u32) -> bool {
         return true;
     }
     // SAFETY: the value is only tested for presence.
-    unsafe { TARGETS.get(&tgid).is_some() }
+    unsafe { TARGETS.get(tgid).is_some() }
 }
 
 #[inline(always)]

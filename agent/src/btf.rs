@@ -95,7 +95,7 @@ impl Resolver<'_> {
                 };
             }
         }
-        if bits % 8 != 0 {
+        if !bits.is_multiple_of(8) {
             return Err(BtfError::Parse(format!("{strukt}.{path} is a bitfield")));
         }
         Ok(bits / 8)

@@ -97,7 +97,7 @@ pub fn by_comm(names: &[String]) -> Vec<u32> {
     entries
         .flatten()
         .filter_map(|e| e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()))
-        .filter(|pid| comm(*pid).is_some_and(|c| names.iter().any(|n| *n == c)))
+        .filter(|pid| comm(*pid).is_some_and(|c| names.contains(&c)))
         .collect()
 }
 

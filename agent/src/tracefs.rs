@@ -87,7 +87,7 @@ impl TracepointFormat {
     }
 
     /// Parses lines such as
-    /// `field:__u16 sport;	offset:24;	size:2;	signed:0;`.
+    /// `field:__u16 sport; offset:24; size:2; signed:0;` (tab-separated).
     pub fn parse(id: &str, text: &str) -> Result<Self, String> {
         let mut fields = HashMap::new();
         for line in text.lines() {

@@ -185,9 +185,13 @@ fn churn(host: &str) {
     let rows = summary["connections"]["connections"]
         .as_array()
         .expect("rows");
+    let port_label = port.to_string();
     let row = rows
         .iter()
-        .find(|r| r["labels"]["direction"] == "inbound" && r["labels"]["port"] == port.to_string())
+        .find(|r| {
+            r["labels"]["direction"] == "inbound"
+                && r["labels"]["port"].as_str() == Some(port_label.as_str())
+        })
         .expect("inbound row in summary");
     assert_eq!(row["stats"]["opened"], N);
     assert_eq!(row["stats"]["closed"], N);

@@ -1,1 +1,185 @@
-fn main() {}
+//! Project automation: `cargo xtask setup | build | run | test | bench`.
+//!
+//! Everything a fresh Debian machine needs is installed by `setup`, which
+//! every other command runs first; it is idempotent and fast when done.
+
+mod bench;
+mod setup;
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask", about = "pipelens project tasks")]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install everything the build and the tests need (idempotent).
+    Setup,
+    /// Build the agent in release mode (kernel objects included).
+    Build,
+    /// Build, then run `pipelens ARGS` with the privileges it needs.
+    Run {
+        /// Arguments for pipelens, after `--`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Everything: formatting, clippy (host and kernel crates), unit tests
+    /// and the root-only probe tests, one at a time.
+    Test,
+    /// Side-by-side benchmarks, with and without the agent.
+    Bench {
+        /// Rounds per configuration (interleaved).
+        #[arg(long, default_value_t = 7)]
+        rounds: usize,
+        /// Seconds per round.
+        #[arg(long, default_value_t = 3.0)]
+        seconds: f64,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Task::Setup => setup::run(),
+        Task::Build => {
+            setup::run()?;
+            build_release()
+        }
+        Task::Run { args } => {
+            setup::run()?;
+            build_release()?;
+            run_agent(&args)
+        }
+        Task::Test => {
+            setup::run()?;
+            test()
+        }
+        Task::Bench { rounds, seconds } => {
+            setup::run()?;
+            build_release()?;
+            bench::run(rounds, seconds)
+        }
+    }
+}
+
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_owned()
+}
+
+pub fn is_root() -> bool {
+    // SAFETY: no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Runs `cmd`, failing with its command line when it fails.
+pub fn run_cmd(cmd: &mut Command) -> anyhow::Result<()> {
+    let shown = format!("{cmd:?}");
+    eprintln!("xtask: {shown}");
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot start {shown}"))?;
+    if !status.success() {
+        bail!("{shown} failed: {status}");
+    }
+    Ok(())
+}
+
+fn cargo() -> Command {
+    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.current_dir(root());
+    c
+}
+
+fn build_release() -> anyhow::Result<()> {
+    run_cmd(cargo().args([
+        "build",
+        "--release",
+        "--workspace",
+        "--exclude",
+        "pipelens-ebpf",
+        "--bins",
+    ]))
+}
+
+fn run_agent(args: &[String]) -> anyhow::Result<()> {
+    let bin = root().join("target/release/pipelens");
+    let mut cmd = if is_root() {
+        Command::new(&bin)
+    } else {
+        let mut c = Command::new("sudo");
+        c.arg("-E").arg(&bin);
+        c
+    };
+    cmd.args(args);
+    run_cmd(&mut cmd)
+}
+
+/// Host crates are linted together; the kernel crate for its own target.
+fn test() -> anyhow::Result<()> {
+    run_cmd(cargo().args(["fmt", "--all", "--check"]))?;
+    run_cmd(cargo().args([
+        "clippy",
+        "--workspace",
+        "--exclude",
+        "pipelens-ebpf",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    run_cmd(cargo().env("RUSTC_BOOTSTRAP", "1").args([
+        "clippy",
+        "--package",
+        "pipelens-ebpf",
+        "--target",
+        "bpfel-unknown-none",
+        "-Z",
+        "build-std=core",
+        "--bins",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    build_release()?;
+    // Unit tests (no privileges needed) in parallel.
+    run_cmd(cargo().args([
+        "test",
+        "--release",
+        "--workspace",
+        "--exclude",
+        "pipelens-ebpf",
+        "--exclude",
+        "pipelens-tests",
+    ]))?;
+    // Probe tests share kernel state: one at a time, as root.
+    let mut probe = if is_root() {
+        let mut c = cargo();
+        c.args(["test", "--release", "--package", "pipelens-tests"]);
+        c
+    } else {
+        let mut c = Command::new("sudo");
+        c.current_dir(root()).args([
+            "-E",
+            &std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()),
+            "test",
+            "--release",
+            "--package",
+            "pipelens-tests",
+        ]);
+        c
+    };
+    probe.args(["--", "--test-threads=1"]);
+    run_cmd(&mut probe)
+}

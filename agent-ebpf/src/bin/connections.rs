@@ -16,6 +16,7 @@ use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use aya_ebpf::{
     Global,
+    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{bpf_get_current_comm, bpf_ktime_get_ns, bpf_probe_read_user},
     macros::{map, tracepoint},
     maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
@@ -73,6 +74,8 @@ static CONNECTING: LruHashMap<u32, PendingConnect> = LruHashMap::with_max_entrie
 static CONN_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STAT_COUNT, 0);
 
 const MSG_PEEK: i32 = 2;
+/// Pending bytes in the ring past which the reader is woken at once.
+const WAKEUP_BYTES: u64 = 64 * 1024;
 const EINPROGRESS: i64 = 115;
 const EALREADY: i64 = 114;
 const EISCONN: i64 = 106;
@@ -127,7 +130,15 @@ fn emit(kind: u32, sk: u64, s: &SockState, reason: u32, now: u64) {
         direction: s.direction,
     };
     entry.write(ev);
-    entry.submit(0);
+    // Wake the reader only once a batch is waiting: it drains every 100 ms
+    // anyway, and a wakeup per connection event costs the traced workload
+    // a context switch under churn.
+    let flags = if CONN_EVENTS.query(BPF_RB_AVAIL_DATA as u64) >= WAKEUP_BYTES {
+        BPF_RB_FORCE_WAKEUP as u64
+    } else {
+        BPF_RB_NO_WAKEUP as u64
+    };
+    entry.submit(flags);
 }
 
 fn new_state(tgid: u32, direction: u16, flags: u32, now: u64) -> SockState {
@@ -152,7 +163,7 @@ fn new_state(tgid: u32, direction: u16, flags: u32, now: u64) -> SockState {
 /// agent started — its seed, found by its addresses and promoted to `SOCKS`.
 #[inline(always)]
 fn sock_entry(sk: u64) -> Option<*mut SockState> {
-    if let Some(p) = SOCKS.get_ptr_mut(&sk) {
+    if let Some(p) = SOCKS.get_ptr_mut(sk) {
         return Some(p);
     }
     let pending = SEED_COUNT.get(0).copied().unwrap_or(0);
@@ -170,7 +181,7 @@ fn sock_entry(sk: u64) -> Option<*mut SockState> {
         _pad: 0,
     };
     // SAFETY: copied out before the entry is removed.
-    let seed = unsafe { SEEDS.get(&key) }.copied()?;
+    let seed = unsafe { SEEDS.get(key) }.copied()?;
     let now = unsafe { bpf_ktime_get_ns() };
     let mut s = new_state(
         seed.tgid,
@@ -184,13 +195,13 @@ fn sock_entry(sk: u64) -> Option<*mut SockState> {
     s.family = t.family;
     s.lport = t.lport;
     s.rport = t.rport;
-    let _ = SEEDS.remove(&key);
-    if SOCKS.insert(&sk, &s, 0).is_err() {
+    let _ = SEEDS.remove(key);
+    if SOCKS.insert(sk, s, 0).is_err() {
         bump(STAT_SOCKS_FULL);
         return None;
     }
     emit(EV_SEED_MATCHED, sk, &s, 0, now);
-    SOCKS.get_ptr_mut(&sk)
+    SOCKS.get_ptr_mut(sk)
 }
 
 /// `sock:inet_sock_set_state(skaddr, oldstate, newstate, sport, dport, family,
@@ -220,10 +231,10 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i32> {
             return Ok(());
         }
         let s = new_state(tgid, DIR_OUTBOUND, 0, now);
-        if SOCKS.insert(&sk, &s, 0).is_err() {
+        if SOCKS.insert(sk, s, 0).is_err() {
             bump(STAT_SOCKS_FULL);
         }
-        if let Some(p) = CONNECTING.get_ptr_mut(&tid) {
+        if let Some(p) = CONNECTING.get_ptr_mut(tid) {
             // SAFETY: live map value of this thread only.
             unsafe { (*p).syn_sent = 1 };
         }
@@ -303,7 +314,7 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i32> {
             };
             emit(EV_CLOSE, sk, s, reason, now);
         }
-        let _ = SOCKS.remove(&sk);
+        let _ = SOCKS.remove(sk);
     }
     Ok(())
 }
@@ -350,7 +361,7 @@ fn try_accept(ctx: &TracePointContext) -> Result<(), i32> {
         emit(EV_CLOSE, sk, &s, CLOSE_RST_RECEIVED, now);
         return Ok(());
     }
-    if SOCKS.insert(&sk, &s, 0).is_err() {
+    if SOCKS.insert(sk, s, 0).is_err() {
         bump(STAT_SOCKS_FULL);
     }
     Ok(())
@@ -392,7 +403,7 @@ fn try_enter_connect(ctx: &TracePointContext) -> Result<(), i32> {
     } else {
         pending.daddr = unsafe { bpf_probe_read_user((addr + 8) as *const [u8; 16])? };
     }
-    CONNECTING.insert(&tid, &pending, 0)?;
+    CONNECTING.insert(tid, pending, 0)?;
     Ok(())
 }
 
@@ -412,10 +423,10 @@ fn try_exit_connect(ctx: &TracePointContext) -> Result<(), i32> {
         return Ok(());
     }
     // SAFETY: copied out before removal.
-    let Some(pending) = (unsafe { CONNECTING.get(&tid) }).copied() else {
+    let Some(pending) = (unsafe { CONNECTING.get(tid) }).copied() else {
         return Ok(());
     };
-    let _ = CONNECTING.remove(&tid);
+    let _ = CONNECTING.remove(tid);
     let ret: i64 = tp(ctx, CONN_TP_OFFSETS.load().exit_ret)?;
     if ret >= 0 || pending.syn_sent != 0 {
         return Ok(());
@@ -499,7 +510,7 @@ pub fn tcp_retransmit_skb(ctx: TracePointContext) -> u32 {
 
 fn try_retransmit(ctx: &TracePointContext) -> Result<(), i32> {
     let sk: u64 = tp(ctx, CONN_TP_OFFSETS.load().retrans_skaddr)?;
-    if let Some(p) = SOCKS.get_ptr_mut(&sk) {
+    if let Some(p) = SOCKS.get_ptr_mut(sk) {
         // SAFETY: `p` points into a live SOCKS value.
         unsafe { add(&raw mut (*p).retransmits, 1) };
     }
@@ -535,7 +546,7 @@ fn try_reset(ctx: &TracePointContext, offset: u32, flag: u32) -> Result<(), i32>
     if sk == 0 {
         return Ok(());
     }
-    if let Some(p) = SOCKS.get_ptr_mut(&sk) {
+    if let Some(p) = SOCKS.get_ptr_mut(sk) {
         // SAFETY: `p` points into a live SOCKS value.
         unsafe { (*p).flags |= flag };
     }

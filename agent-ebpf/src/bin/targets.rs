@@ -35,13 +35,13 @@ fn try_fork(ctx: &TracePointContext) -> Result<(), i32> {
     }
     let (tgid, _) = current_ids();
     // SAFETY: presence test only.
-    if unsafe { TARGETS.get(&tgid) }.is_none() {
+    if unsafe { TARGETS.get(tgid) }.is_none() {
         return Ok(());
     }
     let off = SCHED_OFFSETS.load();
     // SAFETY: the offset comes from this tracepoint's format file.
     let child: i32 = unsafe { ctx.read_at(off.fork_child_pid as usize)? };
-    TARGETS.insert(&(child as u32), &TARGET_CHILD, 0)?;
+    TARGETS.insert(child as u32, TARGET_CHILD, 0)?;
     Ok(())
 }
 
@@ -69,7 +69,7 @@ fn try_exec() -> Result<(), i32> {
         // SAFETY: `Global<T>` is `repr(transparent)` over an initialised `T`.
         let wanted = unsafe { core::ptr::read_volatile(&raw const (*cfg).comms[i]) };
         if (i as u32) < count && comm_eq(&comm, &wanted) {
-            TARGETS.insert(&tgid, &TARGET_COMM, 0)?;
+            TARGETS.insert(tgid, TARGET_COMM, 0)?;
             return Ok(());
         }
         i += 1;
@@ -106,7 +106,7 @@ fn try_exit(ctx: &TracePointContext) -> Result<(), i32> {
     }
     let (tgid, tid) = current_ids();
     if tid != tgid {
-        let _ = TARGETS.remove(&tid);
+        let _ = TARGETS.remove(tid);
     }
     let off = SCHED_OFFSETS.load();
     let group_dead = if off.exit_group_dead == FIELD_ABSENT {
@@ -116,7 +116,7 @@ fn try_exit(ctx: &TracePointContext) -> Result<(), i32> {
         unsafe { ctx.read_at::<u8>(off.exit_group_dead as usize)? != 0 }
     };
     if group_dead {
-        let _ = TARGETS.remove(&tgid);
+        let _ = TARGETS.remove(tgid);
     }
     Ok(())
 }

@@ -218,6 +218,8 @@ impl ConnectionsCollector {
         let mut ring = unsafe { AsyncFd::register(ring) }
             .map_err(|e| ConnectionsError::Io(std::io::Error::other(e.to_string())))?;
         let mut tick = tokio::time::interval(Duration::from_secs(1));
+        // The kernel side batches wakeups; this bounds how stale a count gets.
+        let mut drain_tick = tokio::time::interval(Duration::from_millis(100));
         let mut lost_seen = 0u64;
         let mut seed_check = 0u32;
         loop {
@@ -227,11 +229,12 @@ impl ConnectionsCollector {
                     drain(guard.get_inner_mut(), &self.tracker);
                     guard.clear_ready();
                 }
+                _ = drain_tick.tick() => drain(ring.get_mut(), &self.tracker),
                 _ = tick.tick() => {
                     drain(ring.get_mut(), &self.tracker);
                     self.poll(&mut lost_seen)?;
                     seed_check += 1;
-                    if seed_check % 5 == 0 {
+                    if seed_check.is_multiple_of(5) {
                         self.reconcile_seeds()?;
                     }
                 }

@@ -75,7 +75,45 @@ pub struct SockSnapshot {
     pub state: SockState,
 }
 
+/// Metric handles of one label set, registered once: looking a series up
+/// by its labels on every event would dominate the agent's CPU under churn.
+struct Series {
+    opened: metrics::Counter,
+    active: metrics::Gauge,
+    duration: metrics::Histogram,
+    bytes_sent: metrics::Counter,
+    bytes_received: metrics::Counter,
+    retransmits: metrics::Counter,
+    closed: HashMap<&'static str, metrics::Counter>,
+    resets: HashMap<&'static str, metrics::Counter>,
+    failures: HashMap<String, metrics::Counter>,
+}
+
+impl Series {
+    fn new(l: &Labels) -> Self {
+        let base = base_pairs(l);
+        Self {
+            opened: metrics::counter!("pipelens_tcp_connections_opened_total", base.clone()),
+            active: metrics::gauge!("pipelens_tcp_connections_active", base.clone()),
+            duration: metrics::histogram!("pipelens_tcp_connection_duration_seconds", base.clone()),
+            bytes_sent: metrics::counter!("pipelens_tcp_bytes_sent_total", base.clone()),
+            bytes_received: metrics::counter!("pipelens_tcp_bytes_received_total", base.clone()),
+            retransmits: metrics::counter!("pipelens_tcp_retransmits_total", base),
+            closed: HashMap::new(),
+            resets: HashMap::new(),
+            failures: HashMap::new(),
+        }
+    }
+}
+
+type LabelKey = (u32, [u8; 16], u16, u16, u16);
+
+/// Label sets remembered by (tgid, comm, direction, ports).
+const LABEL_CACHE: usize = 16_384;
+
 pub struct ConnectionTracker {
+    label_cache: HashMap<LabelKey, Labels>,
+    series: HashMap<Labels, Series>,
     names: ProcessNames,
     process_cap: LabelCap,
     port_cap: LabelCap,
@@ -94,6 +132,8 @@ impl Default for ConnectionTracker {
 impl ConnectionTracker {
     pub fn new() -> Self {
         Self {
+            label_cache: HashMap::new(),
+            series: HashMap::new(),
             names: ProcessNames::default(),
             process_cap: LabelCap::new(PROCESS_CAP),
             port_cap: LabelCap::new(PORT_CAP),
@@ -105,6 +145,29 @@ impl ConnectionTracker {
     }
 
     fn labels(&mut self, tgid: u32, comm: &[u8], direction: u16, lport: u16, rport: u16) -> Labels {
+        let mut key_comm = [0u8; 16];
+        let n = comm.len().min(16);
+        key_comm[..n].copy_from_slice(&comm[..n]);
+        let key = (tgid, key_comm, direction, lport, rport);
+        if let Some(l) = self.label_cache.get(&key) {
+            return l.clone();
+        }
+        if self.label_cache.len() >= LABEL_CACHE {
+            self.label_cache.clear();
+        }
+        let labels = self.make_labels(tgid, comm, direction, lport, rport);
+        self.label_cache.insert(key, labels.clone());
+        labels
+    }
+
+    fn make_labels(
+        &mut self,
+        tgid: u32,
+        comm: &[u8],
+        direction: u16,
+        lport: u16,
+        rport: u16,
+    ) -> Labels {
         let (process, container) = self.names.labels(tgid, comm);
         let (direction, port) = match direction {
             DIR_INBOUND => ("inbound", lport),
@@ -119,14 +182,37 @@ impl ConnectionTracker {
     }
 
     fn row(&mut self, labels: &Labels) -> &mut ConnSummary {
-        self.rows.entry(labels.clone()).or_default()
+        if !self.rows.contains_key(labels) {
+            self.rows.insert(labels.clone(), ConnSummary::default());
+        }
+        self.rows.get_mut(labels).expect("inserted above")
+    }
+
+    fn series(&mut self, labels: &Labels) -> &mut Series {
+        if !self.series.contains_key(labels) {
+            self.series.insert(labels.clone(), Series::new(labels));
+        }
+        self.series.get_mut(labels).expect("inserted above")
+    }
+
+    fn closed_counter(&mut self, labels: &Labels, reason: &'static str) -> metrics::Counter {
+        self.series(labels)
+            .closed
+            .entry(reason)
+            .or_insert_with(|| {
+                metrics::counter!(
+                    "pipelens_tcp_connections_closed_total",
+                    label_pairs(labels, reason)
+                )
+            })
+            .clone()
     }
 
     /// Registers connections found open at startup: counted active now,
     /// matched to their socket by the kernel on first sight.
     pub fn add_seed(&mut self, key: SeedKey, tgid: u32, direction: u16) {
         let labels = self.labels(tgid, &[], direction, key.lport, key.rport);
-        gauge(&labels).increment(1.0);
+        self.series(&labels).active.increment(1.0);
         let row = self.row(&labels);
         row.active += 1;
         row.seeded += 1;
@@ -142,12 +228,8 @@ impl ConnectionTracker {
     /// socket again (it closed between the `/proc` read and the seed).
     pub fn drop_seed(&mut self, key: &SeedKey) {
         if let Some((labels, _)) = self.seeds.remove(key) {
-            gauge(&labels).decrement(1.0);
-            metrics::counter!(
-                "pipelens_tcp_connections_closed_total",
-                label_pairs(&labels, "unobserved")
-            )
-            .increment(1);
+            self.series(&labels).active.decrement(1.0);
+            self.closed_counter(&labels, "unobserved").increment(1);
             let row = self.row(&labels);
             row.active -= 1;
             row.closed += 1;
@@ -167,9 +249,9 @@ impl ConnectionTracker {
 
     fn on_open(&mut self, ev: &ConnEvent) {
         let labels = self.labels(ev.tgid, &ev.comm, ev.direction, ev.lport, ev.rport);
-        metrics::counter!("pipelens_tcp_connections_opened_total", base_pairs(&labels))
-            .increment(1);
-        gauge(&labels).increment(1.0);
+        let series = self.series(&labels);
+        series.opened.increment(1);
+        series.active.increment(1.0);
         let row = self.row(&labels);
         row.opened += 1;
         row.active += 1;
@@ -231,22 +313,15 @@ impl ConnectionTracker {
             CLOSE_RST_RECEIVED => "reset_received",
             _ => "fin",
         };
-        metrics::counter!(
-            "pipelens_tcp_connections_closed_total",
-            label_pairs(&labels, reason)
-        )
-        .increment(1);
-        if was_live {
-            gauge(&labels).decrement(1.0);
-        }
+        self.closed_counter(&labels, reason).increment(1);
         let seeded = ev.flags & SOCK_SEEDED != 0;
         let secs = ev.duration_ns as f64 / 1e9;
+        let series = self.series(&labels);
+        if was_live {
+            series.active.decrement(1.0);
+        }
         if !seeded {
-            metrics::histogram!(
-                "pipelens_tcp_connection_duration_seconds",
-                base_pairs(&labels)
-            )
-            .record(secs);
+            series.duration.record(secs);
         }
         if reason != "fin" {
             let r = if reason == "reset_sent" {
@@ -254,7 +329,13 @@ impl ConnectionTracker {
             } else {
                 "received"
             };
-            metrics::counter!("pipelens_tcp_resets_total", label_pairs(&labels, r)).increment(1);
+            series
+                .resets
+                .entry(r)
+                .or_insert_with(|| {
+                    metrics::counter!("pipelens_tcp_resets_total", label_pairs(&labels, r))
+                })
+                .increment(1);
         }
         let row = self.row(&labels);
         row.closed += 1;
@@ -275,11 +356,16 @@ impl ConnectionTracker {
     fn on_connect_failed(&mut self, ev: &ConnEvent) {
         let labels = self.labels(ev.tgid, &ev.comm, DIR_OUTBOUND, ev.lport, ev.rport);
         let reason = errno_name(ev.reason);
-        metrics::counter!(
-            "pipelens_tcp_connect_failures_total",
-            label_pairs(&labels, &reason)
-        )
-        .increment(1);
+        self.series(&labels)
+            .failures
+            .entry(reason.clone())
+            .or_insert_with(|| {
+                metrics::counter!(
+                    "pipelens_tcp_connect_failures_total",
+                    label_pairs(&labels, &reason)
+                )
+            })
+            .increment(1);
         *self
             .row(&labels)
             .connect_failures
@@ -288,17 +374,13 @@ impl ConnectionTracker {
     }
 
     fn add_traffic(&mut self, labels: &Labels, sent: u64, received: u64, retransmits: u64) {
-        if sent > 0 {
-            metrics::counter!("pipelens_tcp_bytes_sent_total", base_pairs(labels)).increment(sent);
+        if sent == 0 && received == 0 && retransmits == 0 {
+            return;
         }
-        if received > 0 {
-            metrics::counter!("pipelens_tcp_bytes_received_total", base_pairs(labels))
-                .increment(received);
-        }
-        if retransmits > 0 {
-            metrics::counter!("pipelens_tcp_retransmits_total", base_pairs(labels))
-                .increment(retransmits);
-        }
+        let series = self.series(labels);
+        series.bytes_sent.increment(sent);
+        series.bytes_received.increment(received);
+        series.retransmits.increment(retransmits);
         let row = self.row(labels);
         row.bytes_sent += sent;
         row.bytes_received += received;
@@ -341,7 +423,7 @@ impl ConnectionTracker {
                 self.evictions += 1;
                 metrics::counter!("pipelens_map_evictions_total", "map" => "connections_socks")
                     .increment(1);
-                gauge(&conn.labels).decrement(1.0);
+                self.series(&conn.labels).active.decrement(1.0);
                 let row = self.row(&conn.labels);
                 row.active -= 1;
                 row.evicted += 1;
@@ -384,10 +466,6 @@ fn label_pairs(l: &Labels, reason: &str) -> Vec<metrics::Label> {
     let mut v = base_pairs(l);
     v.push(metrics::Label::new("reason", reason.to_owned()));
     v
-}
-
-fn gauge(l: &Labels) -> metrics::Gauge {
-    metrics::gauge!("pipelens_tcp_connections_active", base_pairs(l))
 }
 
 /// `ECONNREFUSED` for 111; unknown numbers stay numeric (`E1234`), still a

@@ -8,6 +8,7 @@
 //! tcp-peer hold-server ADDR                          accept one, echo bytes until EOF
 //! tcp-peer hold-client ADDR                          connect, then per stdin line "send N" / "close"
 //! tcp-peer fork-client ADDR N                        wait for a stdin line, fork, child connects N times
+//! tcp-peer churn PORT SECS THREADS                   benchmark: connect, 64 B each way, close, in a loop
 //! ```
 //! Every mode prints `ready` once set up and `done` with its own counts.
 
@@ -53,6 +54,7 @@ fn main() {
         "hold-server" => hold_server(arg(2).parse().expect("addr")),
         "hold-client" => hold_client(arg(2).parse().expect("addr")),
         "fork-client" => fork_client(arg(2).parse().expect("addr"), num(3)),
+        "churn" => churn(num(2) as u16, num(3), num(4)),
         _ => {
             eprintln!("usage: see the doc comment of tests/src/bin/tcp_peer.rs");
             std::process::exit(2);
@@ -272,4 +274,41 @@ fn fork_client(addr: SocketAddr, n: u64) {
     // SAFETY: waiting for our own child.
     unsafe { libc::waitpid(pid, &mut status, 0) };
     say(&format!("done {n}"));
+}
+
+/// Loopback connection churn for `cargo xtask bench`: one listener served by
+/// a thread per connection, `threads` clients looping connect / 64 B request
+/// / 64 B response / close. Prints the number of completed connections.
+fn churn(port: u16, secs: u64, threads: u64) {
+    let listener = TcpListener::bind(("127.0.0.1", port)).expect("bind");
+    thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut c) = conn else { continue };
+            thread::spawn(move || {
+                let mut buf = [0u8; 64];
+                if c.read_exact(&mut buf).is_ok() {
+                    let _ = c.write_all(&buf);
+                }
+            });
+        }
+    });
+    say("ready");
+    let deadline = std::time::Instant::now() + Duration::from_secs(secs);
+    let handles: Vec<_> = (0..threads)
+        .map(|_| {
+            thread::spawn(move || {
+                let mut n = 0u64;
+                let mut buf = [0u8; 64];
+                while std::time::Instant::now() < deadline {
+                    let mut c = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+                    c.write_all(&[b'b'; 64]).expect("write");
+                    c.read_exact(&mut buf).expect("read");
+                    n += 1;
+                }
+                n
+            })
+        })
+        .collect();
+    let total: u64 = handles.into_iter().map(|h| h.join().expect("client")).sum();
+    say(&format!("done {total}"));
 }

@@ -1,0 +1,126 @@
+//! `cargo xtask setup`: the toolchain recipe of the brief, made idempotent.
+
+use std::{path::Path, process::Command};
+
+use anyhow::{Context as _, bail};
+
+use crate::{is_root, run_cmd};
+
+/// Debian packages: LLVM 22 for bpf-linker (same major as rustc's LLVM),
+/// PostgreSQL and Prometheus (promtool) for the tests.
+const PACKAGES: &[&str] = &[
+    "llvm-22-dev",
+    "libpolly-22-dev",
+    "libzstd-dev",
+    "zlib1g-dev",
+    "postgresql",
+    "prometheus",
+    "curl",
+];
+
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+pub fn run() -> anyhow::Result<()> {
+    rust_src()?;
+    debian_packages()?;
+    bpf_linker()?;
+    tracefs();
+    Ok(())
+}
+
+fn rust_src() -> anyhow::Result<()> {
+    let sysroot = Command::new("rustc")
+        .args(["--print", "sysroot"])
+        .output()
+        .context("rustc not found: install Rust with rustup")?;
+    let sysroot = String::from_utf8_lossy(&sysroot.stdout).trim().to_owned();
+    if Path::new(&sysroot)
+        .join("lib/rustlib/src/rust/library/core")
+        .is_dir()
+    {
+        return Ok(());
+    }
+    run_cmd(Command::new("rustup").args(["component", "add", "rust-src"]))
+        .context("the kernel programs need rust-src (`rustup component add rust-src`)")
+}
+
+fn installed(pkg: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", pkg])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+        .unwrap_or(false)
+}
+
+fn privileged(program: &str) -> Command {
+    if is_root() {
+        Command::new(program)
+    } else {
+        let mut c = Command::new("sudo");
+        c.arg(program);
+        c
+    }
+}
+
+fn debian_packages() -> anyhow::Result<()> {
+    let missing: Vec<&str> = PACKAGES.iter().copied().filter(|p| !installed(p)).collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if Command::new("apt-get").arg("--version").output().is_err() {
+        bail!(
+            "missing packages {missing:?} and no apt-get: install them with your package manager"
+        );
+    }
+    run_cmd(privileged("apt-get").args(["update", "-q"]))?;
+    run_cmd(
+        privileged("apt-get")
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(&missing),
+    )
+    .with_context(|| format!("installing {missing:?}"))
+}
+
+fn bpf_linker() -> anyhow::Result<()> {
+    let ok = Command::new("bpf-linker")
+        .arg("--version")
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if ok {
+        return Ok(());
+    }
+    run_cmd(
+        Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .env("LLVM_PREFIX", "/usr/lib/llvm-22")
+            .args([
+                "install",
+                "bpf-linker",
+                "--version",
+                BPF_LINKER_VERSION,
+                "--locked",
+                "--no-default-features",
+                "--features",
+                "llvm-22",
+            ]),
+    )
+    .context("building bpf-linker against LLVM 22")
+}
+
+/// The agent mounts tracefs itself when it runs as root; mounting it here
+/// too lets `pipelens check` and the tests see the events directory.
+fn tracefs() {
+    if Path::new("/sys/kernel/tracing/events").is_dir() {
+        return;
+    }
+    let status = privileged("mount")
+        .args(["-t", "tracefs", "tracefs", "/sys/kernel/tracing"])
+        .status();
+    if !status.is_ok_and(|s| s.success()) {
+        eprintln!(
+            "xtask: tracefs is not mounted and could not be mounted; \
+             run `mount -t tracefs tracefs /sys/kernel/tracing` as root"
+        );
+    }
+}
