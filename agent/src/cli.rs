@@ -116,7 +116,7 @@ mod tests {
         assert!(err.to_string().contains("cannot be used with"), "{err}");
         let err = Cli::try_parse_from(["pipelens", "run", "--collectors", "nope"]).unwrap_err();
         assert!(err.to_string().contains("connections"), "{err}");
-        let err = Cli::try_parse_from(["pipelens", "run", "--duration", "-3"]).unwrap_err();
+        let err = Cli::try_parse_from(["pipelens", "run", "--duration", "0"]).unwrap_err();
         assert!(err.to_string().contains("positive"), "{err}");
     }
 }

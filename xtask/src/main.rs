@@ -153,8 +153,9 @@ fn test() -> anyhow::Result<()> {
         "warnings",
     ]))?;
     build_release()?;
+    let mut tally = Tally::default();
     // Unit tests (no privileges needed) in parallel.
-    run_cmd(cargo().args([
+    tally.run(cargo().args([
         "test",
         "--release",
         "--workspace",
@@ -181,5 +182,48 @@ fn test() -> anyhow::Result<()> {
         c
     };
     probe.args(["--", "--test-threads=1"]);
-    run_cmd(&mut probe)
+    tally.run(&mut probe)?;
+    // One closing line for the whole run, whatever the last binary was.
+    println!("{} passed, {} failed", tally.passed, tally.failed);
+    Ok(())
+}
+
+/// Adds up the `test result:` lines of every test binary of a run.
+#[derive(Default)]
+struct Tally {
+    passed: u64,
+    failed: u64,
+}
+
+impl Tally {
+    fn run(&mut self, cmd: &mut Command) -> anyhow::Result<()> {
+        use std::io::{BufRead as _, BufReader};
+        let shown = format!("{cmd:?}");
+        eprintln!("xtask: {shown}");
+        let mut child = cmd
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .with_context(|| format!("cannot start {shown}"))?;
+        let out = BufReader::new(child.stdout.take().expect("piped"));
+        for line in out.lines() {
+            let line = line?;
+            println!("{line}");
+            if let Some(rest) = line.strip_prefix("test result: ") {
+                let count = |word: &str| -> u64 {
+                    rest.split(';')
+                        .find_map(|part| part.trim().strip_suffix(word))
+                        .and_then(|n| n.trim().rsplit(' ').next()?.parse().ok())
+                        .unwrap_or(0)
+                };
+                self.passed += count(" passed");
+                self.failed += count(" failed");
+            }
+        }
+        let status = child.wait()?;
+        if !status.success() {
+            println!("{} passed, {} failed", self.passed, self.failed.max(1));
+            bail!("{shown} failed: {status}");
+        }
+        Ok(())
+    }
 }

@@ -32,7 +32,7 @@ pub struct Labels {
 /// Per-socket counters as last seen, to export deltas.
 #[derive(Clone, Debug)]
 struct LiveConn {
-    labels: Labels,
+    stream: Sid,
     sent: u64,
     received: u64,
     retransmits: u64,
@@ -106,20 +106,31 @@ impl Series {
     }
 }
 
-type LabelKey = (u32, [u8; 16], u16, u16, u16);
+type LabelKey = (u32, [u8; 16], u16, u16);
+
+/// Index of a label set in `ConnectionTracker::streams`: events carry it
+/// instead of strings, so the hot path never compares or hashes a label.
+type Sid = usize;
+
+/// Everything kept per label set.
+struct Stream {
+    labels: Labels,
+    series: Series,
+    row: ConnSummary,
+}
 
 /// Label sets remembered by (tgid, comm, direction, ports).
 const LABEL_CACHE: usize = 16_384;
 
 pub struct ConnectionTracker {
-    label_cache: HashMap<LabelKey, Labels>,
-    series: HashMap<Labels, Series>,
+    label_cache: HashMap<LabelKey, Sid>,
+    streams: Vec<Stream>,
+    by_labels: HashMap<Labels, Sid>,
     names: ProcessNames,
     process_cap: LabelCap,
     port_cap: LabelCap,
     live: HashMap<(u64, u64), LiveConn>,
-    seeds: HashMap<SeedKey, (Labels, u32)>,
-    rows: BTreeMap<Labels, ConnSummary>,
+    seeds: HashMap<SeedKey, (Sid, u32)>,
     evictions: u64,
 }
 
@@ -133,31 +144,51 @@ impl ConnectionTracker {
     pub fn new() -> Self {
         Self {
             label_cache: HashMap::new(),
-            series: HashMap::new(),
+            streams: Vec::new(),
+            by_labels: HashMap::new(),
             names: ProcessNames::default(),
             process_cap: LabelCap::new(PROCESS_CAP),
             port_cap: LabelCap::new(PORT_CAP),
             live: HashMap::new(),
             seeds: HashMap::new(),
-            rows: BTreeMap::new(),
             evictions: 0,
         }
     }
 
-    fn labels(&mut self, tgid: u32, comm: &[u8], direction: u16, lport: u16, rport: u16) -> Labels {
+    fn labels(&mut self, tgid: u32, comm: &[u8], direction: u16, lport: u16, rport: u16) -> Sid {
         let mut key_comm = [0u8; 16];
         let n = comm.len().min(16);
         key_comm[..n].copy_from_slice(&comm[..n]);
-        let key = (tgid, key_comm, direction, lport, rport);
-        if let Some(l) = self.label_cache.get(&key) {
-            return l.clone();
+        // Only the port that becomes the label is part of the key: the
+        // other one is ephemeral and would make every connection a miss.
+        let port = if direction == DIR_INBOUND {
+            lport
+        } else {
+            rport
+        };
+        let key = (tgid, key_comm, direction, port);
+        if let Some(sid) = self.label_cache.get(&key) {
+            return *sid;
         }
         if self.label_cache.len() >= LABEL_CACHE {
             self.label_cache.clear();
         }
         let labels = self.make_labels(tgid, comm, direction, lport, rport);
-        self.label_cache.insert(key, labels.clone());
-        labels
+        let sid = match self.by_labels.get(&labels) {
+            Some(sid) => *sid,
+            None => {
+                let sid = self.streams.len();
+                self.by_labels.insert(labels.clone(), sid);
+                self.streams.push(Stream {
+                    series: Series::new(&labels),
+                    labels,
+                    row: ConnSummary::default(),
+                });
+                sid
+            }
+        };
+        self.label_cache.insert(key, sid);
+        sid
     }
 
     fn make_labels(
@@ -181,22 +212,19 @@ impl ConnectionTracker {
         }
     }
 
-    fn row(&mut self, labels: &Labels) -> &mut ConnSummary {
-        if !self.rows.contains_key(labels) {
-            self.rows.insert(labels.clone(), ConnSummary::default());
-        }
-        self.rows.get_mut(labels).expect("inserted above")
+    fn row(&mut self, sid: Sid) -> &mut ConnSummary {
+        &mut self.streams[sid].row
     }
 
-    fn series(&mut self, labels: &Labels) -> &mut Series {
-        if !self.series.contains_key(labels) {
-            self.series.insert(labels.clone(), Series::new(labels));
-        }
-        self.series.get_mut(labels).expect("inserted above")
+    fn series(&mut self, sid: Sid) -> &mut Series {
+        &mut self.streams[sid].series
     }
 
-    fn closed_counter(&mut self, labels: &Labels, reason: &'static str) -> metrics::Counter {
-        self.series(labels)
+    fn closed_counter(&mut self, sid: Sid, reason: &'static str) -> metrics::Counter {
+        let stream = &mut self.streams[sid];
+        let labels = &stream.labels;
+        stream
+            .series
             .closed
             .entry(reason)
             .or_insert_with(|| {
@@ -212,8 +240,8 @@ impl ConnectionTracker {
     /// matched to their socket by the kernel on first sight.
     pub fn add_seed(&mut self, key: SeedKey, tgid: u32, direction: u16) {
         let labels = self.labels(tgid, &[], direction, key.lport, key.rport);
-        self.series(&labels).active.increment(1.0);
-        let row = self.row(&labels);
+        self.series(labels).active.increment(1.0);
+        let row = self.row(labels);
         row.active += 1;
         row.seeded += 1;
         self.seeds.insert(key, (labels, tgid));
@@ -228,9 +256,9 @@ impl ConnectionTracker {
     /// socket again (it closed between the `/proc` read and the seed).
     pub fn drop_seed(&mut self, key: &SeedKey) {
         if let Some((labels, _)) = self.seeds.remove(key) {
-            self.series(&labels).active.decrement(1.0);
-            self.closed_counter(&labels, "unobserved").increment(1);
-            let row = self.row(&labels);
+            self.series(labels).active.decrement(1.0);
+            self.closed_counter(labels, "unobserved").increment(1);
+            let row = self.row(labels);
             row.active -= 1;
             row.closed += 1;
             *row.closes.entry("unobserved").or_default() += 1;
@@ -249,16 +277,16 @@ impl ConnectionTracker {
 
     fn on_open(&mut self, ev: &ConnEvent) {
         let labels = self.labels(ev.tgid, &ev.comm, ev.direction, ev.lport, ev.rport);
-        let series = self.series(&labels);
+        let series = self.series(labels);
         series.opened.increment(1);
         series.active.increment(1.0);
-        let row = self.row(&labels);
+        let row = self.row(labels);
         row.opened += 1;
         row.active += 1;
         self.live.insert(
             (ev.sk, ev.ts_ns - ev.duration_ns),
             LiveConn {
-                labels,
+                stream: labels,
                 sent: 0,
                 received: 0,
                 retransmits: 0,
@@ -282,7 +310,7 @@ impl ConnectionTracker {
         self.live.insert(
             (ev.sk, ev.ts_ns - ev.duration_ns),
             LiveConn {
-                labels,
+                stream: labels,
                 sent: 0,
                 received: 0,
                 retransmits: 0,
@@ -294,7 +322,7 @@ impl ConnectionTracker {
     fn on_close(&mut self, ev: &ConnEvent) {
         let key = (ev.sk, ev.ts_ns - ev.duration_ns);
         let (labels, was_live, prev) = match self.live.remove(&key) {
-            Some(c) => (c.labels.clone(), true, (c.sent, c.received, c.retransmits)),
+            Some(c) => (c.stream, true, (c.sent, c.received, c.retransmits)),
             // The open record was lost (ring full): count what the close says.
             None => (
                 self.labels(ev.tgid, &ev.comm, ev.direction, ev.lport, ev.rport),
@@ -303,7 +331,7 @@ impl ConnectionTracker {
             ),
         };
         self.add_traffic(
-            &labels,
+            labels,
             ev.bytes_sent.saturating_sub(prev.0),
             ev.bytes_received.saturating_sub(prev.1),
             ev.retransmits.saturating_sub(prev.2),
@@ -313,10 +341,11 @@ impl ConnectionTracker {
             CLOSE_RST_RECEIVED => "reset_received",
             _ => "fin",
         };
-        self.closed_counter(&labels, reason).increment(1);
+        self.closed_counter(labels, reason).increment(1);
         let seeded = ev.flags & SOCK_SEEDED != 0;
         let secs = ev.duration_ns as f64 / 1e9;
-        let series = self.series(&labels);
+        let stream = &mut self.streams[labels];
+        let series = &mut stream.series;
         if was_live {
             series.active.decrement(1.0);
         }
@@ -329,15 +358,16 @@ impl ConnectionTracker {
             } else {
                 "received"
             };
+            let names = &stream.labels;
             series
                 .resets
                 .entry(r)
                 .or_insert_with(|| {
-                    metrics::counter!("pipelens_tcp_resets_total", label_pairs(&labels, r))
+                    metrics::counter!("pipelens_tcp_resets_total", label_pairs(names, r))
                 })
                 .increment(1);
         }
-        let row = self.row(&labels);
+        let row = self.row(labels);
         row.closed += 1;
         if was_live {
             row.active -= 1;
@@ -356,24 +386,23 @@ impl ConnectionTracker {
     fn on_connect_failed(&mut self, ev: &ConnEvent) {
         let labels = self.labels(ev.tgid, &ev.comm, DIR_OUTBOUND, ev.lport, ev.rport);
         let reason = errno_name(ev.reason);
-        self.series(&labels)
+        let stream = &mut self.streams[labels];
+        let names = &stream.labels;
+        stream
+            .series
             .failures
             .entry(reason.clone())
             .or_insert_with(|| {
                 metrics::counter!(
                     "pipelens_tcp_connect_failures_total",
-                    label_pairs(&labels, &reason)
+                    label_pairs(names, &reason)
                 )
             })
             .increment(1);
-        *self
-            .row(&labels)
-            .connect_failures
-            .entry(reason)
-            .or_default() += 1;
+        *self.row(labels).connect_failures.entry(reason).or_default() += 1;
     }
 
-    fn add_traffic(&mut self, labels: &Labels, sent: u64, received: u64, retransmits: u64) {
+    fn add_traffic(&mut self, labels: Sid, sent: u64, received: u64, retransmits: u64) {
         if sent == 0 && received == 0 && retransmits == 0 {
             return;
         }
@@ -406,8 +435,8 @@ impl ConnectionTracker {
             conn.sent = conn.sent.max(s.state.bytes_sent);
             conn.received = conn.received.max(s.state.bytes_received);
             conn.retransmits = conn.retransmits.max(s.state.retransmits);
-            let labels = conn.labels.clone();
-            self.add_traffic(&labels, d.0, d.1, d.2);
+            let stream = conn.stream;
+            self.add_traffic(stream, d.0, d.1, d.2);
         }
         let mut evicted = Vec::new();
         for (key, conn) in &mut self.live {
@@ -423,8 +452,8 @@ impl ConnectionTracker {
                 self.evictions += 1;
                 metrics::counter!("pipelens_map_evictions_total", "map" => "connections_socks")
                     .increment(1);
-                self.series(&conn.labels).active.decrement(1.0);
-                let row = self.row(&conn.labels);
+                self.series(conn.stream).active.decrement(1.0);
+                let row = self.row(conn.stream);
                 row.active -= 1;
                 row.evicted += 1;
             }
@@ -432,11 +461,13 @@ impl ConnectionTracker {
     }
 
     pub fn summary(&self) -> serde_json::Value {
-        let rows: Vec<serde_json::Value> = self
-            .rows
-            .iter()
-            .map(|(labels, row)| {
-                let mut row = row.clone();
+        let mut streams: Vec<&Stream> = self.streams.iter().collect();
+        streams.sort_by(|a, b| a.labels.cmp(&b.labels));
+        let rows: Vec<serde_json::Value> = streams
+            .into_iter()
+            .map(|s| {
+                let labels = &s.labels;
+                let mut row = s.row.clone();
                 row.duration_seconds = quantiles(&row.durations);
                 serde_json::json!({ "labels": labels, "stats": row })
             })
@@ -446,10 +477,13 @@ impl ConnectionTracker {
 
     #[cfg(test)]
     pub fn row_for(&self, process: &str, direction: &str, port: &str) -> Option<&ConnSummary> {
-        self.rows
+        self.streams
             .iter()
-            .find(|(l, _)| l.process == process && l.direction == direction && l.port == port)
-            .map(|(_, r)| r)
+            .find(|s| {
+                let l = &s.labels;
+                l.process == process && l.direction == direction && l.port == port
+            })
+            .map(|s| &s.row)
     }
 }
 
@@ -622,7 +656,7 @@ mod tests {
         let mut close = event(EV_CLOSE, 9, DIR_INBOUND, 200, 100);
         close.flags |= SOCK_SEEDED;
         t.handle(&close);
-        let row = t.rows.values().next().unwrap();
+        let row = &t.streams[0].row;
         assert_eq!(
             (row.opened, row.closed, row.active, row.seeded),
             (0, 1, 0, 1)

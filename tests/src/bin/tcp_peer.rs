@@ -276,22 +276,26 @@ fn fork_client(addr: SocketAddr, n: u64) {
     say(&format!("done {n}"));
 }
 
-/// Loopback connection churn for `cargo xtask bench`: one listener served by
-/// a thread per connection, `threads` clients looping connect / 64 B request
-/// / 64 B response / close. Prints the number of completed connections.
+/// Loopback connection churn for `cargo xtask bench`: `threads` server
+/// threads looping accept / read 64 B / write 64 B / close on one listener,
+/// and as many client threads looping connect / write / read / close. Prints
+/// the number of completed connections.
 fn churn(port: u16, secs: u64, threads: u64) {
-    let listener = TcpListener::bind(("127.0.0.1", port)).expect("bind");
-    thread::spawn(move || {
-        for conn in listener.incoming() {
-            let Ok(mut c) = conn else { continue };
-            thread::spawn(move || {
-                let mut buf = [0u8; 64];
+    let listener = std::sync::Arc::new(TcpListener::bind(("127.0.0.1", port)).expect("bind"));
+    for _ in 0..threads {
+        let listener = listener.clone();
+        thread::spawn(move || {
+            let mut buf = [0u8; 64];
+            loop {
+                let Ok((mut c, _)) = listener.accept() else {
+                    continue;
+                };
                 if c.read_exact(&mut buf).is_ok() {
                     let _ = c.write_all(&buf);
                 }
-            });
-        }
-    });
+            }
+        });
+    }
     say("ready");
     let deadline = std::time::Instant::now() + Duration::from_secs(secs);
     let handles: Vec<_> = (0..threads)
