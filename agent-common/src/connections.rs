@@ -160,7 +160,32 @@ pub struct ConnTracepointOffsets {
     pub connect_uservaddr: u32,
     /// `syscalls:sys_exit_*`
     pub exit_ret: u32,
-    pub _pad: u32,
+    /// `common_flags` of every tracepoint record (irq/softirq context bits).
+    pub common_flags: u32,
+}
+
+/// `common_flags` bits meaning "not in the context of the current task"
+/// (`TRACE_FLAG_HARDIRQ | TRACE_FLAG_SOFTIRQ | TRACE_FLAG_NMI`).
+pub const TRACE_FLAGS_INTERRUPT: u8 = 0x08 | 0x10 | 0x40;
+
+/// Capacity of the `TARGET_LISTENERS` map (listening ports of targets).
+pub const MAX_LISTENERS: u32 = 4096;
+/// Capacity of the `PENDING_INBOUND` LRU map (handshakes completed on a
+/// target's listener, not yet claimed by the process that accepts them).
+pub const MAX_PENDING_INBOUND: u32 = 16_384;
+
+/// A connection established on a target's listening port, waiting for the
+/// process that accepted it to touch it in its own context.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct PendingInbound {
+    pub ts_ns: u64,
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    pub family: u16,
+    pub lport: u16,
+    pub rport: u16,
+    pub _pad: u16,
 }
 
 /// In-flight `connect` of one thread, keyed by tid in `CONNECTING`.

@@ -13,3 +13,4 @@ unsafe impl aya::Pod for connections::ConnEvent {}
 unsafe impl aya::Pod for connections::ConnTracepointOffsets {}
 unsafe impl aya::Pod for connections::PendingConnect {}
 unsafe impl aya::Pod for config::SchedTracepointOffsets {}
+unsafe impl aya::Pod for connections::PendingInbound {}

@@ -76,26 +76,28 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut trackers: Vec<(CollectorKind, Arc<Mutex<ConnectionTracker>>)> = Vec::new();
     for kind in &requested {
         match kind {
-            CollectorKind::Connections => match ConnectionsCollector::start(&loader) {
-                Ok(mut collector) => {
-                    let tgids = if selection.all {
-                        all_processes()
-                    } else {
-                        targets.current()
-                    };
-                    match collector.seed_existing(&tgids) {
-                        Ok(n) => log::info!("connections: {n} existing connection(s) seeded"),
-                        Err(e) => log::warn!("connections: seeding existing connections: {e}"),
+            CollectorKind::Connections => {
+                match ConnectionsCollector::start(&loader, args.syscall_hooks) {
+                    Ok(mut collector) => {
+                        let tgids = if selection.all {
+                            all_processes()
+                        } else {
+                            targets.current()
+                        };
+                        match collector.seed_existing(&tgids) {
+                            Ok(n) => log::info!("connections: {n} existing connection(s) seeded"),
+                            Err(e) => log::warn!("connections: seeding existing connections: {e}"),
+                        }
+                        trackers.push((*kind, collector.tracker()));
+                        health.set(*kind, Status::Up);
+                        tasks.push(tokio::spawn(collector.run(shutdown.clone())));
                     }
-                    trackers.push((*kind, collector.tracker()));
-                    health.set(*kind, Status::Up);
-                    tasks.push(tokio::spawn(collector.run(shutdown.clone())));
+                    Err(e) => {
+                        log::error!("collector {kind} is down: {e}");
+                        health.set(*kind, Status::Down(e.to_string()));
+                    }
                 }
-                Err(e) => {
-                    log::error!("collector {kind} is down: {e}");
-                    health.set(*kind, Status::Down(e.to_string()));
-                }
-            },
+            }
         }
     }
     if !requested

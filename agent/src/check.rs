@@ -77,6 +77,14 @@ pub fn run() -> anyhow::Result<bool> {
             if ok { "present" } else { "missing" }.to_owned(),
         );
     }
+    for (_, category, name) in connections::SYSCALL_HOOKS {
+        let ok = tracefs::exists(category, name);
+        push(
+            &format!("tracepoint {category}:{name} (optional)"),
+            ok,
+            if ok { "present" } else { "missing" }.to_owned(),
+        );
+    }
     let kprobes = Path::new(tracefs::TRACEFS).join("kprobe_events").exists();
     push(
         "kprobes (optional)",

@@ -54,6 +54,14 @@ pub struct RunArgs {
     #[arg(long, value_name = "SECS", value_parser = parse_secs)]
     pub duration: Option<Duration>,
 
+    /// Also hook the accept and connect syscalls: attributes connections the
+    /// accepting process closes without reading or writing them, and counts
+    /// connect errors raised before any SYN is sent (ENETUNREACH, EACCES).
+    /// Costs every syscall on the host the tracing slow path (see
+    /// BENCHMARKS.md); off by default.
+    #[arg(long)]
+    pub syscall_hooks: bool,
+
     /// Write a JSON summary of everything observed to PATH on exit.
     #[arg(long, value_name = "PATH")]
     pub summary_json: Option<PathBuf>,

@@ -32,12 +32,14 @@ fn sum(m: &Metrics, name: &str, labels: &[(&'static str, String)], extra: &[(&st
 
 /// 200 connections between two processes, both targeted: exact opens,
 /// closes and bytes each way, and lifetimes in the right buckets.
-fn churn(host: &str) {
+fn churn(host: &str, extra: &[&str]) {
     let name = format!("churn_{host}");
     if !probes_available(&name) {
         return;
     }
-    let agent = Agent::start(&["--comm", "tcp-peer"]);
+    let mut args = vec!["--comm", "tcp-peer"];
+    args.extend_from_slice(extra);
+    let agent = Agent::start(&args);
     const N: u64 = 200;
     const REQ: u64 = 1_234;
     const RESP: u64 = 56_789;
@@ -201,12 +203,19 @@ fn churn(host: &str) {
 
 #[test]
 fn churn_ipv4() {
-    churn("ipv4");
+    churn("ipv4", &[]);
 }
 
 #[test]
 fn churn_ipv6() {
-    churn("ipv6");
+    churn("ipv6", &[]);
+}
+
+/// The same counts when inbound connections are attributed at `accept`
+/// exit instead of at the accepting process's first read.
+#[test]
+fn churn_ipv4_with_syscall_hooks() {
+    churn("ipv4", &["--syscall-hooks"]);
 }
 
 /// The exposition passes `promtool check metrics` (naming, units, types).

@@ -22,45 +22,59 @@ pub fn run(rounds: usize, seconds: f64) -> anyhow::Result<()> {
         bail!("the benchmark loads kernel programs: run it as root");
     }
     let secs = seconds.ceil().max(1.0) as u64;
-    let mut without = Vec::new();
-    let mut with = Vec::new();
+    // (name, agent flags): None runs the workload alone.
+    let configs: [(&str, Option<&[&str]>); 3] = [
+        ("without agent", None),
+        ("pipelens", Some(&[])),
+        ("pipelens --syscall-hooks", Some(&["--syscall-hooks"])),
+    ];
+    let mut results: Vec<Vec<Round>> = configs.iter().map(|_| Vec::new()).collect();
     for r in 0..rounds {
-        // Alternate which configuration goes first, so drift over the run
+        // Rotate which configuration goes first, so drift over the run
         // (thermal, other tenants) does not favour one of them.
-        let order = if r % 2 == 0 {
-            [false, true]
-        } else {
-            [true, false]
-        };
-        for agent in order {
-            let round = churn_round(secs, agent)?;
-            eprintln!(
-                "round {r} {:>13}: {:>9.0} conn/s",
-                if agent { "with agent" } else { "without agent" },
-                round.rate
-            );
-            if agent {
-                with.push(round)
-            } else {
-                without.push(round)
-            }
+        for k in 0..configs.len() {
+            let i = (k + r) % configs.len();
+            let (name, flags) = configs[i];
+            let round = churn_round(secs, flags)?;
+            eprintln!("round {r} {name:>26}: {:>9.0} conn/s", round.rate);
+            results[i].push(round);
         }
     }
-    let base = median(without.iter().map(|r| r.rate).collect());
-    let traced = median(with.iter().map(|r| r.rate).collect());
-    let cpu = median(
-        with.iter()
-            .map(|r| r.agent_cpu_seconds / secs as f64)
-            .collect(),
+    let base = median(results[0].iter().map(|r| r.rate).collect());
+    let mut report = String::from(
+        "| configuration | connections/s (median) | ratio to no agent | agent CPU (cores, median) | agent peak RSS |\n|---|---|---|---|---|\n",
     );
-    let rss = with.iter().map(|r| r.agent_peak_rss_kib).max().unwrap_or(0);
-    let report = format!(
-        "| workload | without agent (median) | with agent (median) | ratio | agent CPU (cores) | agent peak RSS |\n\
-         |---|---|---|---|---|---|\n\
-         | loopback connection churn, {secs} s x {rounds} rounds, 2 client threads | {base:.0} conn/s | {traced:.0} conn/s | {:.3} | {cpu:.2} | {:.1} MiB |\n",
-        traced / base,
-        rss as f64 / 1024.0
-    );
+    for (i, (name, _)) in configs.iter().enumerate() {
+        let rate = median(results[i].iter().map(|r| r.rate).collect());
+        let cpu = median(
+            results[i]
+                .iter()
+                .map(|r| r.agent_cpu_seconds / secs as f64)
+                .collect(),
+        );
+        let rss = results[i]
+            .iter()
+            .map(|r| r.agent_peak_rss_kib)
+            .max()
+            .unwrap_or(0);
+        let (cpu, rss) = if i == 0 {
+            ("-".to_owned(), "-".to_owned())
+        } else {
+            (
+                format!("{cpu:.3}"),
+                format!("{:.1} MiB", rss as f64 / 1024.0),
+            )
+        };
+        report.push_str(&format!(
+            "| {name} | {rate:.0} | {:.3} | {cpu} | {rss} |\n",
+            rate / base
+        ));
+    }
+    report.push_str(&format!(
+        "\nWorkload: loopback connection churn (connect, 64 B each way, close), 2 client and \
+         2 server threads in one process, both ends traced, {secs} s per round, {rounds} rounds \
+         with the configurations interleaved.\n"
+    ));
     println!("{report}");
     let out = root().join("target/bench");
     std::fs::create_dir_all(&out)?;
@@ -108,7 +122,7 @@ fn churn_round(secs: u64, with_agent: bool) -> anyhow::Result<Round> {
     })
 }
 
-fn start_agent() -> anyhow::Result<Child> {
+fn start_agent(flags: &[&str]) -> anyhow::Result<Child> {
     let port = free_port()?;
     let child = Command::new(root().join("target/release/pipelens"))
         .args([
@@ -118,6 +132,7 @@ fn start_agent() -> anyhow::Result<Child> {
             "--listen",
             &format!("127.0.0.1:{port}"),
         ])
+        .args(flags)
         .env("RUST_LOG", "warn")
         .spawn()
         .context("starting pipelens")?;

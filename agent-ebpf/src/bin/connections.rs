@@ -1,10 +1,12 @@
 //! Connection lifecycle: TCP state changes, accept/connect outcomes, bytes,
 //! retransmits and resets of the targets' sockets.
 //!
-//! Sockets enter `SOCKS` only in process context of a target (accept exit,
-//! connect's CLOSE → SYN_SENT), so softirq-context probes filter by one
-//! lookup of the socket address and attribute to the owner recorded there,
-//! never to whatever task ran the softirq.
+//! Sockets enter `SOCKS` only in the context of a target: connect's
+//! CLOSE → SYN_SENT, or the accepting process's first read, write or close
+//! of a connection established on one of its listening ports (or, with the
+//! optional syscall hooks, the exit of `accept`). Softirq-context probes
+//! filter by one lookup of the socket address and attribute to the owner
+//! recorded there, never to whatever task ran the softirq.
 #![no_std]
 #![no_main]
 // The bpfel target has no 64-bit atomic types, but the instruction exists
@@ -24,7 +26,8 @@ use aya_ebpf::{
 };
 use pipelens_common::connections::*;
 use pipelens_ebpf::{
-    current_ids, is_target, sock_err, sock_of_fd, sock_protocol, sock_state, sock_tuple,
+    config_field, current_ids, is_target, sock_err, sock_of_fd, sock_protocol, sock_state,
+    sock_tuple,
 };
 
 #[unsafe(no_mangle)]
@@ -50,7 +53,7 @@ static CONN_TP_OFFSETS: Global<ConnTracepointOffsets> = Global::new(ConnTracepoi
     connect_fd: 0,
     connect_uservaddr: 0,
     exit_ret: 0,
-    _pad: 0,
+    common_flags: 2,
 });
 
 #[map]
@@ -66,6 +69,15 @@ static SEEDS: HashMap<SeedKey, SeedValue> = HashMap::with_max_entries(MAX_SEEDS,
 /// expired, so that the miss path costs one array read.
 #[map]
 static SEED_COUNT: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// Listening ports of targets → the tgid that listens. Handshakes that
+/// complete on them are remembered until the accepting process claims them.
+#[map]
+static TARGET_LISTENERS: HashMap<u16, u32> = HashMap::with_max_entries(MAX_LISTENERS, 0);
+
+#[map]
+static PENDING_INBOUND: LruHashMap<u64, PendingInbound> =
+    LruHashMap::with_max_entries(MAX_PENDING_INBOUND, 0);
 
 #[map]
 static CONNECTING: LruHashMap<u32, PendingConnect> = LruHashMap::with_max_entries(4096, 0);
@@ -83,6 +95,7 @@ const EINTR: i64 = 4;
 /// Reported when a socket left SYN_SENT without the kernel recording an error:
 /// the application closed it before the handshake finished.
 const ECANCELED: u32 = 125;
+const EADDRNOTAVAIL: u32 = 99;
 
 #[inline(always)]
 fn bump(stat: u32) {
@@ -159,11 +172,54 @@ fn new_state(tgid: u32, direction: u16, flags: u32, now: u64) -> SockState {
     }
 }
 
+/// Whether the tracepoint fired in the context of the current task, rather
+/// than in an interrupt or softirq that merely borrowed it (on loopback, the
+/// peer's send runs our socket's receive path in the peer's context).
+#[inline(always)]
+fn in_task_context(ctx: &TracePointContext) -> bool {
+    let off = CONN_TP_OFFSETS.load();
+    match tp::<u8>(ctx, off.common_flags) {
+        Ok(flags) => flags & TRACE_FLAGS_INTERRUPT == 0,
+        Err(_) => false,
+    }
+}
+
+/// An inbound connection on a target's listener, claimed by the target that
+/// touches it first in its own context (its first read, write or close):
+/// that is the process that accepted it, found without hooking `accept`,
+/// whose syscall tracepoint would put every syscall on the host on the slow
+/// path.
+#[inline(always)]
+fn claim_inbound(sk: u64, tgid: u32) -> Option<*mut SockState> {
+    // SAFETY: copied out before removal.
+    let pending = unsafe { PENDING_INBOUND.get(sk) }.copied()?;
+    let _ = PENDING_INBOUND.remove(sk);
+    let now = unsafe { bpf_ktime_get_ns() };
+    let mut s = new_state(tgid, DIR_INBOUND, SOCK_ESTABLISHED, pending.ts_ns);
+    s.family = pending.family;
+    s.lport = pending.lport;
+    s.rport = pending.rport;
+    s.saddr = pending.saddr;
+    s.daddr = pending.daddr;
+    if SOCKS.insert(sk, s, 0).is_err() {
+        bump(STAT_SOCKS_FULL);
+        return None;
+    }
+    emit(EV_OPEN, sk, &s, 0, now);
+    SOCKS.get_ptr_mut(sk)
+}
+
 /// The tracked state of `sk`, or — for a connection that existed before the
 /// agent started — its seed, found by its addresses and promoted to `SOCKS`.
+/// With `claimant`, a pending inbound connection is claimed by that tgid.
 #[inline(always)]
-fn sock_entry(sk: u64) -> Option<*mut SockState> {
+fn sock_entry(sk: u64, claimant: Option<u32>) -> Option<*mut SockState> {
     if let Some(p) = SOCKS.get_ptr_mut(sk) {
+        return Some(p);
+    }
+    if let Some(tgid) = claimant
+        && let Some(p) = claim_inbound(sk, tgid)
+    {
         return Some(p);
     }
     let pending = SEED_COUNT.get(0).copied().unwrap_or(0);
@@ -241,7 +297,72 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i32> {
         return Ok(());
     }
 
-    let Some(p) = sock_entry(sk) else {
+    if old == TCP_CLOSE && new == TCP_LISTEN {
+        // listen(): process context of the caller.
+        let (tgid, _) = current_ids();
+        if is_target(tgid) {
+            let port: u16 = tp(ctx, off.iss_sport)?;
+            TARGET_LISTENERS.insert(port, tgid, 0)?;
+        }
+        return Ok(());
+    }
+    if old == TCP_LISTEN {
+        // LISTEN → CLOSE is the listener going away; LISTEN → SYN_RECV is a
+        // child socket cloned from it (it inherits the listener's state).
+        if new == TCP_CLOSE {
+            let port: u16 = tp(ctx, off.iss_sport)?;
+            let _ = TARGET_LISTENERS.remove(port);
+        }
+        return Ok(());
+    }
+    if old == TCP_SYN_RECV && new == TCP_ESTABLISHED {
+        // Handshake completed, softirq context: remember it if a target
+        // listens on the port, for the process that accepts it to claim.
+        let lport: u16 = tp(ctx, off.iss_sport)?;
+        // SAFETY: presence test only.
+        let ours = config_field!(mode) == pipelens_common::config::MODE_ALL
+            || unsafe { TARGET_LISTENERS.get(lport) }.is_some();
+        if !ours {
+            return Ok(());
+        }
+        let family: u16 = tp(ctx, off.iss_family)?;
+        let mut p = PendingInbound {
+            ts_ns: now,
+            saddr: [0; 16],
+            daddr: [0; 16],
+            family,
+            lport,
+            rport: tp(ctx, off.iss_dport)?,
+            _pad: 0,
+        };
+        if family == AF_INET {
+            let a: [u8; 4] = tp(ctx, off.iss_saddr)?;
+            let b: [u8; 4] = tp(ctx, off.iss_daddr)?;
+            p.saddr[..4].copy_from_slice(&a);
+            p.daddr[..4].copy_from_slice(&b);
+        } else {
+            p.saddr = tp(ctx, off.iss_saddr_v6)?;
+            p.daddr = tp(ctx, off.iss_daddr_v6)?;
+        }
+        PENDING_INBOUND.insert(sk, p, 0)?;
+        return Ok(());
+    }
+
+    // A local close (FIN or abort) runs in the closing task's context: the
+    // last chance for an accepted connection that was never read or written
+    // to be claimed by its owner.
+    let local_close = (old == TCP_ESTABLISHED && (new == TCP_FIN_WAIT1 || new == TCP_CLOSE))
+        || (old == TCP_CLOSE_WAIT && (new == TCP_LAST_ACK || new == TCP_CLOSE));
+    let claimant = if local_close && in_task_context(ctx) {
+        let (tgid, _) = current_ids();
+        is_target(tgid).then_some(tgid)
+    } else {
+        None
+    };
+    let Some(p) = sock_entry(sk, claimant) else {
+        if new == TCP_CLOSE {
+            let _ = PENDING_INBOUND.remove(sk);
+        }
         return Ok(());
     };
     // SAFETY: `p` points into a live SOCKS value.
@@ -290,7 +411,11 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i32> {
                 err = 111; // ECONNREFUSED
             }
             if err == 0 {
-                err = ECANCELED;
+                // tcp_v4_connect enters SYN_SENT before it binds a local
+                // port; when no port is free it goes back to CLOSE with the
+                // port still 0 and returns EADDRNOTAVAIL without sk_err.
+                let sport: u16 = tp(ctx, off.iss_sport)?;
+                err = if sport == 0 { EADDRNOTAVAIL } else { ECANCELED };
             }
             let mut snapshot = *s;
             let family: u16 = tp(ctx, off.iss_family)?;
@@ -347,6 +472,7 @@ fn try_accept(ctx: &TracePointContext) -> Result<(), i32> {
         return Ok(());
     }
     let now = unsafe { bpf_ktime_get_ns() };
+    let _ = PENDING_INBOUND.remove(sk);
     let mut s = new_state(tgid, DIR_INBOUND, SOCK_ESTABLISHED, now);
     s.family = t.family;
     s.lport = t.lport;
@@ -486,7 +612,7 @@ fn try_length(ctx: &TracePointContext, send: bool) -> Result<(), i32> {
         }
     }
     let sk: u64 = tp(ctx, off.len_sk)?;
-    let Some(p) = sock_entry(sk) else {
+    let Some(p) = sock_entry(sk, Some(tgid)) else {
         return Ok(());
     };
     // SAFETY: `p` points into a live SOCKS value.

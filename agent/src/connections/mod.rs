@@ -54,15 +54,25 @@ pub enum ConnectionsError {
 /// Tracepoints this collector attaches: (program, category, name).
 pub const HOOKS: &[(&str, &str, &str)] = &[
     ("inet_sock_set_state", "sock", "inet_sock_set_state"),
-    ("sys_exit_accept", "syscalls", "sys_exit_accept4"),
-    ("sys_exit_accept", "syscalls", "sys_exit_accept"),
-    ("sys_enter_connect", "syscalls", "sys_enter_connect"),
-    ("sys_exit_connect", "syscalls", "sys_exit_connect"),
     ("sock_send_length", "sock", "sock_send_length"),
     ("sock_recv_length", "sock", "sock_recv_length"),
     ("tcp_retransmit_skb", "tcp", "tcp_retransmit_skb"),
     ("tcp_send_reset", "tcp", "tcp_send_reset"),
     ("tcp_receive_reset", "tcp", "tcp_receive_reset"),
+];
+
+/// Optional syscall hooks (`--syscall-hooks`). Enabling any syscall
+/// tracepoint puts every syscall of every process on the host through the
+/// kernel's tracing slow path (about 10% of loopback connection churn here,
+/// see BENCHMARKS.md), so they are off by default. They add inbound
+/// attribution at `accept` time, for connections the accepting process
+/// closes without ever touching, and connect errors raised before any SYN
+/// is sent (ENETUNREACH, EACCES).
+pub const SYSCALL_HOOKS: &[(&str, &str, &str)] = &[
+    ("sys_exit_accept", "syscalls", "sys_exit_accept4"),
+    ("sys_exit_accept", "syscalls", "sys_exit_accept"),
+    ("sys_enter_connect", "syscalls", "sys_enter_connect"),
+    ("sys_exit_connect", "syscalls", "sys_exit_connect"),
 ];
 
 /// Tracepoint field offsets for this kernel, from tracefs.
@@ -110,7 +120,7 @@ pub fn tracepoint_offsets() -> Result<ConnTracepointOffsets, TracefsError> {
         connect_fd: connect.offset("fd")?,
         connect_uservaddr: connect.offset("uservaddr")?,
         exit_ret: exit.offset("ret")?,
-        _pad: 0,
+        common_flags: iss.offset("common_flags")?,
     })
 }
 
@@ -130,13 +140,14 @@ pub struct ConnectionsCollector {
 }
 
 impl ConnectionsCollector {
-    pub fn start(loader: &Loader) -> Result<Self, ConnectionsError> {
+    pub fn start(loader: &Loader, syscall_hooks: bool) -> Result<Self, ConnectionsError> {
         let offsets = tracepoint_offsets()?;
         let mut ebpf = loader.load("connections", objects::CONNECTIONS, |l| {
             l.override_global("CONN_TP_OFFSETS", &offsets, true);
         })?;
         let mut loaded = std::collections::HashSet::new();
-        for (prog, category, name) in HOOKS {
+        let optional: &[_] = if syscall_hooks { SYSCALL_HOOKS } else { &[] };
+        for (prog, category, name) in HOOKS.iter().chain(optional) {
             let tp: &mut TracePoint = ebpf
                 .program_mut(prog)
                 .expect("program defined in the object")
@@ -170,7 +181,15 @@ impl ConnectionsCollector {
     /// Seeds connections that `tgids` hold open right now. Called after the
     /// probes are attached, so that nothing closes unseen in between.
     pub fn seed_existing(&mut self, tgids: &[u32]) -> Result<usize, ConnectionsError> {
-        let seeds = seed::find_existing(tgids);
+        let (seeds, listeners) = seed::find_existing(tgids);
+        let mut ports: HashMap<_, u16, u32> = HashMap::try_from(
+            self.ebpf
+                .map_mut("TARGET_LISTENERS")
+                .ok_or(ConnectionsError::MissingMap("TARGET_LISTENERS"))?,
+        )?;
+        for (port, tgid) in &listeners {
+            ports.insert(port, tgid, 0)?;
+        }
         let mut map: HashMap<_, SeedKey, SeedValue> = HashMap::try_from(
             self.ebpf
                 .map_mut("SEEDS")

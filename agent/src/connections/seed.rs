@@ -103,10 +103,12 @@ pub struct Seed {
     pub direction: u16,
 }
 
-/// Open connections held by `tgids`. A connection whose local port is one
-/// the namespace listens on was accepted (inbound); any other was connected.
-pub fn find_existing(tgids: &[u32]) -> Vec<Seed> {
+/// Open connections held by `tgids`, and the ports they listen on. A
+/// connection whose local port is one the namespace listens on was accepted
+/// (inbound); any other was connected.
+pub fn find_existing(tgids: &[u32]) -> (Vec<Seed>, Vec<(u16, u32)>) {
     let mut seeds = Vec::new();
+    let mut listeners = Vec::new();
     let mut seen = HashSet::new();
     let mut tables: HashMap<String, Vec<TcpRow>> = HashMap::new();
     for &tgid in tgids {
@@ -119,8 +121,13 @@ pub fn find_existing(tgids: &[u32]) -> Vec<Seed> {
             .unwrap_or_default();
         let rows = tables.entry(ns).or_insert_with(|| tcp_table(tgid));
         seeds.extend(select(rows, &inodes, tgid, &mut seen));
+        listeners.extend(
+            rows.iter()
+                .filter(|r| r.state == TCP_LISTEN && inodes.contains(&r.inode))
+                .map(|r| (r.key.lport, tgid)),
+        );
     }
-    seeds
+    (seeds, listeners)
 }
 
 /// The rows of `table` held through `inodes`, classified by direction.
