@@ -83,12 +83,11 @@ pub fn run(rounds: usize, seconds: f64) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn churn_round(secs: u64, with_agent: bool) -> anyhow::Result<Round> {
+fn churn_round(secs: u64, agent_flags: Option<&[&str]>) -> anyhow::Result<Round> {
     let port = free_port()?;
-    let agent = if with_agent {
-        Some(start_agent()?)
-    } else {
-        None
+    let agent = match agent_flags {
+        Some(flags) => Some(start_agent(flags)?),
+        None => None,
     };
     let mut peer = Command::new(root().join("target/release/tcp-peer"))
         .args(["churn", &port.to_string(), &secs.to_string(), "2"])
