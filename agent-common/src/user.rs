@@ -1,6 +1,6 @@
 //! Userspace half: `aya::Pod` for every type that crosses a map or a ring.
 
-use crate::{config, connections};
+use crate::{config, connections, streams};
 
 // SAFETY: all of these are `#[repr(C)]`, made only of integers and integer
 // arrays, with no implicit padding, so every bit pattern is a valid value.
@@ -14,3 +14,7 @@ unsafe impl aya::Pod for connections::ConnTracepointOffsets {}
 unsafe impl aya::Pod for connections::PendingConnect {}
 unsafe impl aya::Pod for config::SchedTracepointOffsets {}
 unsafe impl aya::Pod for connections::PendingInbound {}
+unsafe impl aya::Pod for streams::CaptureState {}
+unsafe impl aya::Pod for streams::ActiveIo {}
+unsafe impl aya::Pod for streams::StreamHeader {}
+unsafe impl aya::Pod for streams::StreamTracepointOffsets {}

@@ -14,7 +14,11 @@ use crate::{
     collector::{CollectorKind, Health, Status},
     connections::{ConnectionTracker, ConnectionsCollector},
     objects::Loader,
-    privileges, process, server, summary,
+    privileges, process, queries,
+    queries::QueriesAnalyser,
+    server,
+    streams::{Analyser, StreamsCollector},
+    summary,
     targets::{Selection, TargetTracker},
     telemetry, tracefs,
 };
@@ -73,9 +77,37 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     };
 
     let mut tasks = Vec::new();
+    let mut stream_tasks = Vec::new();
     let mut trackers: Vec<(CollectorKind, Arc<Mutex<ConnectionTracker>>)> = Vec::new();
+    let mut queries_summary = None;
+    // Payload analysers share one capture object.
+    let mut analysers: Vec<Box<dyn Analyser>> = Vec::new();
+    let mut analyser_kinds = Vec::new();
+    if requested.contains(&CollectorKind::Queries) {
+        let (analyser, summary) = QueriesAnalyser::new();
+        analysers.push(Box::new(analyser));
+        analyser_kinds.push(CollectorKind::Queries);
+        queries_summary = Some(summary);
+    }
+    if !analysers.is_empty() {
+        match StreamsCollector::start(&loader, args.capture_bytes as usize, analysers) {
+            Ok(collector) => {
+                for kind in &analyser_kinds {
+                    health.set(*kind, Status::Up);
+                }
+                stream_tasks.push(tokio::spawn(collector.run(shutdown.clone())));
+            }
+            Err(e) => {
+                for kind in &analyser_kinds {
+                    log::error!("collector {kind} is down: {e}");
+                    health.set(*kind, Status::Down(e.to_string()));
+                }
+            }
+        }
+    }
     for kind in &requested {
         match kind {
+            CollectorKind::Queries => {}
             CollectorKind::Connections => {
                 match ConnectionsCollector::start(&loader, args.syscall_hooks) {
                     Ok(mut collector) => {
@@ -119,6 +151,13 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             Err(e) => log::error!("collector task panicked: {e}"),
         }
     }
+    for task in stream_tasks {
+        match task.await {
+            Ok(Ok(collector)) => drop(collector),
+            Ok(Err(e)) => log::error!("payload capture failed: {e}"),
+            Err(e) => log::error!("payload capture task panicked: {e}"),
+        }
+    }
     drop(targets);
     drop(loader);
     let _ = upkeep.await;
@@ -127,7 +166,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
 
     if let Some(path) = &args.summary_json {
-        let doc = summary::build(started.elapsed(), &health, &trackers);
+        let mut doc = summary::build(started.elapsed(), &health, &trackers);
+        if let Some(q) = &queries_summary {
+            doc["queries"] = queries::summary(q);
+        }
         summary::write(path, &doc)?;
         log::info!("summary written to {}", path.display());
     }

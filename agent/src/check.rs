@@ -109,6 +109,12 @@ pub fn run() -> anyhow::Result<bool> {
         match objects::Loader::new(AgentConfig::empty(), *offsets) {
             Ok(loader) => {
                 let t = verify(&loader, "targets", objects::TARGETS);
+                let st = verify(&loader, "streams", objects::STREAMS);
+                push(
+                    "payload capture (streams)",
+                    st.is_ok(),
+                    st.clone().err().unwrap_or("usable".into()),
+                );
                 push(
                     "collector core (targets)",
                     t.is_ok(),
@@ -124,6 +130,7 @@ pub fn run() -> anyhow::Result<bool> {
                                 Err(format!("missing tracepoints: {}", missing.join(", ")))
                             }
                         }
+                        CollectorKind::Queries => st.clone(),
                     };
                     all_ok &= r.is_ok();
                     push(

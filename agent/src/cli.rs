@@ -62,6 +62,13 @@ pub struct RunArgs {
     #[arg(long)]
     pub syscall_hooks: bool,
 
+    /// Bytes captured from the start of each read or write on a socket that
+    /// a protocol parser follows (64 to 65536, sent in 4 KiB records).
+    /// Framing survives shorter captures (unseen bytes are skipped by
+    /// message lengths); statement text longer than this is cut.
+    #[arg(long, default_value_t = 16384, value_name = "BYTES", value_parser = clap::value_parser!(u32).range(64..=65536))]
+    pub capture_bytes: u32,
+
     /// Write a JSON summary of everything observed to PATH on exit.
     #[arg(long, value_name = "PATH")]
     pub summary_json: Option<PathBuf>,

@@ -17,14 +17,17 @@ use serde::Serialize;
 pub enum CollectorKind {
     /// TCP connection lifecycles: opens, closes, failures, bytes, retransmits, resets.
     Connections,
+    /// PostgreSQL statements from the wire: latency, errors by SQLSTATE.
+    Queries,
 }
 
 impl CollectorKind {
-    pub const ALL: &'static [CollectorKind] = &[CollectorKind::Connections];
+    pub const ALL: &'static [CollectorKind] = &[CollectorKind::Connections, CollectorKind::Queries];
 
     pub fn name(self) -> &'static str {
         match self {
             CollectorKind::Connections => "connections",
+            CollectorKind::Queries => "queries",
         }
     }
 }

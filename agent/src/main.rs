@@ -11,6 +11,7 @@ mod privileges;
 mod process;
 mod queries;
 mod server;
+mod streams;
 mod summary;
 mod targets;
 mod telemetry;

@@ -20,6 +20,8 @@ macro_rules! bpf_file {
 pub const TARGETS: &[u8] = bpf_file!("targets");
 /// TCP connection lifecycles.
 pub const CONNECTIONS: &[u8] = bpf_file!("connections");
+/// Socket payload capture for the protocol parsers.
+pub const STREAMS: &[u8] = bpf_file!("streams");
 
 const BPFFS: &str = "/sys/fs/bpf";
 

@@ -12,6 +12,13 @@ pub const CONNECTION_DURATION_BUCKETS: &[f64] = &[
     60.0, 300.0, 900.0, 3600.0,
 ];
 
+/// Buckets for statement latency: from a cached index lookup on loopback
+/// (tens of microseconds) to a long report query.
+pub const QUERY_DURATION_BUCKETS: &[f64] = &[
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+    2.5, 5.0, 10.0, 30.0,
+];
+
 /// Overflow value of a capped label.
 pub const OTHER: &str = "other";
 
@@ -21,6 +28,10 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
         .set_buckets_for_metric(
             Matcher::Full("pipelens_tcp_connection_duration_seconds".to_owned()),
             CONNECTION_DURATION_BUCKETS,
+        )?
+        .set_buckets_for_metric(
+            Matcher::Full("pipelens_db_query_duration_seconds".to_owned()),
+            QUERY_DURATION_BUCKETS,
         )?
         .install_recorder()?;
     describe();
@@ -67,6 +78,23 @@ fn describe() {
     describe_counter!(
         "pipelens_tcp_resets_total",
         "TCP connections of a target ended by a RST, sent or received"
+    );
+    describe_histogram!(
+        "pipelens_db_query_duration_seconds",
+        Unit::Seconds,
+        "PostgreSQL statement latency, request's first byte to the reply that completes it"
+    );
+    describe_counter!(
+        "pipelens_db_query_errors_total",
+        "PostgreSQL statements answered with an ErrorResponse, by SQLSTATE"
+    );
+    describe_counter!(
+        "pipelens_db_parse_errors_total",
+        "Times the PostgreSQL wire framing was lost and had to resynchronise"
+    );
+    describe_counter!(
+        "pipelens_db_encrypted_connections_total",
+        "PostgreSQL connections that switched to TLS (counted, not parsed)"
     );
     describe_counter!(
         "pipelens_events_lost_total",

@@ -1,6 +1,8 @@
 //! Harness for the probe tests: runs the real `pipelens` binary as root
 //! against peers started here, and reads back what it exported.
 
+pub mod pg;
+
 use std::{
     collections::BTreeMap,
     io::{BufRead, BufReader, Read, Write},
@@ -336,6 +338,15 @@ pub struct TempDir {
 }
 
 impl TempDir {
+    /// A directory any user can enter (the PostgreSQL server runs as
+    /// `postgres` inside it).
+    fn open_to_all(path: &std::path::Path) {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755));
+    }
+}
+
+impl TempDir {
     pub fn new(prefix: &str) -> TempDir {
         let path = std::env::temp_dir().join(format!(
             "pipelens-{prefix}-{}-{}",
@@ -343,6 +354,7 @@ impl TempDir {
             Instant::now().elapsed().as_nanos() ^ rand_seed()
         ));
         std::fs::create_dir_all(&path).expect("temp dir");
+        TempDir::open_to_all(&path);
         TempDir { path }
     }
 }

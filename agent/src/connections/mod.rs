@@ -23,8 +23,8 @@ use pipelens_common::connections::{
 use thiserror::Error;
 use tokio::io::unix::AsyncFd;
 use tokio_util::sync::CancellationToken;
-pub use tracker::ConnectionTracker;
 use tracker::SockSnapshot;
+pub use tracker::{ConnectionTracker, Quantiles, quantiles};
 
 use crate::{
     objects::{self, LoadError, Loader},

@@ -516,7 +516,7 @@ pub fn errno_name(errno: u32) -> String {
     format!("{e:?}")
 }
 
-fn quantiles(samples: &[f64]) -> Option<Quantiles> {
+pub fn quantiles(samples: &[f64]) -> Option<Quantiles> {
     if samples.is_empty() {
         return None;
     }

@@ -1,1 +1,379 @@
-//! PostgreSQL wire protocol: framing, request/reply pairing, SQL normalisation.
+//! The queries collector: PostgreSQL statements, their latency and their
+//! errors, from the wire protocol in the targets' socket payloads, whatever
+//! the client's language or driver, with no change to it.
+//!
+//! - `wire`: framing of both directions, through truncated captures.
+//! - `conn`: pairing requests with replies (simple, extended, pipelines, COPY).
+//! - `sql`: the template a statement is reported under.
+
+pub mod conn;
+pub mod sql;
+pub mod wire;
+
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    sync::{Arc, Mutex},
+};
+
+use conn::{Completed, PgConnection, Role};
+use serde::Serialize;
+use wire::{Segment, Side};
+
+use crate::{
+    process::comm_from_bytes,
+    streams::{Analyser, Chunk, Claim, Flow},
+    telemetry::{LabelCap, OTHER},
+};
+
+/// Distinct query templates per process (the brief's default).
+pub const TEMPLATE_CAP: usize = 500;
+const DB_CAP: usize = 50;
+const PROCESS_CAP: usize = 200;
+/// Raw statements whose template is remembered (tokenising is the costly
+/// part; the same statement text repeats).
+const TEMPLATE_CACHE: usize = 8192;
+const SAMPLES_PER_TEMPLATE: usize = 100_000;
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct QueryKey {
+    pub process: String,
+    pub role: &'static str,
+    pub db_name: String,
+    pub operation: &'static str,
+    pub query: String,
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct TemplateStats {
+    pub count: u64,
+    pub errors: BTreeMap<String, u64>,
+    #[serde(skip)]
+    samples: Vec<f64>,
+    pub duration_seconds: Option<crate::connections::Quantiles>,
+}
+
+/// Metric handles of one query label set, registered on first use.
+struct Series {
+    ok: Option<metrics::Histogram>,
+    error: Option<metrics::Histogram>,
+    errors: HashMap<String, metrics::Counter>,
+}
+
+/// Shared view for the summary writer.
+pub type QueriesSummary = Arc<Mutex<BTreeMap<QueryKey, TemplateStats>>>;
+
+pub struct QueriesAnalyser {
+    conns: HashMap<u64, (PgConnection, String)>,
+    templates: HashMap<Arc<str>, (String, &'static str)>,
+    per_process: HashMap<String, HashSet<String>>,
+    process_cap: LabelCap,
+    db_cap: LabelCap,
+    series: HashMap<QueryKey, Series>,
+    stats: QueriesSummary,
+    parse_errors_seen: HashMap<u64, u64>,
+    encrypted: u64,
+}
+
+impl QueriesAnalyser {
+    pub fn new() -> (Self, QueriesSummary) {
+        let stats: QueriesSummary = Arc::default();
+        (
+            Self {
+                conns: HashMap::new(),
+                templates: HashMap::new(),
+                per_process: HashMap::new(),
+                process_cap: LabelCap::new(PROCESS_CAP),
+                db_cap: LabelCap::new(DB_CAP),
+                series: HashMap::new(),
+                stats: stats.clone(),
+                parse_errors_seen: HashMap::new(),
+                encrypted: 0,
+            },
+            stats,
+        )
+    }
+
+    fn template(&mut self, sql: &Arc<str>) -> (String, &'static str) {
+        if let Some(t) = self.templates.get(sql) {
+            return t.clone();
+        }
+        if self.templates.len() >= TEMPLATE_CACHE {
+            self.templates.clear();
+        }
+        let t = sql::template(sql);
+        let op = sql::operation(&t);
+        self.templates.insert(sql.clone(), (t.clone(), op));
+        (t, op)
+    }
+
+    fn record(&mut self, process: &str, role: Role, db: &str, c: Completed) {
+        let (template, operation) = self.template(&c.sql);
+        let known = self.per_process.entry(process.to_owned()).or_default();
+        let query = if known.contains(&template) || known.len() < TEMPLATE_CAP {
+            known.insert(template.clone());
+            template
+        } else {
+            OTHER.to_owned()
+        };
+        let key = QueryKey {
+            process: process.to_owned(),
+            role: role.label(),
+            db_name: db.to_owned(),
+            operation,
+            query,
+        };
+        let secs = c.end_ns.saturating_sub(c.start_ns) as f64 / 1e9;
+        let series = self.series.entry(key.clone()).or_insert_with(|| Series {
+            ok: None,
+            error: None,
+            errors: HashMap::new(),
+        });
+        let labels = |status: &str| {
+            vec![
+                metrics::Label::new("process", key.process.clone()),
+                metrics::Label::new("role", key.role),
+                metrics::Label::new("db_system", "postgresql"),
+                metrics::Label::new("db_name", key.db_name.clone()),
+                metrics::Label::new("operation", key.operation),
+                metrics::Label::new("query", key.query.clone()),
+                metrics::Label::new("status", status.to_owned()),
+            ]
+        };
+        match &c.error {
+            None => series
+                .ok
+                .get_or_insert_with(|| {
+                    metrics::histogram!("pipelens_db_query_duration_seconds", labels("ok"))
+                })
+                .record(secs),
+            Some(state) => {
+                series
+                    .error
+                    .get_or_insert_with(|| {
+                        metrics::histogram!("pipelens_db_query_duration_seconds", labels("error"))
+                    })
+                    .record(secs);
+                series
+                    .errors
+                    .entry(state.clone())
+                    .or_insert_with(|| {
+                        metrics::counter!(
+                            "pipelens_db_query_errors_total",
+                            vec![
+                                metrics::Label::new("process", key.process.clone()),
+                                metrics::Label::new("role", key.role),
+                                metrics::Label::new("db_system", "postgresql"),
+                                metrics::Label::new("db_name", key.db_name.clone()),
+                                metrics::Label::new("operation", key.operation),
+                                metrics::Label::new("query", key.query.clone()),
+                                metrics::Label::new("sqlstate", state.clone()),
+                            ]
+                        )
+                    })
+                    .increment(1);
+            }
+        }
+        let mut stats = self.stats.lock().unwrap_or_else(|e| e.into_inner());
+        let s = stats.entry(key).or_default();
+        s.count += 1;
+        if let Some(state) = c.error {
+            *s.errors.entry(state).or_default() += 1;
+        }
+        if s.samples.len() < SAMPLES_PER_TEMPLATE {
+            s.samples.push(secs);
+        }
+    }
+}
+
+/// Summary JSON of the queries collector.
+pub fn summary(stats: &QueriesSummary) -> serde_json::Value {
+    let stats = stats.lock().unwrap_or_else(|e| e.into_inner());
+    let rows: Vec<serde_json::Value> = stats
+        .iter()
+        .map(|(key, s)| {
+            serde_json::json!({
+                "labels": key,
+                "count": s.count,
+                "errors": s.errors,
+                "duration_seconds": crate::connections::quantiles(&s.samples),
+            })
+        })
+        .collect();
+    serde_json::json!({ "templates": rows })
+}
+
+/// What the first captured bytes of a socket say.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Recognised {
+    /// The connection's first message: a StartupMessage v3, SSLRequest,
+    /// GSSENCRequest or CancelRequest.
+    Startup,
+    /// Well-formed messages of a session already under way.
+    MidStream,
+    No,
+    /// Too few bytes to tell.
+    TooShort,
+}
+
+/// Recognises PostgreSQL in `data`, written by `side`: an untagged
+/// startup-phase message, or — attaching mid-session — a run of messages
+/// that frame exactly to the end of the data and begin with a type byte
+/// only that side sends (so HTTP, TLS or WebSocket bytes never pass).
+pub fn recognise(data: &[u8], side: Side) -> Recognised {
+    if data.len() < 5 {
+        return Recognised::TooShort;
+    }
+    if side == Side::Frontend && data.len() >= 8 {
+        let len = u32::from_be_bytes(data[..4].try_into().expect("4"));
+        let code = u32::from_be_bytes(data[4..8].try_into().expect("4"));
+        let startup = matches!(
+            code,
+            wire::PROTOCOL_V3 | wire::SSL_REQUEST | wire::GSSENC_REQUEST | wire::CANCEL_REQUEST
+        );
+        if startup && (8..=10_000).contains(&len) && len as usize <= data.len() {
+            return Recognised::Startup;
+        }
+    }
+    let distinctive = match side {
+        Side::Frontend => matches!(data[0], b'Q' | b'P' | b'B' | b'E' | b'X'),
+        Side::Backend => matches!(
+            data[0],
+            b'Z' | b'T' | b'R' | b'1' | b'2' | b'3' | b'n' | b't' | b'K'
+        ),
+    };
+    if !distinctive {
+        return Recognised::No;
+    }
+    let mut at = 0usize;
+    let mut count = 0;
+    while at + 5 <= data.len() {
+        let tag = data[at];
+        let ok = match side {
+            Side::Frontend => wire::frontend_tag(tag),
+            Side::Backend => wire::backend_tag(tag),
+        };
+        let len = u32::from_be_bytes(data[at + 1..at + 5].try_into().expect("4")) as usize;
+        if !ok || !(4..=1 << 30).contains(&len) {
+            return Recognised::No;
+        }
+        // A simple query's text ends with its NUL.
+        if tag == b'Q' && at + 1 + len <= data.len() && data[at + len] != 0 {
+            return Recognised::No;
+        }
+        at += 1 + len;
+        count += 1;
+    }
+    if count > 0 && at >= data.len() {
+        Recognised::MidStream
+    } else {
+        Recognised::No
+    }
+}
+
+/// The segments of one captured syscall: the prefix, the unseen middle,
+/// and the tail when the kernel kept one.
+fn segments<'a>(c: &Chunk<'a>) -> Vec<Segment<'a>> {
+    let seen = c.data.len() as u64;
+    let mut segs = vec![Segment::Bytes(c.data)];
+    if c.len <= seen {
+        return segs;
+    }
+    let tail_start = c.len - c.tail.len() as u64;
+    if c.tail.is_empty() {
+        segs.push(Segment::Gap(c.len - seen));
+    } else if tail_start >= seen {
+        segs.push(Segment::Gap(tail_start - seen));
+        segs.push(Segment::Bytes(c.tail));
+    } else {
+        // The tail overlaps the prefix: only its new part counts.
+        let skip = (seen - tail_start) as usize;
+        segs.push(Segment::Bytes(&c.tail[skip.min(c.tail.len())..]));
+    }
+    segs
+}
+
+fn side_of(role: Role, flow: Flow) -> Side {
+    match (role, flow) {
+        (Role::Client, Flow::Sent) | (Role::Server, Flow::Received) => Side::Frontend,
+        _ => Side::Backend,
+    }
+}
+
+impl Analyser for QueriesAnalyser {
+    fn name(&self) -> &'static str {
+        "postgresql"
+    }
+
+    fn offer(&mut self, c: &Chunk<'_>) -> Claim {
+        let (as_frontend, as_backend) = (
+            recognise(c.data, Side::Frontend),
+            recognise(c.data, Side::Backend),
+        );
+        let found = match (c.flow, as_frontend, as_backend) {
+            (Flow::Sent, Recognised::Startup, _) => Some((Role::Client, true)),
+            (Flow::Received, Recognised::Startup, _) => Some((Role::Server, true)),
+            (Flow::Sent, Recognised::MidStream, _) => Some((Role::Client, false)),
+            (Flow::Received, Recognised::MidStream, _) => Some((Role::Server, false)),
+            (Flow::Received, _, Recognised::MidStream) => Some((Role::Client, false)),
+            (Flow::Sent, _, Recognised::MidStream) => Some((Role::Server, false)),
+            (_, Recognised::TooShort, _) => return Claim::Unsure,
+            _ => None,
+        };
+        let Some((role, from_start)) = found else {
+            return Claim::NotMine;
+        };
+        let process = comm_from_bytes(c.comm).unwrap_or_else(|| "unknown".to_owned());
+        let process = self.process_cap.admit(&process);
+        self.conns
+            .insert(c.sk, (PgConnection::new(role, from_start), process));
+        Claim::Mine
+    }
+
+    fn feed(&mut self, c: &Chunk<'_>) {
+        let Some((conn, process)) = self.conns.get_mut(&c.sk) else {
+            return;
+        };
+        let side = side_of(conn.role, c.flow);
+        let ts = match c.flow {
+            // A write's first byte leaves at the syscall's entry; a read's
+            // bytes are in hand at its exit.
+            Flow::Sent => c.ts_enter,
+            Flow::Received => c.ts_exit,
+        };
+        let was_encrypted = conn.encrypted;
+        let mut done = Vec::new();
+        conn.feed(side, &segments(c), ts, &mut done);
+        let role = conn.role;
+        let process = process.clone();
+        let db = conn
+            .database
+            .clone()
+            .unwrap_or_else(|| "unknown".to_owned());
+        let errors = conn.parse_errors();
+        let encrypted_now = conn.encrypted && !was_encrypted;
+        let seen = self.parse_errors_seen.entry(c.sk).or_default();
+        if errors > *seen {
+            metrics::counter!("pipelens_db_parse_errors_total", "process" => process.clone())
+                .increment(errors - *seen);
+            *seen = errors;
+        }
+        if encrypted_now {
+            self.encrypted += 1;
+            metrics::counter!(
+                "pipelens_db_encrypted_connections_total",
+                "process" => process.clone(),
+                "role" => role.label()
+            )
+            .increment(1);
+        }
+        let db = self.db_cap.admit(&db);
+        for d in done {
+            self.record(&process, role, &db, d);
+        }
+    }
+
+    fn closed(&mut self, sk: u64, _ts: u64) {
+        self.conns.remove(&sk);
+        self.parse_errors_seen.remove(&sk);
+    }
+}

@@ -1,0 +1,135 @@
+//! Socket payload capture: the bytes targets read from and write to their
+//! sockets, for the protocol parsers in userspace (PostgreSQL, HTTP,
+//! WebSocket). The kernel only copies; it never parses.
+
+/// Bytes per ring record; a syscall's data is sent in up to
+/// [`MAX_PIECES`] records of this size.
+pub const MAX_CAPTURE: usize = 4096;
+/// Records per syscall at most: the largest prefix captured is
+/// `MAX_PIECES * MAX_CAPTURE` (64 KiB), enough for a pipelined batch of
+/// statements in one write.
+pub const MAX_PIECES: usize = 16;
+/// `StreamHeader::flags`: this record ends the syscall's data.
+pub const PIECE_LAST: u32 = 1;
+/// Bytes kept from the end of a syscall's data when it is longer than the
+/// prefix: replies usually end with the message that completes them
+/// (PostgreSQL's ReadyForQuery), which is what latency needs.
+pub const TAIL_CAPTURE: usize = 128;
+
+/// `StreamEvent::kind`: data read or written.
+pub const STREAM_DATA: u32 = 1;
+/// The socket was closed (or its TCP connection reached CLOSE).
+pub const STREAM_CLOSED: u32 = 2;
+
+/// `StreamEvent::direction`: the target read the bytes.
+pub const STREAM_RECEIVED: u32 = 0;
+/// The target wrote the bytes.
+pub const STREAM_SENT: u32 = 1;
+
+/// `CAPTURE_STATE` values: what userspace decided about a socket.
+pub const CAPTURE_UNDECIDED: u32 = 0;
+pub const CAPTURE_ON: u32 = 1;
+pub const CAPTURE_OFF: u32 = 2;
+
+/// Syscalls of a socket that stays undecided before the kernel stops
+/// sending its data. Userspace decides on the first one it sees (the kernel
+/// wakes it at once for a new socket), so this only bounds the cost when
+/// userspace lags; it must be large enough that a busy connection does not
+/// run past it in the meantime, or its first statements would be lost.
+pub const UNDECIDED_BUDGET: u32 = 512;
+
+pub const MAX_STREAM_SOCKS: u32 = 65_536;
+
+/// Per-socket capture state, keyed by `struct sock` address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CaptureState {
+    pub state: u32,
+    pub undecided_seen: u32,
+}
+
+/// Syscall in flight on a thread, from its enter to its exit.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ActiveIo {
+    pub ts_enter: u64,
+    /// Buffer, `iovec` array or `user_msghdr` address.
+    pub ptr: u64,
+    pub fd: u32,
+    /// [`IO_BUF`], [`IO_IOV`] or [`IO_MSG`].
+    pub shape: u32,
+    pub direction: u32,
+    /// Number of iovecs for [`IO_IOV`].
+    pub iovcnt: u32,
+}
+
+pub const IO_BUF: u32 = 0;
+pub const IO_IOV: u32 = 1;
+pub const IO_MSG: u32 = 2;
+
+/// Header of a record on the streams ring; `captured` bytes of data follow
+/// it (the record is sent with only those bytes).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct StreamHeader {
+    pub ts_enter: u64,
+    pub ts_exit: u64,
+    pub sk: u64,
+    /// Full length of the data (the syscall's return value).
+    pub len: u64,
+    pub tgid: u32,
+    pub tid: u32,
+    pub fd: u32,
+    pub kind: u32,
+    pub direction: u32,
+    /// Bytes of data following the header (a prefix of the data).
+    pub captured: u32,
+    /// Valid bytes in `tail` (the end of the data), 0 when the prefix
+    /// already covers everything.
+    pub tail_len: u32,
+    pub family: u16,
+    pub lport: u16,
+    pub rport: u16,
+    pub _pad: u16,
+    /// [`PIECE_LAST`] on the last record of a syscall.
+    pub flags: u32,
+    /// Where this record's data starts within the syscall's data.
+    pub offset: u32,
+    pub _pad2: u32,
+    pub comm: [u8; 16],
+    pub tail: [u8; TAIL_CAPTURE],
+}
+
+/// The per-CPU scratch record assembled before it is copied to the ring.
+/// The data area is twice the capture limit so that a second iovec copied
+/// at any offset below the limit stays in bounds for the verifier.
+#[repr(C)]
+pub struct StreamRecord {
+    pub header: StreamHeader,
+    pub data: [u8; 2 * MAX_CAPTURE],
+}
+
+/// Tracepoint field offsets for the capture programs, read from tracefs.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct StreamTracepointOffsets {
+    /// First argument (`fd`) of every hooked `sys_enter_*`.
+    pub enter_fd: u32,
+    /// Second argument (buffer, iovec array or msghdr).
+    pub enter_ptr: u32,
+    /// Third argument (count, vlen or flags).
+    pub enter_arg2: u32,
+    /// `ret` of `sys_exit_*`.
+    pub exit_ret: u32,
+    /// `sock:inet_sock_set_state`
+    pub iss_skaddr: u32,
+    pub iss_newstate: u32,
+    /// Bytes of prefix to capture per syscall (at most
+    /// `MAX_PIECES * MAX_CAPTURE`).
+    pub capture_bytes: u32,
+    pub _pad: u32,
+}
+
+/// Indices of the per-CPU `STREAM_STATS` array.
+pub const STREAM_STAT_RING_LOST: u32 = 0;
+pub const STREAM_STAT_COUNT: u32 = 2;

@@ -1,0 +1,314 @@
+//! SQL normalisation: the template a statement is reported under, with
+//! every literal and `$n` parameter replaced by `?` (so the simple and the
+//! extended protocol report one template), IN and VALUES lists collapsed,
+//! comments and whitespace folded.
+//!
+//! Tokenising is done by the `sqlparser` crate's tokenizer with its
+//! PostgreSQL dialect: it knows PostgreSQL's string forms (`E'…'` escapes,
+//! `$tag$…$tag$` dollar quoting, `U&'…'`, `B'…'`/`X'…'`), nested comments
+//! and `$n` parameters, which is exactly what a hand-written splitter gets
+//! wrong and what decides whether a literal could leak into a label. Only
+//! the tokenizer is used, not the parser: statements need not be valid,
+//! complete or of a version sqlparser knows to be templated. A statement the
+//! tokenizer rejects (an unterminated quote in a truncated capture) is
+//! reported as `unparseable`, never as raw text.
+
+use sqlparser::{
+    dialect::PostgreSqlDialect,
+    tokenizer::{Token, Tokenizer, Whitespace},
+};
+
+/// Longest template kept; longer ones are cut (the literals are gone by
+/// then, so the cut cannot expose one).
+pub const MAX_TEMPLATE: usize = 1024;
+pub const UNPARSEABLE: &str = "unparseable";
+
+/// The normalised template of `sql`.
+pub fn template(sql: &str) -> String {
+    let dialect = PostgreSqlDialect {};
+    let Ok(tokens) = Tokenizer::new(&dialect, sql).tokenize() else {
+        return UNPARSEABLE.to_owned();
+    };
+    let mut out = String::with_capacity(sql.len().min(MAX_TEMPLATE));
+    let mut pending_space = false;
+    for token in &tokens {
+        let piece = match token {
+            Token::Whitespace(Whitespace::Space | Whitespace::Newline | Whitespace::Tab)
+            | Token::Whitespace(_) => {
+                pending_space = true;
+                continue;
+            }
+            Token::EOF => continue,
+            Token::SemiColon => {
+                // A trailing semicolon is not part of the template; inner ones
+                // (several statements in one simple query) are.
+                ";".to_owned()
+            }
+            t if is_literal(t) => "?".to_owned(),
+            Token::Placeholder(p) if p.starts_with('$') => "?".to_owned(),
+            // Words are kept as written: sqlparser's keyword list includes
+            // non-reserved words (`id`, `name`, `value`) that are column
+            // names far more often than keywords.
+            Token::Word(w) => w.to_string(),
+            t => t.to_string(),
+        };
+        if pending_space && !out.is_empty() && needs_space(&out, &piece) {
+            out.push(' ');
+        }
+        // Canonical spacing: one space after a comma, whatever was written.
+        pending_space = piece == ",";
+        out.push_str(&piece);
+        if out.len() > MAX_TEMPLATE * 4 {
+            break;
+        }
+    }
+    let mut t = out.trim().trim_end_matches(';').trim_end().to_owned();
+    t = collapse_lists(&t);
+    if t.len() > MAX_TEMPLATE {
+        let mut end = MAX_TEMPLATE;
+        while !t.is_char_boundary(end) {
+            end -= 1;
+        }
+        t.truncate(end);
+        t.push('…');
+    }
+    if t.is_empty() {
+        return "empty".to_owned();
+    }
+    t
+}
+
+fn needs_space(out: &str, piece: &str) -> bool {
+    let last = out.chars().last().unwrap_or(' ');
+    let first = piece.chars().next().unwrap_or(' ');
+    !(last == '(' || first == ')' || first == ',' || last == '.' || first == '.')
+}
+
+fn is_literal(t: &Token) -> bool {
+    matches!(
+        t,
+        Token::Number(..)
+            | Token::SingleQuotedString(_)
+            | Token::DoubleQuotedByteStringLiteral(_)
+            | Token::SingleQuotedByteStringLiteral(_)
+            | Token::TripleSingleQuotedString(_)
+            | Token::TripleDoubleQuotedString(_)
+            | Token::DollarQuotedString(_)
+            | Token::TripleSingleQuotedByteStringLiteral(_)
+            | Token::TripleDoubleQuotedByteStringLiteral(_)
+            | Token::SingleQuotedRawStringLiteral(_)
+            | Token::DoubleQuotedRawStringLiteral(_)
+            | Token::TripleSingleQuotedRawStringLiteral(_)
+            | Token::TripleDoubleQuotedRawStringLiteral(_)
+            | Token::NationalStringLiteral(_)
+            | Token::QuoteDelimitedStringLiteral(_)
+            | Token::NationalQuoteDelimitedStringLiteral(_)
+            | Token::EscapedStringLiteral(_)
+            | Token::UnicodeStringLiteral(_)
+            | Token::HexStringLiteral(_)
+    )
+}
+
+/// `IN (?, ?, ?)` → `IN (?)`, `VALUES (?, ?), (?, ?)` → `VALUES (?)`: a
+/// statement run with 3 or 300 values is one template.
+fn collapse_lists(s: &str) -> String {
+    let mut t = s.to_owned();
+    loop {
+        let next = t.replace("?, ?", "?").replace("(?), (?)", "(?)");
+        if next == t {
+            return t;
+        }
+        t = next;
+    }
+}
+
+/// The statement's operation: its first keyword, or for `WITH … ` the
+/// statement the common table expressions lead to.
+pub fn operation(template: &str) -> &'static str {
+    let words = tokens_with_depth(template);
+    let Some(first) = words.first().and_then(|(w, _)| known_operation(w)) else {
+        return "OTHER";
+    };
+    if first != "WITH" {
+        return first;
+    }
+    words
+        .iter()
+        .skip(1)
+        .filter(|(_, depth)| *depth == 0)
+        .filter_map(|(w, _)| known_operation(w))
+        .find(|op| matches!(*op, "SELECT" | "INSERT" | "UPDATE" | "DELETE" | "MERGE"))
+        .unwrap_or("WITH")
+}
+
+fn tokens_with_depth(t: &str) -> Vec<(String, i32)> {
+    let mut out = Vec::new();
+    let mut depth = 0;
+    let mut word = String::new();
+    let mut in_quote = false;
+    for c in t.chars() {
+        if c == '"' {
+            in_quote = !in_quote;
+        }
+        if in_quote {
+            continue;
+        }
+        match c {
+            '(' => {
+                flush(&mut word, depth, &mut out);
+                depth += 1;
+            }
+            ')' => {
+                flush(&mut word, depth, &mut out);
+                depth -= 1;
+            }
+            c if c.is_ascii_alphabetic() || c == '_' => word.push(c),
+            _ => flush(&mut word, depth, &mut out),
+        }
+    }
+    flush(&mut word, depth, &mut out);
+    out
+}
+
+fn flush(word: &mut String, depth: i32, out: &mut Vec<(String, i32)>) {
+    if !word.is_empty() {
+        out.push((std::mem::take(word), depth));
+    }
+}
+
+fn known_operation(word: &str) -> Option<&'static str> {
+    const OPS: &[&str] = &[
+        "SELECT",
+        "INSERT",
+        "UPDATE",
+        "DELETE",
+        "MERGE",
+        "WITH",
+        "VALUES",
+        "TABLE",
+        "COPY",
+        "BEGIN",
+        "START",
+        "COMMIT",
+        "END",
+        "ROLLBACK",
+        "SAVEPOINT",
+        "RELEASE",
+        "PREPARE",
+        "EXECUTE",
+        "DEALLOCATE",
+        "CREATE",
+        "DROP",
+        "ALTER",
+        "TRUNCATE",
+        "GRANT",
+        "REVOKE",
+        "SET",
+        "RESET",
+        "SHOW",
+        "EXPLAIN",
+        "ANALYZE",
+        "VACUUM",
+        "LOCK",
+        "LISTEN",
+        "NOTIFY",
+        "UNLISTEN",
+        "DECLARE",
+        "FETCH",
+        "MOVE",
+        "CLOSE",
+        "DISCARD",
+        "CALL",
+        "DO",
+        "REFRESH",
+        "REINDEX",
+        "CLUSTER",
+        "CHECKPOINT",
+        "COMMENT",
+    ];
+    let upper = word.to_ascii_uppercase();
+    OPS.iter().find(|op| **op == upper).copied()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn literals_become_placeholders() {
+        assert_eq!(
+            template("SELECT abalance FROM pgbench_accounts WHERE aid = 74815;"),
+            "SELECT abalance FROM pgbench_accounts WHERE aid = ?"
+        );
+        assert_eq!(
+            template("SELECT abalance FROM pgbench_accounts\n  WHERE aid = $1"),
+            "SELECT abalance FROM pgbench_accounts WHERE aid = ?"
+        );
+        let t =
+            template("INSERT INTO users (email, age) VALUES ('alice@example.com', 42) -- who\n");
+        assert_eq!(t, "INSERT INTO users (email, age) VALUES (?)");
+        assert!(!t.contains("alice") && !t.contains("42"));
+    }
+
+    #[test]
+    fn postgres_string_forms_never_leak() {
+        for sql in [
+            "SELECT E'it''s \\n secret'",
+            "SELECT $$secret$$",
+            "SELECT $tag$sec'ret$tag$",
+            "SELECT U&'secr\\0065t'",
+            "SELECT X'5ec7e7', B'1010'",
+            "SELECT 'a' 'secret'",
+            "SELECT 1.5e10, .5, 0x1f",
+        ] {
+            let t = template(sql);
+            assert!(!t.to_lowercase().contains("secr"), "{sql} → {t}");
+            assert!(!t.contains("1.5") && !t.contains("1010"), "{sql} → {t}");
+            assert!(t.starts_with("SELECT"), "{sql} → {t}");
+        }
+    }
+
+    #[test]
+    fn lists_collapse_and_whitespace_folds() {
+        assert_eq!(
+            template("SELECT * FROM t WHERE id IN (1, 2,\n 3 , 4)"),
+            "SELECT * FROM t WHERE id IN (?)"
+        );
+        assert_eq!(
+            template("insert into t values (1,'a'),(2,'b'), (3, 'c')"),
+            "insert into t values (?)"
+        );
+        assert_eq!(template("/* hello */ SELECT   1   -- x"), "SELECT ?");
+        assert_eq!(
+            template("SELECT \"MixedCase\".col FROM \"MixedCase\""),
+            "SELECT \"MixedCase\".col FROM \"MixedCase\""
+        );
+    }
+
+    #[test]
+    fn broken_sql_is_never_echoed() {
+        assert_eq!(template("SELECT 'unterminated secret"), UNPARSEABLE);
+        assert_eq!(template(""), "empty");
+    }
+
+    #[test]
+    fn operations() {
+        assert_eq!(operation(&template("select 1")), "SELECT");
+        assert_eq!(
+            operation(&template(
+                "WITH x AS (SELECT 1) INSERT INTO t SELECT * FROM x"
+            )),
+            "INSERT"
+        );
+        assert_eq!(
+            operation(&template(
+                "with recursive r(n) as (select 1) select * from r"
+            )),
+            "SELECT"
+        );
+        assert_eq!(operation(&template("UPDATE t SET a = 1")), "UPDATE");
+        assert_eq!(operation(&template("COPY t FROM STDIN")), "COPY");
+        assert_eq!(operation(&template("frobnicate")), "OTHER");
+        assert_eq!(operation(UNPARSEABLE), "OTHER");
+    }
+}

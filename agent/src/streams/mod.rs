@@ -1,0 +1,379 @@
+//! Socket payload streams: loading the capture object, reading its ring,
+//! and handing each socket's bytes to the protocol analyser that claims it.
+//!
+//! Kernel side: `agent-ebpf/src/bin/streams.rs`. Which protocols exist is
+//! not known here: analysers register through [`Analyser`].
+
+use std::{collections::HashMap, time::Duration};
+
+use aya::{
+    Ebpf,
+    maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
+    programs::TracePoint,
+};
+use pipelens_common::streams::{
+    CAPTURE_OFF, CAPTURE_ON, CaptureState, MAX_CAPTURE, MAX_PIECES, PIECE_LAST, STREAM_CLOSED,
+    STREAM_RECEIVED, STREAM_STAT_RING_LOST, StreamHeader, StreamTracepointOffsets,
+};
+
+/// Syscalls whose data is being reassembled from several records, at most.
+const MAX_ASSEMBLIES: usize = 4096;
+
+/// The records of one syscall, in arrival order.
+struct Assembly {
+    data: Vec<u8>,
+    /// A record was lost: what follows the gap is not appended.
+    broken: bool,
+}
+use thiserror::Error;
+use tokio::io::unix::AsyncFd;
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    objects::{self, LoadError, Loader},
+    tracefs::{TracefsError, TracepointFormat},
+};
+
+#[derive(Debug, Error)]
+pub enum StreamsError {
+    #[error(transparent)]
+    Tracefs(#[from] TracefsError),
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    #[error("attaching {category}:{name}: {source}")]
+    Attach {
+        category: &'static str,
+        name: &'static str,
+        source: aya::programs::ProgramError,
+    },
+    #[error("kernel object has no map {0}")]
+    MissingMap(&'static str),
+    #[error("map: {0}")]
+    Map(#[from] aya::maps::MapError),
+    #[error("ring buffer: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("unexpected layout of {0}: its arguments are not where the other syscalls have them")]
+    Layout(String),
+}
+
+/// (program, category, tracepoint, name of the buffer argument)
+pub const HOOKS: &[(&str, &str, &str, &str)] = &[
+    ("enter_read", "syscalls", "sys_enter_read", "buf"),
+    ("enter_read", "syscalls", "sys_enter_recvfrom", "ubuf"),
+    ("enter_write", "syscalls", "sys_enter_write", "buf"),
+    ("enter_write", "syscalls", "sys_enter_sendto", "buff"),
+    ("enter_readv", "syscalls", "sys_enter_readv", "vec"),
+    ("enter_writev", "syscalls", "sys_enter_writev", "vec"),
+    ("enter_recvmsg", "syscalls", "sys_enter_recvmsg", "msg"),
+    ("enter_sendmsg", "syscalls", "sys_enter_sendmsg", "msg"),
+    ("exit_io", "syscalls", "sys_exit_read", ""),
+    ("exit_io", "syscalls", "sys_exit_recvfrom", ""),
+    ("exit_io", "syscalls", "sys_exit_write", ""),
+    ("exit_io", "syscalls", "sys_exit_sendto", ""),
+    ("exit_io", "syscalls", "sys_exit_readv", ""),
+    ("exit_io", "syscalls", "sys_exit_writev", ""),
+    ("exit_io", "syscalls", "sys_exit_recvmsg", ""),
+    ("exit_io", "syscalls", "sys_exit_sendmsg", ""),
+    ("enter_close", "syscalls", "sys_enter_close", ""),
+    ("stream_sock_state", "sock", "inet_sock_set_state", ""),
+];
+
+/// Offsets for this kernel. Every hooked `sys_enter_*` must have its fd,
+/// pointer and third argument at the same place (they do: syscall
+/// tracepoint records are the syscall number followed by 8-byte arguments).
+pub fn tracepoint_offsets(capture_bytes: usize) -> Result<StreamTracepointOffsets, StreamsError> {
+    let mut offsets: Option<(u32, u32, u32)> = None;
+    let mut exit_ret = None;
+    for (_, category, name, ptr_field) in HOOKS {
+        if *category != "syscalls" {
+            continue;
+        }
+        let f = TracepointFormat::load(category, name)?;
+        if name.starts_with("sys_exit") {
+            let ret = f.offset("ret")?;
+            if exit_ret.is_some_and(|r| r != ret) {
+                return Err(StreamsError::Layout(format!("{category}:{name}")));
+            }
+            exit_ret = Some(ret);
+            continue;
+        }
+        let fd = f.offset("fd")?;
+        if ptr_field.is_empty() {
+            continue;
+        }
+        let ptr = f.offset(ptr_field)?;
+        let third = ptr + 8;
+        if offsets.is_some_and(|o| o != (fd, ptr, third)) {
+            return Err(StreamsError::Layout(format!("{category}:{name}")));
+        }
+        offsets = Some((fd, ptr, third));
+    }
+    let (fd, ptr, third) = offsets.ok_or_else(|| StreamsError::Layout("sys_enter_*".into()))?;
+    let iss = TracepointFormat::load("sock", "inet_sock_set_state")?;
+    Ok(StreamTracepointOffsets {
+        enter_fd: fd,
+        enter_ptr: ptr,
+        enter_arg2: third,
+        exit_ret: exit_ret.ok_or_else(|| StreamsError::Layout("sys_exit_*".into()))?,
+        iss_skaddr: iss.offset("skaddr")?,
+        iss_newstate: iss.offset("newstate")?,
+        capture_bytes: capture_bytes.min(MAX_CAPTURE * MAX_PIECES) as u32,
+        _pad: 0,
+    })
+}
+
+/// Which way bytes went, seen from the traced process.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Flow {
+    Received,
+    Sent,
+}
+
+/// One read or write of a socket, as captured.
+#[derive(Debug)]
+pub struct Chunk<'a> {
+    pub sk: u64,
+    pub comm: &'a [u8],
+    pub flow: Flow,
+    /// Syscall entry: when a write's first byte left.
+    pub ts_enter: u64,
+    /// Syscall exit: when a read's bytes were in hand.
+    pub ts_exit: u64,
+    /// Full length of the data; `data` holds its first bytes.
+    pub len: u64,
+    pub data: &'a [u8],
+    /// The last bytes of the data when `data` does not reach the end.
+    pub tail: &'a [u8],
+}
+
+/// What an analyser says about a socket it was offered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Claim {
+    /// Yes: keep capturing, every later chunk goes to [`Analyser::feed`].
+    Mine,
+    /// Not this protocol.
+    NotMine,
+    /// Cannot tell from these bytes yet.
+    Unsure,
+}
+
+/// A protocol analyser: offered the first chunks of unclassified sockets,
+/// fed every chunk of the ones it claimed.
+pub trait Analyser: Send {
+    fn name(&self) -> &'static str;
+    fn offer(&mut self, chunk: &Chunk<'_>) -> Claim;
+    fn feed(&mut self, chunk: &Chunk<'_>);
+    fn closed(&mut self, sk: u64, ts: u64);
+    /// Called about once a second (expiry, metric flushes).
+    fn tick(&mut self) {}
+}
+
+/// The attached capture object and the analysers it feeds.
+pub struct StreamsCollector {
+    ebpf: Ebpf,
+    analysers: Vec<Box<dyn Analyser>>,
+    owner: HashMap<u64, usize>,
+    decided: Vec<(u64, u32)>,
+    assemblies: HashMap<(u32, u64), Assembly>,
+}
+
+impl StreamsCollector {
+    pub fn start(
+        loader: &Loader,
+        capture_bytes: usize,
+        analysers: Vec<Box<dyn Analyser>>,
+    ) -> Result<Self, StreamsError> {
+        let offsets = tracepoint_offsets(capture_bytes)?;
+        let mut ebpf = loader.load("streams", objects::STREAMS, |l| {
+            l.override_global("STREAM_TP_OFFSETS", &offsets, true);
+        })?;
+        let mut loaded = std::collections::HashSet::new();
+        for (prog, category, name, _) in HOOKS {
+            let tp: &mut TracePoint = ebpf
+                .program_mut(prog)
+                .expect("program defined in the object")
+                .try_into()
+                .expect("program is a tracepoint");
+            let result = if loaded.insert(*prog) {
+                tp.load()
+                    .and_then(|()| tp.attach(category, name).map(|_| ()))
+            } else {
+                tp.attach(category, name).map(|_| ())
+            };
+            result.map_err(|source| StreamsError::Attach {
+                category,
+                name,
+                source,
+            })?;
+        }
+        Ok(Self {
+            ebpf,
+            analysers,
+            owner: HashMap::new(),
+            decided: Vec::new(),
+            assemblies: HashMap::new(),
+        })
+    }
+
+    pub async fn run(mut self, shutdown: CancellationToken) -> Result<Self, StreamsError> {
+        let ring = RingBuf::try_from(
+            self.ebpf
+                .take_map("STREAM_EVENTS")
+                .ok_or(StreamsError::MissingMap("STREAM_EVENTS"))?,
+        )?;
+        // SAFETY: the ring buffer owns its fd for as long as the AsyncFd
+        // holds it, and nothing else closes it.
+        let mut ring = unsafe { AsyncFd::register(ring) }
+            .map_err(|e| StreamsError::Io(std::io::Error::other(e.to_string())))?;
+        let mut drain_tick = tokio::time::interval(Duration::from_millis(50));
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let mut lost_seen = 0u64;
+        loop {
+            tokio::select! {
+                guard = ring.readable_mut() => {
+                    let mut guard = guard?;
+                    self.drain(guard.get_inner_mut());
+                    guard.clear_ready();
+                }
+                _ = drain_tick.tick() => self.drain(ring.get_mut()),
+                _ = tick.tick() => {
+                    self.drain(ring.get_mut());
+                    for a in &mut self.analysers {
+                        a.tick();
+                    }
+                    self.count_lost(&mut lost_seen)?;
+                }
+                () = shutdown.cancelled() => break,
+            }
+        }
+        self.drain(ring.get_mut());
+        for a in &mut self.analysers {
+            a.tick();
+        }
+        Ok(self)
+    }
+
+    fn drain(&mut self, ring: &mut RingBuf<MapData>) {
+        while let Some(item) = ring.next() {
+            self.dispatch(&item);
+        }
+        self.apply_decisions();
+    }
+
+    fn dispatch(&mut self, bytes: &[u8]) {
+        let hsize = size_of::<StreamHeader>();
+        if bytes.len() < hsize {
+            return;
+        }
+        // SAFETY: length checked; read_unaligned makes no alignment assumption.
+        let h: StreamHeader = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+        if h.kind == STREAM_CLOSED {
+            if let Some(i) = self.owner.remove(&h.sk) {
+                self.analysers[i].closed(h.sk, h.ts_exit);
+            }
+            return;
+        }
+        let captured = (h.captured as usize).min(bytes.len() - hsize);
+        let piece = &bytes[hsize..hsize + captured];
+        let last = h.flags & PIECE_LAST != 0;
+        if h.offset == 0 && last {
+            self.deliver(&h, piece);
+            return;
+        }
+        // A syscall's data in several records: reassemble by (tid, entry time).
+        let key = (h.tid, h.ts_enter);
+        if !self.assemblies.contains_key(&key) && self.assemblies.len() >= MAX_ASSEMBLIES {
+            self.assemblies.clear();
+        }
+        let a = self.assemblies.entry(key).or_insert_with(|| Assembly {
+            data: Vec::new(),
+            broken: false,
+        });
+        if !a.broken {
+            if h.offset as usize == a.data.len() {
+                a.data.extend_from_slice(piece);
+            } else {
+                a.broken = true;
+            }
+        }
+        if last && let Some(a) = self.assemblies.remove(&key) {
+            self.deliver(&h, &a.data);
+        }
+    }
+
+    fn deliver(&mut self, h: &StreamHeader, data: &[u8]) {
+        let tail_len = (h.tail_len as usize).min(h.tail.len());
+        let chunk = Chunk {
+            sk: h.sk,
+            comm: &h.comm,
+            flow: if h.direction == STREAM_RECEIVED {
+                Flow::Received
+            } else {
+                Flow::Sent
+            },
+            ts_enter: h.ts_enter,
+            ts_exit: h.ts_exit,
+            len: h.len,
+            data,
+            tail: &h.tail[..tail_len],
+        };
+        if let Some(&i) = self.owner.get(&h.sk) {
+            self.analysers[i].feed(&chunk);
+            return;
+        }
+        let mut unsure = false;
+        for (i, a) in self.analysers.iter_mut().enumerate() {
+            match a.offer(&chunk) {
+                Claim::Mine => {
+                    log::debug!("socket {:#x} of {} is {}", h.sk, h.tgid, a.name());
+                    self.owner.insert(h.sk, i);
+                    a.feed(&chunk);
+                    self.decided.push((h.sk, CAPTURE_ON));
+                    return;
+                }
+                Claim::Unsure => unsure = true,
+                Claim::NotMine => {}
+            }
+        }
+        if !unsure {
+            self.decided.push((h.sk, CAPTURE_OFF));
+        }
+    }
+
+    fn apply_decisions(&mut self) {
+        if self.decided.is_empty() {
+            return;
+        }
+        let Some(map) = self.ebpf.map_mut("CAPTURE_STATE") else {
+            return;
+        };
+        let Ok(mut map) = BpfHashMap::<_, u64, CaptureState>::try_from(map) else {
+            return;
+        };
+        for (sk, state) in self.decided.drain(..) {
+            let _ = map.insert(
+                sk,
+                CaptureState {
+                    state,
+                    undecided_seen: 0,
+                },
+                0,
+            );
+        }
+    }
+
+    fn count_lost(&mut self, lost_seen: &mut u64) -> Result<(), StreamsError> {
+        let stats: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(
+            self.ebpf
+                .map("STREAM_STATS")
+                .ok_or(StreamsError::MissingMap("STREAM_STATS"))?,
+        )?;
+        let lost: u64 = stats.get(&STREAM_STAT_RING_LOST, 0)?.iter().sum();
+        if lost > *lost_seen {
+            metrics::counter!("pipelens_events_lost_total", "collector" => "streams")
+                .increment(lost - *lost_seen);
+            *lost_seen = lost;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,167 @@
+//! A private PostgreSQL cluster for the probe tests: `initdb` in a
+//! temporary directory, a free port on loopback, its own socket directory,
+//! run as the `postgres` system user (the server refuses to run as root).
+//! Stopped and removed on drop.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, Output, Stdio},
+};
+
+use crate::{TempDir, free_port};
+
+pub struct TestPostgres {
+    pub port: u16,
+    pub dir: TempDir,
+    bin: PathBuf,
+}
+
+/// The newest installed server's binaries (`/usr/lib/postgresql/<v>/bin`).
+pub fn bin_dir() -> Option<PathBuf> {
+    let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .ok()?
+        .flatten()
+        .filter_map(|e| {
+            let v = e.file_name().to_str()?.parse::<u32>().ok()?;
+            let bin = e.path().join("bin");
+            bin.join("initdb").exists().then_some((v, bin))
+        })
+        .collect();
+    versions.sort();
+    versions.pop().map(|(_, p)| p)
+}
+
+impl TestPostgres {
+    pub fn start() -> TestPostgres {
+        let bin = bin_dir().expect("PostgreSQL server binaries (cargo xtask setup installs them)");
+        let dir = TempDir::new("pg");
+        std::fs::create_dir_all(dir.path.join("sock")).expect("socket dir");
+        chown_postgres(&dir.path);
+        let port = free_port();
+        let data = dir.path.join("data");
+        let pg = TestPostgres { port, dir, bin };
+        pg.as_postgres(
+            &pg.bin("initdb"),
+            &[
+                "-D",
+                data.to_str().expect("utf8"),
+                "-A",
+                "trust",
+                "-U",
+                "postgres",
+                "--no-sync",
+            ],
+        );
+        let opts = format!(
+            "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off -c max_connections=50",
+            pg.socket_dir().display()
+        );
+        pg.as_postgres(
+            &pg.bin("pg_ctl"),
+            &[
+                "-D",
+                data.to_str().expect("utf8"),
+                "-l",
+                pg.dir.path.join("log").to_str().expect("utf8"),
+                "-o",
+                &opts,
+                "-w",
+                "start",
+            ],
+        );
+        pg
+    }
+
+    pub fn bin(&self, name: &str) -> String {
+        self.bin.join(name).display().to_string()
+    }
+
+    pub fn socket_dir(&self) -> PathBuf {
+        self.dir.path.join("sock")
+    }
+
+    /// `-h HOST -p PORT` for a client: 127.0.0.1 over TCP, or the socket
+    /// directory over the Unix socket.
+    pub fn conn_args(&self, unix: bool) -> Vec<String> {
+        let host = if unix {
+            self.socket_dir().display().to_string()
+        } else {
+            "127.0.0.1".to_owned()
+        };
+        vec!["-h".into(), host, "-p".into(), self.port.to_string()]
+    }
+
+    /// Runs `program ARGS` as the postgres user in the cluster directory,
+    /// panicking with its output when it fails.
+    pub fn as_postgres(&self, program: &str, args: &[&str]) -> Output {
+        let out = self.command(program, args).output().expect("runuser");
+        assert!(
+            out.status.success(),
+            "{program} {args:?} failed:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    }
+
+    pub fn command(&self, program: &str, args: &[&str]) -> Command {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "postgres", "--", program])
+            .args(args)
+            .current_dir(&self.dir.path)
+            .stdin(Stdio::null());
+        c
+    }
+
+    /// `psql -c SQL` over TCP; errors are expected and not fatal.
+    pub fn psql(&self, sql: &str) -> Output {
+        let mut args: Vec<String> = self.conn_args(false);
+        args.extend([
+            "-X".into(),
+            "-q".into(),
+            "-d".into(),
+            "postgres".into(),
+            "-c".into(),
+            sql.into(),
+        ]);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.command(&self.bin("psql"), &args)
+            .output()
+            .expect("psql")
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.dir.path
+    }
+}
+
+fn chown_postgres(path: &Path) {
+    let status = Command::new("chown")
+        .args(["-R", "postgres:postgres"])
+        .arg(path)
+        .status()
+        .expect("chown");
+    assert!(
+        status.success(),
+        "chown to postgres (is the postgresql package installed?)"
+    );
+}
+
+impl Drop for TestPostgres {
+    fn drop(&mut self) {
+        let data = self.dir.path.join("data");
+        let _ = self
+            .command(
+                &self.bin("pg_ctl"),
+                &[
+                    "-D",
+                    data.to_str().unwrap_or_default(),
+                    "-m",
+                    "immediate",
+                    "-w",
+                    "stop",
+                ],
+            )
+            .output();
+    }
+}

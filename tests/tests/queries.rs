@@ -1,0 +1,432 @@
+//! Probe tests of the queries collector against a real PostgreSQL started
+//! here, with real clients (pgbench, psql, a Python client), compared with
+//! what those clients report themselves.
+
+use std::{io::Write, process::Stdio, time::Duration};
+
+use pipelens_tests::{Agent, Metrics, pg::TestPostgres, probes_available};
+
+const WAIT: Duration = Duration::from_secs(20);
+const SELECT_TEMPLATE: &str = "SELECT abalance FROM pgbench_accounts WHERE aid = ?";
+
+/// Statements of `process` on this test's database (a `--comm` target may
+/// match other processes of the same name elsewhere on the host).
+fn count(m: &Metrics, process: &str, query: &str) -> f64 {
+    m.sum(
+        "pipelens_db_query_duration_seconds_count",
+        &[
+            ("process", process),
+            ("query", query),
+            ("db_name", "postgres"),
+        ],
+    )
+}
+
+fn pgbench(pg: &TestPostgres, mode: &str, unix: bool, extra: &[&str]) -> u64 {
+    let mut args: Vec<String> = vec![
+        "-S".into(),
+        "-M".into(),
+        mode.into(),
+        "-c".into(),
+        "4".into(),
+        "-j".into(),
+        "2".into(),
+    ];
+    args.extend(pg.conn_args(unix));
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args.push("postgres".into());
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = pg.as_postgres(&pg.bin("pgbench"), &args);
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .find_map(|l| l.strip_prefix("number of transactions actually processed: "))
+        .and_then(|v| v.split('/').next()?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("pgbench output without a transaction count:\n{text}"))
+}
+
+fn init_pgbench(pg: &TestPostgres) {
+    let mut args = vec!["-i".to_owned(), "-s".into(), "1".into(), "-q".into()];
+    args.extend(pg.conn_args(false));
+    args.push("postgres".into());
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    pg.as_postgres(&pg.bin("pgbench"), &args);
+}
+
+/// pgbench -S in the simple, extended and prepared protocols, over TCP and
+/// over the Unix socket: the agent counts exactly the transactions pgbench
+/// reports, under one template, in the histogram and in the summary.
+#[test]
+fn pgbench_counts_are_exact() {
+    if !probes_available("pgbench_counts_are_exact") {
+        return;
+    }
+    let pg = TestPostgres::start();
+    init_pgbench(&pg);
+    let agent = Agent::start(&["--comm", "pgbench", "--collectors", "queries"]);
+    let mut expected = 0u64;
+    for unix in [false, true] {
+        for mode in ["simple", "extended", "prepared"] {
+            let n = pgbench(&pg, mode, unix, &["-T", "2"]);
+            assert!(n > 100, "pgbench ran only {n} transactions");
+            expected += n;
+            let m = agent.wait_for(
+                &format!("{expected} statements after {mode} unix={unix}"),
+                WAIT,
+                |m| count(m, "pgbench", SELECT_TEMPLATE) >= expected as f64,
+            );
+            std::thread::sleep(Duration::from_millis(300));
+            let m2 = agent.metrics();
+            assert_eq!(
+                count(&m2, "pgbench", SELECT_TEMPLATE),
+                expected as f64,
+                "mode {mode}, unix socket {unix}:\n{}",
+                m.dump()
+            );
+        }
+    }
+    let m = agent.metrics();
+    assert_eq!(
+        m.sum(
+            "pipelens_db_query_errors_total",
+            &[("process", "pgbench"), ("query", SELECT_TEMPLATE)]
+        ),
+        0.0
+    );
+    assert_eq!(
+        m.sum("pipelens_db_parse_errors_total", &[]),
+        0.0,
+        "{}",
+        m.dump()
+    );
+    let labels = m
+        .samples
+        .iter()
+        .find(|(n, l, _)| {
+            n == "pipelens_db_query_duration_seconds_count"
+                && l.get("query").map(String::as_str) == Some(SELECT_TEMPLATE)
+        })
+        .map(|(_, l, _)| l.clone())
+        .expect("series");
+    assert_eq!(labels["role"], "client");
+    assert_eq!(labels["db_name"], "postgres");
+    assert_eq!(labels["db_system"], "postgresql");
+    assert_eq!(labels["operation"], "SELECT");
+    assert_eq!(labels["status"], "ok");
+    // pgbench's own setup statements, each once per run: they are its
+    // known extra statements, reported apart from the benchmark's.
+    for setup in [
+        "select count(*) from pgbench_branches",
+        "vacuum pgbench_branches",
+        "truncate pgbench_history",
+    ] {
+        assert_eq!(count(&m, "pgbench", setup), 6.0, "{setup}\n{}", m.dump());
+    }
+    let summary = agent.stop();
+    let row = summary["queries"]["templates"]
+        .as_array()
+        .expect("templates")
+        .iter()
+        .find(|t| t["labels"]["query"] == SELECT_TEMPLATE)
+        .expect("template in summary");
+    assert_eq!(row["count"], expected);
+    assert!(row["duration_seconds"]["p99"].as_f64().expect("p99") > 0.0);
+}
+
+fn percentile(sorted: &[f64], q: f64) -> f64 {
+    sorted[((sorted.len() as f64 - 1.0) * q).round() as usize]
+}
+
+/// The agent's p50 and p99 agree with the ones pgbench logs per
+/// transaction (`--log`) within 10 % or 100 µs.
+#[test]
+fn latency_matches_pgbench_log() {
+    if !probes_available("latency_matches_pgbench_log") {
+        return;
+    }
+    let pg = TestPostgres::start();
+    init_pgbench(&pg);
+    let agent = Agent::start(&["--comm", "pgbench", "--collectors", "queries"]);
+    let n = pgbench(
+        &pg,
+        "prepared",
+        false,
+        &["-T", "3", "--log", "--log-prefix", "txlog"],
+    );
+    let m = agent.wait_for("all statements", WAIT, |m| {
+        count(m, "pgbench", SELECT_TEMPLATE) >= n as f64
+    });
+    assert_eq!(count(&m, "pgbench", SELECT_TEMPLATE), n as f64);
+    let summary = agent.stop();
+    let mut truth = Vec::new();
+    for entry in std::fs::read_dir(pg.path()).expect("dir").flatten() {
+        if entry.file_name().to_string_lossy().starts_with("txlog") {
+            let text = std::fs::read_to_string(entry.path()).expect("log");
+            // client_id transaction_no time script_no time_epoch time_us
+            truth.extend(text.lines().filter_map(|l| {
+                l.split_whitespace()
+                    .nth(2)?
+                    .parse::<f64>()
+                    .ok()
+                    .map(|us| us / 1e6)
+            }));
+        }
+    }
+    assert_eq!(truth.len() as u64, n, "pgbench logged every transaction");
+    truth.sort_by(f64::total_cmp);
+    let row = summary["queries"]["templates"]
+        .as_array()
+        .expect("templates")
+        .iter()
+        .find(|t| t["labels"]["query"] == SELECT_TEMPLATE)
+        .expect("template");
+    for (q, name) in [(0.5, "p50"), (0.99, "p99")] {
+        let want = percentile(&truth, q);
+        let got = row["duration_seconds"][name].as_f64().expect("quantile");
+        let diff = (got - want).abs();
+        assert!(
+            diff <= want * 0.10 || diff <= 100e-6,
+            "{name}: agent {got:.6}s vs pgbench {want:.6}s"
+        );
+    }
+}
+
+/// A syntax error, a unique violation and a division by zero give exactly
+/// one 42601, one 23505 and one 22012.
+#[test]
+fn errors_by_sqlstate() {
+    if !probes_available("errors_by_sqlstate") {
+        return;
+    }
+    let pg = TestPostgres::start();
+    assert!(
+        pg.psql("CREATE TABLE u (id int PRIMARY KEY); INSERT INTO u VALUES (1);")
+            .status
+            .success()
+    );
+    let agent = Agent::start(&["--comm", "psql", "--collectors", "queries"]);
+    for sql in [
+        "SELEC 1",
+        "INSERT INTO u VALUES (1)",
+        "SELECT 1/0",
+        "SELECT 2",
+    ] {
+        pg.psql(sql);
+    }
+    let errors = |m: &Metrics, state: &str| {
+        m.sum(
+            "pipelens_db_query_errors_total",
+            &[("process", "psql"), ("sqlstate", state)],
+        )
+    };
+    let m = agent.wait_for("three errors", WAIT, |m| {
+        errors(m, "42601") + errors(m, "23505") + errors(m, "22012") >= 3.0
+            && count(m, "psql", "SELECT ?") >= 1.0
+    });
+    assert_eq!(errors(&m, "42601"), 1.0, "{}", m.dump());
+    assert_eq!(errors(&m, "23505"), 1.0);
+    assert_eq!(errors(&m, "22012"), 1.0);
+    assert_eq!(
+        m.sum("pipelens_db_query_errors_total", &[("process", "psql")]),
+        3.0
+    );
+    assert_eq!(
+        m.sum(
+            "pipelens_db_query_errors_total",
+            &[("sqlstate", "23505"), ("operation", "INSERT")]
+        ),
+        1.0
+    );
+}
+
+/// 100 statements of 3 templates in one pipeline (pgbench's
+/// \startpipeline, one Sync for all): each template's count is exact.
+#[test]
+fn pipelined_batch_is_paired_in_order() {
+    if !probes_available("pipelined_batch_is_paired_in_order") {
+        return;
+    }
+    let pg = TestPostgres::start();
+    init_pgbench(&pg);
+    let mut script = String::from("\\startpipeline\n");
+    for i in 0..100 {
+        script.push_str(match i % 3 {
+            0 => "SELECT abalance FROM pgbench_accounts WHERE aid = 7;\n",
+            1 => "SELECT count(*) FROM pgbench_tellers WHERE tid < 5;\n",
+            _ => "SELECT bbalance, bid FROM pgbench_branches WHERE bid = 1;\n",
+        });
+    }
+    script.push_str("\\endpipeline\n");
+    let path = pg.path().join("pipeline.sql");
+    std::fs::write(&path, script).expect("script");
+    let agent = Agent::start(&["--comm", "pgbench", "--collectors", "queries"]);
+    let mut args: Vec<String> = vec![
+        "-n".into(),
+        "-M".into(),
+        "extended".into(),
+        "-t".into(),
+        "2".into(),
+        "-c".into(),
+        "1".into(),
+        "-f".into(),
+        path.display().to_string(),
+    ];
+    args.extend(pg.conn_args(false));
+    args.push("postgres".into());
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    pg.as_postgres(&pg.bin("pgbench"), &args);
+    let m = agent.wait_for("200 pipelined statements", WAIT, |m| {
+        m.sum(
+            "pipelens_db_query_duration_seconds_count",
+            &[("process", "pgbench")],
+        ) >= 200.0
+    });
+    assert_eq!(count(&m, "pgbench", SELECT_TEMPLATE), 68.0, "{}", m.dump());
+    assert_eq!(
+        count(
+            &m,
+            "pgbench",
+            "SELECT count(*) FROM pgbench_tellers WHERE tid < ?"
+        ),
+        66.0
+    );
+    assert_eq!(
+        count(
+            &m,
+            "pgbench",
+            "SELECT bbalance, bid FROM pgbench_branches WHERE bid = ?"
+        ),
+        66.0
+    );
+    assert_eq!(m.sum("pipelens_db_query_errors_total", &[]), 0.0);
+}
+
+/// A connection opened before the agent starts (a pooled connection):
+/// statements issued after the start are counted. And literals never
+/// reach /metrics or the summary.
+#[test]
+fn pooled_connection_and_no_literals() {
+    if !probes_available("pooled_connection_and_no_literals") {
+        return;
+    }
+    let pg = TestPostgres::start();
+    let mut args: Vec<String> = pg.conn_args(true);
+    args.extend(["-X".into(), "-q".into(), "-d".into(), "postgres".into()]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut psql = pg
+        .command(&pg.bin("psql"), &args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("psql");
+    let stdin = psql.stdin.as_mut().expect("stdin");
+    writeln!(stdin, "SELECT 'before the agent';").expect("write");
+    stdin.flush().expect("flush");
+    std::thread::sleep(Duration::from_millis(500));
+    let agent = Agent::start(&["--comm", "psql", "--collectors", "queries"]);
+    for i in 0..5 {
+        writeln!(stdin, "SELECT {i} AS after_start;").expect("write");
+    }
+    writeln!(
+        stdin,
+        "SELECT 'alice@example.com' AS email, 987654321 AS n;"
+    )
+    .expect("write");
+    stdin.flush().expect("flush");
+    let m = agent.wait_for("statements on the pooled connection", WAIT, |m| {
+        count(m, "psql", "SELECT ? AS after_start") >= 5.0
+            && count(m, "psql", "SELECT ? AS email, ? AS n") >= 1.0
+    });
+    assert_eq!(
+        count(&m, "psql", "SELECT ? AS after_start"),
+        5.0,
+        "{}",
+        m.dump()
+    );
+    let text = agent.metrics_text();
+    drop(psql.stdin.take());
+    let _ = psql.wait();
+    let summary = agent.stop();
+    let all = format!("{text}\n{summary}");
+    for secret in ["alice@example.com", "987654321", "before the agent"] {
+        assert!(!all.contains(secret), "`{secret}` leaked into the output");
+    }
+}
+
+/// Garbage after a valid startup, a statement far larger than the capture,
+/// and a backend killed mid-reply: counted as parse errors or cut
+/// statements, never a crash; the agent keeps serving.
+#[test]
+fn bad_input_is_survived_and_counted() {
+    if !probes_available("bad_input_is_survived_and_counted") {
+        return;
+    }
+    let pg = TestPostgres::start();
+    let agent = Agent::start(&[
+        "--comm",
+        "python3",
+        "--comm",
+        "psql",
+        "--collectors",
+        "queries",
+    ]);
+    // A client that sends a valid StartupMessage, then random bytes.
+    let script = format!(
+        r#"
+import socket, struct, random
+s = socket.create_connection(("127.0.0.1", {port}))
+body = struct.pack("!I", 196608) + b"user\0postgres\0database\0postgres\0\0"
+s.sendall(struct.pack("!I", len(body) + 4) + body)
+s.recv(65536)
+rng = random.Random(7)
+s.sendall(bytes(rng.randrange(256) for _ in range(4096)))
+try:
+    s.recv(65536)
+except Exception:
+    pass
+s.close()
+"#,
+        port = pg.port
+    );
+    let status = std::process::Command::new("python3")
+        .args(["-c", &script])
+        .status()
+        .expect("python3");
+    assert!(status.success());
+    // A 1 MiB statement: counted once, its text cut to the capture, its
+    // literal still never shown.
+    let big = format!("SELECT length('{}') AS big;\n", "x".repeat(1 << 20));
+    let mut args: Vec<String> = pg.conn_args(false);
+    args.extend(["-X".into(), "-q".into(), "-d".into(), "postgres".into()]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut psql = pg
+        .command(&pg.bin("psql"), &args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("psql");
+    psql.stdin
+        .take()
+        .expect("stdin")
+        .write_all(big.as_bytes())
+        .expect("write");
+    assert!(psql.wait().expect("psql").success());
+    let m = agent.wait_for("the parse error and the big statement", WAIT, |m| {
+        m.sum("pipelens_db_parse_errors_total", &[("process", "python3")]) >= 1.0
+            && m.sum(
+                "pipelens_db_query_duration_seconds_count",
+                &[("process", "psql")],
+            ) >= 1.0
+    });
+    assert!(!agent.metrics_text().contains("xxxxxxxx"));
+    assert_eq!(
+        m.sum(
+            "pipelens_db_query_duration_seconds_count",
+            &[("process", "psql")]
+        ),
+        1.0
+    );
+    // The agent is still healthy and small.
+    let (code, _) = pipelens_tests::http_get(agent.port, "/healthz").expect("healthz");
+    assert_eq!(code, 200);
+    agent.stop();
+}
