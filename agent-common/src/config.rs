@@ -92,6 +92,10 @@ pub struct KernelOffsets {
     pub sk_err: u32,
     /// `sock.__sk_common.skc_state`
     pub sk_state: u32,
+    /// `file.f_inode`
+    pub file_f_inode: u32,
+    /// `inode.i_ino`
+    pub inode_i_ino: u32,
     pub _pad: u32,
     /// Address of `socket_file_ops`, so that a file is known to be a socket
     /// before its `private_data` is read as one (0 when unknown).

@@ -40,7 +40,7 @@ pub const UNDECIDED_BUDGET: u32 = 512;
 
 pub const MAX_STREAM_SOCKS: u32 = 65_536;
 
-/// Per-socket capture state, keyed by `struct sock` address.
+/// Per-socket capture state, keyed by the socket's inode number.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct CaptureState {
@@ -74,7 +74,11 @@ pub const IO_MSG: u32 = 2;
 pub struct StreamHeader {
     pub ts_enter: u64,
     pub ts_exit: u64,
+    /// The socket's `struct sock` address (0 when unknown).
     pub sk: u64,
+    /// The socket's inode number: the stream's identity (0 on a close
+    /// seen only by address, from the TCP state tracepoint).
+    pub ino: u64,
     /// Full length of the data (the syscall's return value).
     pub len: u64,
     pub tgid: u32,

@@ -30,6 +30,8 @@ pub static KERNEL_OFFSETS: Global<KernelOffsets> = Global::new(KernelOffsets {
     sk_protocol: 0,
     sk_err: 0,
     sk_state: 0,
+    file_f_inode: 0,
+    inode_i_ino: 0,
     _pad: 0,
     socket_file_ops: 0,
 });
@@ -93,6 +95,15 @@ pub fn read_kernel<T>(addr: u64) -> Result<T, i32> {
 /// from BTF at startup.
 #[inline(always)]
 pub fn sock_of_fd(fd: u64) -> Result<u64, i32> {
+    sock_and_inode_of_fd(fd, false).map(|(sk, _)| sk)
+}
+
+/// Like [`sock_of_fd`], with the socket's inode number when `inode` is
+/// set: unlike the `struct sock` address, which the allocator hands to the
+/// next socket as soon as this one is freed, the inode number is not reused,
+/// so it tells two connections apart even when one closed unseen.
+#[inline(always)]
+pub fn sock_and_inode_of_fd(fd: u64, inode: bool) -> Result<(u64, u64), i32> {
     let off = KERNEL_OFFSETS.load();
     // SAFETY: the helper has no preconditions.
     let task = unsafe { bpf_get_current_task() };
@@ -121,7 +132,13 @@ pub fn sock_of_fd(fd: u64) -> Result<u64, i32> {
     if sk == 0 {
         return Err(-1);
     }
-    Ok(sk)
+    let ino = if inode {
+        let i: u64 = read_kernel(file + off.file_f_inode as u64)?;
+        read_kernel::<u64>(i + off.inode_i_ino as u64)?
+    } else {
+        0
+    };
+    Ok((sk, ino))
 }
 
 /// Addresses and ports of a socket, read from `struct sock_common`.

@@ -49,6 +49,8 @@ pub fn kernel_offsets() -> Result<KernelOffsets, BtfError> {
         sk_protocol: r.offset_of("sock", "sk_protocol")?,
         sk_err: r.offset_of("sock", "sk_err")?,
         sk_state: r.offset_of("sock", "__sk_common.skc_state")?,
+        file_f_inode: r.offset_of("file", "f_inode")?,
+        inode_i_ino: r.offset_of("inode", "i_ino")?,
         _pad: 0,
         socket_file_ops,
     })

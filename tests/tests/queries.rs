@@ -22,6 +22,16 @@ fn count(m: &Metrics, process: &str, query: &str) -> f64 {
     )
 }
 
+/// Statements of `process` on any database: a connection opened before the
+/// agent started never showed its StartupMessage, so its database is
+/// reported as `unknown`.
+fn count_any_db(m: &Metrics, process: &str, query: &str) -> f64 {
+    m.sum(
+        "pipelens_db_query_duration_seconds_count",
+        &[("process", process), ("query", query)],
+    )
+}
+
 fn pgbench(pg: &TestPostgres, mode: &str, unix: bool, extra: &[&str]) -> u64 {
     let mut args: Vec<String> = vec![
         "-S".into(),
@@ -62,7 +72,16 @@ fn pgbench_counts_are_exact() {
     }
     let pg = TestPostgres::start();
     init_pgbench(&pg);
-    let agent = Agent::start(&["--comm", "pgbench", "--collectors", "queries"]);
+    // Both ends: pgbench as the client, the PostgreSQL backends (forked by
+    // the postmaster, which runs already) as the server.
+    let agent = Agent::start(&[
+        "--comm",
+        "pgbench",
+        "--comm",
+        "postgres",
+        "--collectors",
+        "queries",
+    ]);
     let mut expected = 0u64;
     for unix in [false, true] {
         for mode in ["simple", "extended", "prepared"] {
@@ -81,6 +100,11 @@ fn pgbench_counts_are_exact() {
                 expected as f64,
                 "mode {mode}, unix socket {unix}:\n{}",
                 m.dump()
+            );
+            assert_eq!(
+                count(&m2, "postgres", SELECT_TEMPLATE),
+                expected as f64,
+                "server side, mode {mode}, unix socket {unix}"
             );
         }
     }
@@ -107,7 +131,14 @@ fn pgbench_counts_are_exact() {
         })
         .map(|(_, l, _)| l.clone())
         .expect("series");
-    assert_eq!(labels["role"], "client");
+    assert_eq!(
+        labels["role"],
+        if labels["process"] == "pgbench" {
+            "client"
+        } else {
+            "server"
+        }
+    );
     assert_eq!(labels["db_name"], "postgres");
     assert_eq!(labels["db_system"], "postgresql");
     assert_eq!(labels["operation"], "SELECT");
@@ -333,11 +364,11 @@ fn pooled_connection_and_no_literals() {
     .expect("write");
     stdin.flush().expect("flush");
     let m = agent.wait_for("statements on the pooled connection", WAIT, |m| {
-        count(m, "psql", "SELECT ? AS after_start") >= 5.0
-            && count(m, "psql", "SELECT ? AS email, ? AS n") >= 1.0
+        count_any_db(m, "psql", "SELECT ? AS after_start") >= 5.0
+            && count_any_db(m, "psql", "SELECT ? AS email, ? AS n") >= 1.0
     });
     assert_eq!(
-        count(&m, "psql", "SELECT ? AS after_start"),
+        count_any_db(&m, "psql", "SELECT ? AS after_start"),
         5.0,
         "{}",
         m.dump()

@@ -7,7 +7,8 @@ use anyhow::{Context as _, bail};
 use crate::{is_root, run_cmd};
 
 /// Debian packages: LLVM 22 for bpf-linker (same major as rustc's LLVM),
-/// PostgreSQL and Prometheus (promtool) for the tests.
+/// PostgreSQL (server, psql, pgbench), Prometheus (promtool), curl and
+/// Python for the tests.
 const PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -16,6 +17,7 @@ const PACKAGES: &[&str] = &[
     "postgresql",
     "prometheus",
     "curl",
+    "python3",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

@@ -18,7 +18,7 @@ use pipelens_common::{
     connections::{AF_INET, AF_INET6, IPPROTO_TCP, TCP_CLOSE},
     streams::*,
 };
-use pipelens_ebpf::{current_ids, is_target, sock_of_fd, sock_protocol, sock_tuple};
+use pipelens_ebpf::{current_ids, is_target, sock_and_inode_of_fd, sock_protocol, sock_tuple};
 
 #[unsafe(no_mangle)]
 static STREAM_TP_OFFSETS: Global<StreamTracepointOffsets> = Global::new(StreamTracepointOffsets {
@@ -41,6 +41,11 @@ static ACTIVE_IO: HashMap<u32, ActiveIo> = HashMap::with_max_entries(16_384, 0);
 #[map]
 static CAPTURE_STATE: LruHashMap<u64, CaptureState> =
     LruHashMap::with_max_entries(MAX_STREAM_SOCKS, 0);
+
+/// Address → inode of the TCP sockets being captured, so that their
+/// CLOSE (seen only by address) ends the right stream.
+#[map]
+static CAPTURED_TCP: LruHashMap<u64, u64> = LruHashMap::with_max_entries(MAX_STREAM_SOCKS, 0);
 
 #[map]
 static SCRATCH: PerCpuArray<StreamRecord> = PerCpuArray::with_max_entries(1, 0);
@@ -150,7 +155,7 @@ fn try_exit(ctx: &TracePointContext) -> Result<(), i32> {
     if ret <= 0 {
         return Ok(());
     }
-    let sk = sock_of_fd(io.fd as u64)?;
+    let (sk, ino) = sock_and_inode_of_fd(io.fd as u64, true)?;
     let t = sock_tuple(sk)?;
     match t.family {
         AF_INET | AF_INET6 => {
@@ -162,7 +167,7 @@ fn try_exit(ctx: &TracePointContext) -> Result<(), i32> {
         _ => return Ok(()),
     }
     let mut first_sight = false;
-    match CAPTURE_STATE.get_ptr_mut(sk) {
+    match CAPTURE_STATE.get_ptr_mut(ino) {
         Some(state) => {
             // SAFETY: live map value.
             let state = unsafe { &mut *state };
@@ -182,11 +187,14 @@ fn try_exit(ctx: &TracePointContext) -> Result<(), i32> {
                 state: CAPTURE_UNDECIDED,
                 undecided_seen: 1,
             };
-            CAPTURE_STATE.insert(sk, fresh, 0)?;
+            CAPTURE_STATE.insert(ino, fresh, 0)?;
             first_sight = true;
         }
     }
 
+    if first_sight && t.family != AF_UNIX {
+        let _ = CAPTURED_TCP.insert(sk, ino, 0);
+    }
     let Some(rec) = SCRATCH.get_ptr_mut(0) else {
         return Ok(());
     };
@@ -196,6 +204,7 @@ fn try_exit(ctx: &TracePointContext) -> Result<(), i32> {
     h.ts_enter = io.ts_enter;
     h.ts_exit = unsafe { bpf_ktime_get_ns() };
     h.sk = sk;
+    h.ino = ino;
     h.len = ret as u64;
     h.tgid = tgid;
     h.tid = tid;
@@ -292,7 +301,7 @@ fn copy_user_full(dst: *mut u8, src: u64) -> u64 {
 #[inline(always)]
 fn read_user<T>(addr: u64) -> Result<T, i32> {
     // SAFETY: bpf_probe_read_user validates the user address.
-    unsafe { bpf_probe_read_user(addr as *const T).map_err(|e| e as i32) }
+    unsafe { bpf_probe_read_user(addr as *const T) }
 }
 
 /// Copies `n` (≤ MAX_CAPTURE − 1 after masking) user bytes to `dst`;
@@ -376,7 +385,7 @@ fn submit(rec: &StreamRecord, size: u64, wake: bool) {
     }
 }
 
-fn emit_closed(sk: u64) {
+fn emit_closed(sk: u64, ino: u64) {
     let Some(rec) = SCRATCH.get_ptr_mut(0) else {
         return;
     };
@@ -388,6 +397,7 @@ fn emit_closed(sk: u64) {
     h.ts_enter = now;
     h.ts_exit = now;
     h.sk = sk;
+    h.ino = ino;
     h.len = 0;
     h.tgid = tgid;
     h.tid = tid;
@@ -413,13 +423,14 @@ fn try_close(ctx: &TracePointContext) -> Result<(), i32> {
         return Ok(());
     }
     let fd: u64 = tp(ctx, STREAM_TP_OFFSETS.load().enter_fd)?;
-    let sk = sock_of_fd(fd)?;
+    let (sk, ino) = sock_and_inode_of_fd(fd, true)?;
     // SAFETY: copied out.
-    let Some(state) = (unsafe { CAPTURE_STATE.get(sk) }).copied() else {
+    let Some(state) = (unsafe { CAPTURE_STATE.get(ino) }).copied() else {
         return Ok(());
     };
+    let _ = CAPTURE_STATE.remove(ino);
     if state.state == CAPTURE_ON {
-        emit_closed(sk);
+        emit_closed(sk, ino);
     }
     Ok(())
 }
@@ -440,13 +451,19 @@ fn try_state(ctx: &TracePointContext) -> Result<(), i32> {
         return Ok(());
     }
     let sk: u64 = tp(ctx, off.iss_skaddr)?;
+    // Only the address is known here (the socket may be orphaned already).
     // SAFETY: copied out.
-    let Some(state) = (unsafe { CAPTURE_STATE.get(sk) }).copied() else {
+    let Some(ino) = (unsafe { CAPTURED_TCP.get(sk) }).copied() else {
         return Ok(());
     };
-    let _ = CAPTURE_STATE.remove(sk);
+    let _ = CAPTURED_TCP.remove(sk);
+    // SAFETY: copied out.
+    let Some(state) = (unsafe { CAPTURE_STATE.get(ino) }).copied() else {
+        return Ok(());
+    };
+    let _ = CAPTURE_STATE.remove(ino);
     if state.state == CAPTURE_ON {
-        emit_closed(sk);
+        emit_closed(sk, ino);
     }
     Ok(())
 }

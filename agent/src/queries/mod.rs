@@ -376,4 +376,9 @@ impl Analyser for QueriesAnalyser {
         self.conns.remove(&sk);
         self.parse_errors_seen.remove(&sk);
     }
+
+    fn forget_all(&mut self) {
+        self.conns.clear();
+        self.parse_errors_seen.clear();
+    }
 }

@@ -4,7 +4,10 @@
 //! Kernel side: `agent-ebpf/src/bin/streams.rs`. Which protocols exist is
 //! not known here: analysers register through [`Analyser`].
 
-use std::{collections::HashMap, time::Duration};
+use std::{
+    collections::{HashMap, HashSet},
+    time::Duration,
+};
 
 use aya::{
     Ebpf,
@@ -15,6 +18,9 @@ use pipelens_common::streams::{
     CAPTURE_OFF, CAPTURE_ON, CaptureState, MAX_CAPTURE, MAX_PIECES, PIECE_LAST, STREAM_CLOSED,
     STREAM_RECEIVED, STREAM_STAT_RING_LOST, StreamHeader, StreamTracepointOffsets,
 };
+
+/// Streams followed at once, at most.
+const MAX_STREAMS: usize = 100_000;
 
 /// Syscalls whose data is being reassembled from several records, at most.
 const MAX_ASSEMBLIES: usize = 4096;
@@ -132,6 +138,7 @@ pub enum Flow {
 /// One read or write of a socket, as captured.
 #[derive(Debug)]
 pub struct Chunk<'a> {
+    /// The stream's identity (the socket's inode number).
     pub sk: u64,
     pub comm: &'a [u8],
     pub flow: Flow,
@@ -164,6 +171,8 @@ pub trait Analyser: Send {
     fn offer(&mut self, chunk: &Chunk<'_>) -> Claim;
     fn feed(&mut self, chunk: &Chunk<'_>);
     fn closed(&mut self, sk: u64, ts: u64);
+    /// Drop every stream (their ends went unseen).
+    fn forget_all(&mut self);
     /// Called about once a second (expiry, metric flushes).
     fn tick(&mut self) {}
 }
@@ -187,7 +196,7 @@ impl StreamsCollector {
         let mut ebpf = loader.load("streams", objects::STREAMS, |l| {
             l.override_global("STREAM_TP_OFFSETS", &offsets, true);
         })?;
-        let mut loaded = std::collections::HashSet::new();
+        let mut loaded = HashSet::new();
         for (prog, category, name, _) in HOOKS {
             let tp: &mut TracePoint = ebpf
                 .program_mut(prog)
@@ -268,8 +277,8 @@ impl StreamsCollector {
         // SAFETY: length checked; read_unaligned makes no alignment assumption.
         let h: StreamHeader = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
         if h.kind == STREAM_CLOSED {
-            if let Some(i) = self.owner.remove(&h.sk) {
-                self.analysers[i].closed(h.sk, h.ts_exit);
+            if let Some(i) = self.owner.remove(&h.ino) {
+                self.analysers[i].closed(h.ino, h.ts_exit);
             }
             return;
         }
@@ -304,7 +313,7 @@ impl StreamsCollector {
     fn deliver(&mut self, h: &StreamHeader, data: &[u8]) {
         let tail_len = (h.tail_len as usize).min(h.tail.len());
         let chunk = Chunk {
-            sk: h.sk,
+            sk: h.ino,
             comm: &h.comm,
             flow: if h.direction == STREAM_RECEIVED {
                 Flow::Received
@@ -317,18 +326,25 @@ impl StreamsCollector {
             data,
             tail: &h.tail[..tail_len],
         };
-        if let Some(&i) = self.owner.get(&h.sk) {
+        if let Some(&i) = self.owner.get(&h.ino) {
             self.analysers[i].feed(&chunk);
             return;
+        }
+        if self.owner.len() >= MAX_STREAMS {
+            // Streams whose end went unseen (a process killed outright)
+            // must not accumulate: start over, the live ones are re-offered.
+            for i in self.owner.drain().map(|(_, i)| i).collect::<HashSet<_>>() {
+                self.analysers[i].forget_all();
+            }
         }
         let mut unsure = false;
         for (i, a) in self.analysers.iter_mut().enumerate() {
             match a.offer(&chunk) {
                 Claim::Mine => {
-                    log::debug!("socket {:#x} of {} is {}", h.sk, h.tgid, a.name());
-                    self.owner.insert(h.sk, i);
+                    log::debug!("socket {} of {} is {}", h.ino, h.tgid, a.name());
+                    self.owner.insert(h.ino, i);
                     a.feed(&chunk);
-                    self.decided.push((h.sk, CAPTURE_ON));
+                    self.decided.push((h.ino, CAPTURE_ON));
                     return;
                 }
                 Claim::Unsure => unsure = true,
@@ -336,7 +352,7 @@ impl StreamsCollector {
             }
         }
         if !unsure {
-            self.decided.push((h.sk, CAPTURE_OFF));
+            self.decided.push((h.ino, CAPTURE_OFF));
         }
     }
 
