@@ -11,7 +11,7 @@ use axum::{
 };
 use serde::{Deserialize, Serialize};
 
-use super::{App, session, settings::InsertMode, stats::StatsSnapshot, store::StoredEvent};
+use super::{App, session, stats::StatsSnapshot, store::StoredEvent};
 
 pub const DEFAULT_RECENT_LIMIT: i64 = 20;
 pub const MAX_RECENT_LIMIT: i64 = 1000;
@@ -103,12 +103,8 @@ pub struct StatsResponse {
 
 /// `GET /stats`: the modes in force and the pipeline's counters.
 async fn stats(State(app): State<Arc<App>>) -> Json<StatsResponse> {
-    let insert_mode = match app.settings.insert_mode {
-        InsertMode::PerEvent => "per-event",
-        InsertMode::Batched => "batched",
-    };
     Json(StatsResponse {
-        insert_mode: insert_mode.to_owned(),
+        insert_mode: app.settings.insert_mode.name().to_owned(),
         n_plus_one: app.settings.n_plus_one,
         unbounded_buffer: app.settings.unbounded_buffer,
         subscribers: app.subscribers.len(),

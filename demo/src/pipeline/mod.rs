@@ -121,8 +121,10 @@ pub async fn run(
         })?;
     let local = listener.local_addr().map_err(PipelineError::Serve)?;
     eprintln!(
-        "pipeline: listening on {local} (insert-mode {:?}, n-plus-one {}, unbounded-buffer {})",
-        settings.insert_mode, settings.n_plus_one, settings.unbounded_buffer
+        "pipeline: listening on {local} (insert-mode {}, n-plus-one {}, unbounded-buffer {})",
+        settings.insert_mode.name(),
+        settings.n_plus_one,
+        settings.unbounded_buffer
     );
 
     let shutdown = CancellationToken::new();

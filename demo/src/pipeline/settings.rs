@@ -16,6 +16,16 @@ pub enum InsertMode {
     Batched,
 }
 
+impl InsertMode {
+    /// The flag value: `per-event` or `batched`.
+    pub fn name(self) -> &'static str {
+        match self {
+            InsertMode::PerEvent => "per-event",
+            InsertMode::Batched => "batched",
+        }
+    }
+}
+
 /// An event pipeline: WebSocket clients publish JSON events, which are stored
 /// in PostgreSQL and fanned out to subscribed WebSocket clients.
 ///
