@@ -16,8 +16,8 @@ use super::plan::CloseMix;
 /// until the publishers are done and no message has arrived for `--drain-ms`.
 /// Every session then ends as `--close-mix` says: a Close frame with a code
 /// (and the closing handshake), or `abrupt` — a TCP reset with no Close
-/// frame, sent only once a Ping/Pong round trip showed the server has read
-/// everything before it.
+/// frame; a publisher resets only after a Ping/Pong round trip showed the
+/// server has read everything it sent.
 #[derive(Debug, Clone, Parser)]
 #[command(name = "loadgen", version)]
 pub struct LoadgenSettings {

@@ -58,7 +58,7 @@ pub struct PipelineSettings {
     #[arg(long, env = "PIPELINE_INSERT_MODE", value_enum, default_value_t = InsertMode::PerEvent)]
     pub insert_mode: InsertMode,
 
-    /// Batched mode: most events in one INSERT.
+    /// Batched mode: largest number of events in one INSERT.
     #[arg(long, env = "PIPELINE_BATCH_SIZE", default_value_t = 100,
           value_parser = clap::value_parser!(u16).range(1..=10_000))]
     pub batch_size: u16,
