@@ -1,5 +1,6 @@
-//! `cargo xtask bench`: the workload with and without the agent, rounds
-//! interleaved so that machine noise hits both alike; medians and ratios.
+//! `cargo xtask bench`: each workload with and without the agent, rounds
+//! interleaved (the order rotates every round) so that machine noise hits
+//! every configuration alike; medians and ratios to the untraced run.
 
 use std::{
     io::{BufRead, BufReader},
@@ -8,8 +9,19 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
+use clap::ValueEnum;
+use pipelens_tests::pg::TestPostgres;
 
 use crate::root;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Workload {
+    /// Loopback TCP connection churn.
+    Connections,
+    /// pgbench -S against a private PostgreSQL.
+    Queries,
+    All,
+}
 
 struct Round {
     rate: f64,
@@ -17,32 +29,125 @@ struct Round {
     agent_peak_rss_kib: u64,
 }
 
-pub fn run(rounds: usize, seconds: f64) -> anyhow::Result<()> {
+/// A configuration: its name and the agent's flags (None: no agent).
+type Config = (&'static str, Option<Vec<&'static str>>);
+
+pub fn run(workload: Workload, rounds: usize, seconds: f64) -> anyhow::Result<()> {
     if !crate::is_root() {
         bail!("the benchmark loads kernel programs: run it as root");
     }
     let secs = seconds.ceil().max(1.0) as u64;
-    // (name, agent flags): None runs the workload alone.
-    let configs: [(&str, Option<&[&str]>); 3] = [
-        ("without agent", None),
-        ("pipelens", Some(&[])),
-        ("pipelens --syscall-hooks", Some(&["--syscall-hooks"])),
-    ];
+    let mut report = String::new();
+    if matches!(workload, Workload::Connections | Workload::All) {
+        let configs: Vec<Config> = vec![
+            ("without agent", None),
+            ("pipelens --comm tcp-peer", Some(vec!["--comm", "tcp-peer"])),
+            (
+                "pipelens --comm tcp-peer --syscall-hooks",
+                Some(vec!["--comm", "tcp-peer", "--syscall-hooks"]),
+            ),
+        ];
+        let results = interleave(&configs, rounds, |flags| churn_round(secs, flags))?;
+        report.push_str(&table(
+            "Loopback connection churn",
+            "connections/s",
+            &configs,
+            &results,
+            secs,
+            None,
+        ));
+        report.push_str(&format!(
+            "\nConnect, 64 B each way, close; 2 client and 2 server threads in one process, \
+             both ends traced; {secs} s per round, {rounds} rounds.\n\n"
+        ));
+    }
+    if matches!(workload, Workload::Queries | Workload::All) {
+        let pg = TestPostgres::start();
+        let mut init = vec!["-i".to_owned(), "-s".into(), "10".into(), "-q".into()];
+        init.extend(pg.conn_args(false));
+        init.push("postgres".into());
+        let init: Vec<&str> = init.iter().map(String::as_str).collect();
+        pg.as_postgres(&pg.bin("pgbench"), &init);
+        let configs: Vec<Config> = vec![
+            ("without agent", None),
+            (
+                "pipelens, client traced",
+                Some(vec!["--comm", "pgbench", "--collectors", "queries"]),
+            ),
+            (
+                "pipelens, server traced",
+                Some(vec!["--comm", "postgres", "--collectors", "queries"]),
+            ),
+            (
+                "pipelens, both traced",
+                Some(vec![
+                    "--comm",
+                    "pgbench",
+                    "--comm",
+                    "postgres",
+                    "--collectors",
+                    "queries",
+                ]),
+            ),
+        ];
+        let results = interleave(&configs, rounds, |flags| pgbench_round(&pg, secs, flags))?;
+        report.push_str(&table(
+            "PostgreSQL pgbench -S (prepared, 4 clients, TCP)",
+            "transactions/s",
+            &configs,
+            &results,
+            secs,
+            Some(10_000.0),
+        ));
+        report.push_str(&format!(
+            "\npgbench -S -M prepared -c 4 -j 2 over TCP loopback, scale 10; {secs} s per \
+             round, {rounds} rounds.\n\n"
+        ));
+    }
+    println!("{report}");
+    let out = root().join("target/bench");
+    std::fs::create_dir_all(&out)?;
+    std::fs::write(out.join("report.md"), &report)?;
+    eprintln!("written to target/bench/report.md");
+    Ok(())
+}
+
+fn interleave(
+    configs: &[Config],
+    rounds: usize,
+    mut run: impl FnMut(Option<&[&str]>) -> anyhow::Result<Round>,
+) -> anyhow::Result<Vec<Vec<Round>>> {
     let mut results: Vec<Vec<Round>> = configs.iter().map(|_| Vec::new()).collect();
     for r in 0..rounds {
-        // Rotate which configuration goes first, so drift over the run
-        // (thermal, other tenants) does not favour one of them.
         for k in 0..configs.len() {
             let i = (k + r) % configs.len();
-            let (name, flags) = configs[i];
-            let round = churn_round(secs, flags)?;
-            eprintln!("round {r} {name:>26}: {:>9.0} conn/s", round.rate);
+            let (name, flags) = &configs[i];
+            let round = run(flags.as_deref())?;
+            eprintln!("round {r} {name:>42}: {:>9.0}/s", round.rate);
             results[i].push(round);
         }
     }
+    Ok(results)
+}
+
+/// `per`: also report agent CPU per `per` operations per second.
+fn table(
+    title: &str,
+    unit: &str,
+    configs: &[Config],
+    results: &[Vec<Round>],
+    secs: u64,
+    per: Option<f64>,
+) -> String {
     let base = median(results[0].iter().map(|r| r.rate).collect());
-    let mut report = String::from(
-        "| configuration | connections/s (median) | ratio to no agent | agent CPU (cores, median) | agent peak RSS |\n|---|---|---|---|---|\n",
+    let mut out = format!(
+        "### {title}\n\n| configuration | {unit} (median) | ratio to no agent | agent CPU (cores, median) |{} agent peak RSS |\n|---|---|---|---|{}---|\n",
+        if per.is_some() {
+            " agent CPU per 10k ops/s |"
+        } else {
+            ""
+        },
+        if per.is_some() { "---|" } else { "" },
     );
     for (i, (name, _)) in configs.iter().enumerate() {
         let rate = median(results[i].iter().map(|r| r.rate).collect());
@@ -57,55 +162,76 @@ pub fn run(rounds: usize, seconds: f64) -> anyhow::Result<()> {
             .map(|r| r.agent_peak_rss_kib)
             .max()
             .unwrap_or(0);
-        let (cpu, rss) = if i == 0 {
-            ("-".to_owned(), "-".to_owned())
-        } else {
-            (
-                format!("{cpu:.3}"),
-                format!("{:.1} MiB", rss as f64 / 1024.0),
-            )
-        };
-        report.push_str(&format!(
-            "| {name} | {rate:.0} | {:.3} | {cpu} | {rss} |\n",
-            rate / base
+        let traced = i > 0;
+        let cell = |s: String| if traced { s } else { "-".to_owned() };
+        out.push_str(&format!(
+            "| {name} | {rate:.0} | {:.3} | {} |{} {} |\n",
+            rate / base,
+            cell(format!("{cpu:.3}")),
+            match per {
+                Some(p) => format!(" {} |", cell(format!("{:.3}", cpu / (rate / p)))),
+                None => String::new(),
+            },
+            cell(format!("{:.1} MiB", rss as f64 / 1024.0)),
         ));
     }
-    report.push_str(&format!(
-        "\nWorkload: loopback connection churn (connect, 64 B each way, close), 2 client and \
-         2 server threads in one process, both ends traced, {secs} s per round, {rounds} rounds \
-         with the configurations interleaved.\n"
-    ));
-    println!("{report}");
-    let out = root().join("target/bench");
-    std::fs::create_dir_all(&out)?;
-    std::fs::write(out.join("connections.md"), &report)?;
-    eprintln!("written to target/bench/connections.md");
-    Ok(())
+    out
 }
 
 fn churn_round(secs: u64, agent_flags: Option<&[&str]>) -> anyhow::Result<Round> {
     let port = free_port()?;
-    let agent = match agent_flags {
+    with_agent(agent_flags, || {
+        let mut peer = Command::new(root().join("target/release/tcp-peer"))
+            .args(["churn", &port.to_string(), &secs.to_string(), "2"])
+            .stdout(Stdio::piped())
+            .spawn()
+            .context("starting tcp-peer (cargo xtask build)")?;
+        let out = BufReader::new(peer.stdout.take().expect("stdout"));
+        let mut total = None;
+        for line in out.lines() {
+            if let Some(n) = line?.trim().strip_prefix("done ") {
+                total = Some(n.parse::<u64>()?);
+            }
+        }
+        let _ = peer.wait();
+        Ok(total.context("tcp-peer printed no total")? as f64 / secs as f64)
+    })
+}
+
+fn pgbench_round(
+    pg: &TestPostgres,
+    secs: u64,
+    agent_flags: Option<&[&str]>,
+) -> anyhow::Result<Round> {
+    with_agent(agent_flags, || {
+        let mut args: Vec<String> = ["-S", "-M", "prepared", "-c", "4", "-j", "2", "-T"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        args.push(secs.to_string());
+        args.extend(pg.conn_args(false));
+        args.push("postgres".into());
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = pg.as_postgres(&pg.bin("pgbench"), &args);
+        let text = String::from_utf8_lossy(&out.stdout);
+        text.lines()
+            .find_map(|l| l.strip_prefix("tps = "))
+            .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+            .context("pgbench printed no tps")
+    })
+}
+
+/// Runs `workload` (returning its rate), with the agent around it if asked.
+fn with_agent(
+    flags: Option<&[&str]>,
+    workload: impl FnOnce() -> anyhow::Result<f64>,
+) -> anyhow::Result<Round> {
+    let agent = match flags {
         Some(flags) => Some(start_agent(flags)?),
         None => None,
     };
-    let mut peer = Command::new(root().join("target/release/tcp-peer"))
-        .args(["churn", &port.to_string(), &secs.to_string(), "2"])
-        .stdout(Stdio::piped())
-        .spawn()
-        .context("starting tcp-peer (cargo xtask build)")?;
-    let mut out = BufReader::new(peer.stdout.take().expect("stdout"));
     let cpu_before = agent.as_ref().map_or(0.0, |a| cpu_seconds(a.id()));
-    let mut line = String::new();
-    let mut total = None;
-    while out.read_line(&mut line)? > 0 {
-        if let Some(n) = line.trim().strip_prefix("done ") {
-            total = Some(n.parse::<u64>()?);
-        }
-        line.clear();
-    }
-    let _ = peer.kill();
-    let _ = peer.wait();
+    let rate = workload();
     let (cpu, rss) = match &agent {
         Some(a) => (cpu_seconds(a.id()) - cpu_before, peak_rss_kib(a.id())),
         None => (0.0, 0),
@@ -113,9 +239,8 @@ fn churn_round(secs: u64, agent_flags: Option<&[&str]>) -> anyhow::Result<Round>
     if let Some(a) = agent {
         stop(a);
     }
-    let total = total.context("tcp-peer printed no total")?;
     Ok(Round {
-        rate: total as f64 / secs as f64,
+        rate: rate?,
         agent_cpu_seconds: cpu,
         agent_peak_rss_kib: rss,
     })
@@ -124,13 +249,7 @@ fn churn_round(secs: u64, agent_flags: Option<&[&str]>) -> anyhow::Result<Round>
 fn start_agent(flags: &[&str]) -> anyhow::Result<Child> {
     let port = free_port()?;
     let child = Command::new(root().join("target/release/pipelens"))
-        .args([
-            "run",
-            "--comm",
-            "tcp-peer",
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-        ])
+        .args(["run", "--listen", &format!("127.0.0.1:{port}")])
         .args(flags)
         .env("RUST_LOG", "warn")
         .spawn()

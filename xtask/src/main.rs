@@ -38,6 +38,9 @@ enum Task {
     Test,
     /// Side-by-side benchmarks, with and without the agent.
     Bench {
+        /// Which workload.
+        #[arg(value_enum, default_value = "all")]
+        workload: bench::Workload,
         /// Rounds per configuration (interleaved).
         #[arg(long, default_value_t = 7)]
         rounds: usize,
@@ -63,10 +66,14 @@ fn main() -> anyhow::Result<()> {
             setup::run()?;
             test()
         }
-        Task::Bench { rounds, seconds } => {
+        Task::Bench {
+            workload,
+            rounds,
+            seconds,
+        } => {
             setup::run()?;
             build_release()?;
-            bench::run(rounds, seconds)
+            bench::run(workload, rounds, seconds)
         }
     }
 }
