@@ -248,17 +248,14 @@ async fn create_schema(client: &Client) -> Result<(), StoreError> {
         .batch_execute(SCHEMA)
         .await
         .map_err(query_err("creating the schema"))?;
-    let mut seed = String::from("INSERT INTO kinds (name, description) VALUES ");
-    let mut params: Vec<&(dyn ToSql + Sync)> = Vec::new();
-    for (i, (name, description)) in SEEDED_KINDS.iter().enumerate() {
-        if i > 0 {
-            seed.push_str(", ");
-        }
-        seed.push_str(&format!("(${}, ${})", 2 * i + 1, 2 * i + 2));
-        params.push(name);
-        params.push(description);
-    }
-    seed.push_str(" ON CONFLICT (name) DO NOTHING");
+    let seed = format!(
+        "INSERT INTO kinds (name, description) VALUES {} ON CONFLICT (name) DO NOTHING",
+        value_pairs(SEEDED_KINDS.len())
+    );
+    let params: Vec<&(dyn ToSql + Sync)> = SEEDED_KINDS
+        .iter()
+        .flat_map(|(name, description)| [name as &(dyn ToSql + Sync), description])
+        .collect();
     client
         .execute(seed.as_str(), &params)
         .await
@@ -269,14 +266,18 @@ async fn create_schema(client: &Client) -> Result<(), StoreError> {
 /// `INSERT INTO events (kind, payload) VALUES ($1, $2), ($3, $4), …` for
 /// `rows` rows.
 pub fn insert_many_sql(rows: usize) -> String {
-    let mut sql = String::from("INSERT INTO events (kind, payload) VALUES ");
-    for i in 0..rows {
-        if i > 0 {
-            sql.push_str(", ");
-        }
-        sql.push_str(&format!("(${}, ${})", 2 * i + 1, 2 * i + 2));
-    }
-    sql
+    format!(
+        "INSERT INTO events (kind, payload) VALUES {}",
+        value_pairs(rows)
+    )
+}
+
+/// `($1, $2), ($3, $4), …` for `rows` rows of two columns.
+fn value_pairs(rows: usize) -> String {
+    (0..rows)
+        .map(|i| format!("(${}, ${})", 2 * i + 1, 2 * i + 2))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 #[cfg(test)]
