@@ -38,6 +38,11 @@
 //! - templates longer than [`MAX_TEMPLATE`] bytes are cut at a token
 //!   boundary and end in ` …`.
 
+#![cfg_attr(
+    not(test),
+    expect(dead_code, reason = "wired to the payload capture path next")
+)]
+
 use sqlparser::{
     dialect::PostgreSqlDialect,
     keywords::Keyword,
@@ -497,7 +502,12 @@ fn only_params(pieces: &[Spaced]) -> bool {
     let inner = &pieces[1..pieces.len() - 1];
     !inner.is_empty()
         && inner.iter().all(|(_, p)| {
-            matches!(p, Piece::Param) || p.is(",") || p.is("(") || p.is(")") || p.is("[") || p.is("]")
+            matches!(p, Piece::Param)
+                || p.is(",")
+                || p.is("(")
+                || p.is(")")
+                || p.is("[")
+                || p.is("]")
         })
         && inner.iter().any(|(_, p)| matches!(p, Piece::Param))
 }
@@ -601,21 +611,39 @@ mod tests {
     fn parameters_and_literals_give_one_template() {
         let simple = t("SELECT abalance FROM pgbench_accounts WHERE aid = 45417;");
         let extended = t("SELECT abalance FROM pgbench_accounts WHERE aid = $1;");
-        assert_eq!(simple, "SELECT abalance FROM pgbench_accounts WHERE aid = ?");
+        assert_eq!(
+            simple,
+            "SELECT abalance FROM pgbench_accounts WHERE aid = ?"
+        );
         assert_eq!(simple, extended);
     }
 
     #[test]
     fn signs_go_with_numbers_but_subtraction_stays() {
-        assert_eq!(t("SELECT -5, a - 1, f(-2), x = -3"), "SELECT ?, a - ?, f(?), x = ?");
-        assert_eq!(t("UPDATE t SET a = a -1 WHERE b < -1"), "UPDATE t SET a = a -? WHERE b < ?");
+        assert_eq!(
+            t("SELECT -5, a - 1, f(-2), x = -3"),
+            "SELECT ?, a - ?, f(?), x = ?"
+        );
+        assert_eq!(
+            t("UPDATE t SET a = a -1 WHERE b < -1"),
+            "UPDATE t SET a = a -? WHERE b < ?"
+        );
     }
 
     #[test]
     fn lists_collapse() {
-        assert_eq!(t("SELECT * FROM t WHERE id IN (1, 2, 3)"), "SELECT * FROM t WHERE id IN (?)");
-        assert_eq!(t("SELECT * FROM t WHERE id IN ($1,$2)"), "SELECT * FROM t WHERE id IN (?)");
-        assert_eq!(t("SELECT * FROM t WHERE id IN (SELECT 1)"), "SELECT * FROM t WHERE id IN (SELECT ?)");
+        assert_eq!(
+            t("SELECT * FROM t WHERE id IN (1, 2, 3)"),
+            "SELECT * FROM t WHERE id IN (?)"
+        );
+        assert_eq!(
+            t("SELECT * FROM t WHERE id IN ($1,$2)"),
+            "SELECT * FROM t WHERE id IN (?)"
+        );
+        assert_eq!(
+            t("SELECT * FROM t WHERE id IN (SELECT 1)"),
+            "SELECT * FROM t WHERE id IN (SELECT ?)"
+        );
         assert_eq!(
             t("INSERT INTO t VALUES (1, 'a'), (2, 'b'),(3, 'c')"),
             "INSERT INTO t VALUES (?)"
@@ -625,7 +653,10 @@ mod tests {
             "INSERT INTO t VALUES (?, now()) RETURNING id"
         );
         assert_eq!(t("SELECT ARRAY[1, 2, 3]"), "SELECT ARRAY[?]");
-        assert_eq!(t("SELECT * FROM t WHERE (a, b) IN ((1, 2), (3, 4))"), "SELECT * FROM t WHERE (a, b) IN (?)");
+        assert_eq!(
+            t("SELECT * FROM t WHERE (a, b) IN ((1, 2), (3, 4))"),
+            "SELECT * FROM t WHERE (a, b) IN (?)"
+        );
     }
 
     #[test]
@@ -636,7 +667,10 @@ mod tests {
         );
         assert_eq!(t("  "), "");
         assert_eq!(normalize("", false).operation, Operation::Empty);
-        assert_eq!(normalize("-- only a comment", false).operation, Operation::Empty);
+        assert_eq!(
+            normalize("-- only a comment", false).operation,
+            Operation::Empty
+        );
     }
 
     #[test]
@@ -656,7 +690,10 @@ mod tests {
             "SELECT 1 /* secret",
         ] {
             let n = normalize(sql, true);
-            assert!(!n.template.contains("secret") && !n.template.contains("alice"), "{n:?}");
+            assert!(
+                !n.template.contains("secret") && !n.template.contains("alice"),
+                "{n:?}"
+            );
             assert!(n.template.ends_with(ELLIPSIS), "{n:?}");
             assert_eq!(n.operation, Operation::Select);
         }
@@ -670,7 +707,10 @@ mod tests {
     fn text_after_copy_from_stdin_is_sql_on_the_wire() {
         let n = normalize("COPY t FROM STDIN;\nSELECT 'secret', 42", false);
         assert_eq!(n.template, "COPY t FROM STDIN; SELECT ?, ?");
-        let n = normalize("COPY t FROM STDIN; SELECT 1 -- same line\nSELECT 'secret'\n\\.\nSELECT 3", false);
+        let n = normalize(
+            "COPY t FROM STDIN; SELECT 1 -- same line\nSELECT 'secret'\n\\.\nSELECT 3",
+            false,
+        );
         assert_eq!(n.template, "COPY t FROM STDIN; SELECT ? SELECT ? SELECT ?");
         assert_eq!(n.operation, Operation::Copy);
     }
@@ -689,10 +729,15 @@ mod tests {
         assert_eq!(op("(SELECT 1) UNION (SELECT 2)"), "SELECT");
         assert_eq!(op("WITH d AS (SELECT 1 AS x) SELECT x FROM d"), "SELECT");
         assert_eq!(
-            op("WITH RECURSIVE r(n) AS (VALUES (1) UNION SELECT n+1 FROM r), m AS MATERIALIZED (SELECT 2) INSERT INTO t SELECT * FROM r"),
+            op(
+                "WITH RECURSIVE r(n) AS (VALUES (1) UNION SELECT n+1 FROM r), m AS MATERIALIZED (SELECT 2) INSERT INTO t SELECT * FROM r"
+            ),
             "INSERT"
         );
-        assert_eq!(op("WITH u AS (UPDATE t SET a = 1 RETURNING *) DELETE FROM s"), "DELETE");
+        assert_eq!(
+            op("WITH u AS (UPDATE t SET a = 1 RETURNING *) DELETE FROM s"),
+            "DELETE"
+        );
         assert_eq!(op("INSERT INTO t VALUES (1)"), "INSERT");
         assert_eq!(op("update t set a = 1"), "UPDATE");
         assert_eq!(op("DELETE FROM t"), "DELETE");
