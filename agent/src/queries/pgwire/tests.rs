@@ -886,3 +886,47 @@ fn random_bytes_from_the_first_byte_are_dropped_from_parsing() {
     assert_eq!(s.state(), StreamState::Abandoned);
     assert_eq!(s.drain_events().count(), 0);
 }
+
+#[test]
+fn requests_without_replies_are_capped() {
+    // Only one direction captured: requests pile up, never past the cap.
+    let mut s = ready();
+    let q = message(b'Q', b"SELECT 1\0");
+    for i in 0..(MAX_PENDING as u64 + 100) {
+        s.feed(Direction::FromFrontend, &q, q.len(), 10 + i);
+        check_bounds(&s);
+    }
+    assert!(s.in_flight() <= MAX_PENDING + 1);
+    assert_eq!(s.parse_errors(), 1);
+    assert_eq!(s.drain_events().count(), 0);
+}
+
+#[test]
+fn copy_both_ends_with_its_command_complete() {
+    // Replication-style CopyBoth through the extended protocol.
+    let mut s = ready();
+    let mut req = message(b'P', b"\0START_REPLICATION SLOT s LOGICAL 0/0\0\0\0");
+    req.extend(message(b'B', b"\0\0\0\0\0\0\0\0"));
+    req.extend(message(b'E', b"\0\0\0\0\0"));
+    req.extend(message(b'S', b""));
+    s.feed(Direction::FromFrontend, &req, req.len(), 10);
+    let mut rep = message(b'1', b"");
+    rep.extend(message(b'2', b""));
+    rep.extend(message(b'W', b"\0\0\0"));
+    rep.extend(message(b'd', b"wal bytes"));
+    s.feed(Direction::FromBackend, &rep, rep.len(), 11);
+    let fb = message(b'd', b"standby status");
+    s.feed(Direction::FromFrontend, &fb, fb.len(), 12);
+    let mut end = message(b'c', b"");
+    end.extend(message(b'C', b"START_REPLICATION\0"));
+    end.extend(message(b'Z', b"I"));
+    s.feed(Direction::FromBackend, &end, end.len(), 13);
+    let events: Vec<_> = s.drain_events().collect();
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(
+        (events[0].start_ns, events[0].end_ns, events[0].status),
+        (10, 13, Status::Ok)
+    );
+    assert_eq!(s.in_flight(), 0);
+    assert_eq!(s.parse_errors(), 0);
+}
