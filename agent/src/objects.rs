@@ -6,9 +6,16 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use aya::{Ebpf, EbpfLoader};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{MapData, PerCpuArray, RingBuf},
+    programs::TracePoint,
+};
 use pipelens_common::config::{AgentConfig, KernelOffsets};
 use thiserror::Error;
+use tokio::io::unix::AsyncFd;
+
+use crate::tracefs::TracefsError;
 
 macro_rules! bpf_file {
     ($name:literal) => {
@@ -42,6 +49,76 @@ pub enum LoadError {
         object: &'static str,
         source: aya::EbpfError,
     },
+}
+
+/// Why a collector could not be set up or read.
+#[derive(Debug, Error)]
+pub enum ProbeError {
+    #[error(transparent)]
+    Tracefs(#[from] TracefsError),
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    #[error("attaching {category}:{name}: {source}")]
+    Attach {
+        category: &'static str,
+        name: &'static str,
+        source: aya::programs::ProgramError,
+    },
+    #[error("kernel object has no map {0}")]
+    MissingMap(&'static str),
+    #[error("map: {0}")]
+    Map(#[from] aya::maps::MapError),
+    #[error("ring buffer: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("unexpected layout of {0}: its arguments are not where the other syscalls have them")]
+    Layout(String),
+}
+
+/// Loads each program once and attaches it to every tracepoint listed for
+/// it: `(program, category, tracepoint)`.
+pub fn attach_tracepoints<'a>(
+    ebpf: &mut Ebpf,
+    hooks: impl IntoIterator<Item = &'a (&'static str, &'static str, &'static str)>,
+) -> Result<(), ProbeError> {
+    let mut loaded = std::collections::HashSet::new();
+    for (prog, category, name) in hooks {
+        let tp: &mut TracePoint = ebpf
+            .program_mut(prog)
+            .expect("program defined in the object")
+            .try_into()
+            .expect("program is a tracepoint");
+        let result = if loaded.insert(*prog) {
+            tp.load()
+                .and_then(|()| tp.attach(category, name).map(|_| ()))
+        } else {
+            tp.attach(category, name).map(|_| ())
+        };
+        result.map_err(|source| ProbeError::Attach {
+            category,
+            name,
+            source,
+        })?;
+    }
+    Ok(())
+}
+
+/// Takes the ring buffer `name` out of `ebpf`, registered with tokio.
+pub fn take_ring(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+) -> Result<AsyncFd<RingBuf<MapData>>, ProbeError> {
+    let ring = RingBuf::try_from(ebpf.take_map(name).ok_or(ProbeError::MissingMap(name))?)?;
+    // SAFETY: the ring buffer owns its fd for as long as the AsyncFd holds
+    // it, and nothing else closes it.
+    unsafe { AsyncFd::register(ring) }
+        .map_err(|e| ProbeError::Io(std::io::Error::other(e.to_string())))
+}
+
+/// Sum over CPUs of slot `index` of the per-CPU counter array `name`.
+pub fn per_cpu_total(ebpf: &Ebpf, name: &'static str, index: u32) -> Result<u64, ProbeError> {
+    let stats: PerCpuArray<&MapData, u64> =
+        PerCpuArray::try_from(ebpf.map(name).ok_or(ProbeError::MissingMap(name))?)?;
+    Ok(stats.get(&index, 0)?.iter().sum())
 }
 
 /// Loads kernel objects with the same configuration and the same `TARGETS`

@@ -15,41 +15,20 @@ use std::{
 use aya::{
     Ebpf,
     maps::{HashMap, MapData, PerCpuArray, PerCpuValues, RingBuf},
-    programs::TracePoint,
 };
 use pipelens_common::connections::{
     ConnEvent, ConnTracepointOffsets, STAT_RING_LOST, SeedKey, SeedValue, SockState,
 };
-use thiserror::Error;
-use tokio::io::unix::AsyncFd;
 use tokio_util::sync::CancellationToken;
 use tracker::SockSnapshot;
 pub use tracker::{ConnectionTracker, Quantiles, quantiles};
 
 use crate::{
-    objects::{self, LoadError, Loader},
+    objects::{self, Loader, ProbeError},
     tracefs::{self, TracefsError, TracepointFormat},
 };
 
-#[derive(Debug, Error)]
-pub enum ConnectionsError {
-    #[error(transparent)]
-    Tracefs(#[from] TracefsError),
-    #[error(transparent)]
-    Load(#[from] LoadError),
-    #[error("attaching {category}:{name}: {source}")]
-    Attach {
-        category: &'static str,
-        name: &'static str,
-        source: aya::programs::ProgramError,
-    },
-    #[error("kernel object has no map {0}")]
-    MissingMap(&'static str),
-    #[error("map: {0}")]
-    Map(#[from] aya::maps::MapError),
-    #[error("ring buffer: {0}")]
-    Io(#[from] std::io::Error),
-}
+pub type ConnectionsError = ProbeError;
 
 /// Tracepoints this collector attaches: (program, category, name).
 pub const HOOKS: &[(&str, &str, &str)] = &[
@@ -145,29 +124,8 @@ impl ConnectionsCollector {
         let mut ebpf = loader.load("connections", objects::CONNECTIONS, |l| {
             l.override_global("CONN_TP_OFFSETS", &offsets, true);
         })?;
-        let mut loaded = std::collections::HashSet::new();
         let optional: &[_] = if syscall_hooks { SYSCALL_HOOKS } else { &[] };
-        for (prog, category, name) in HOOKS.iter().chain(optional) {
-            let tp: &mut TracePoint = ebpf
-                .program_mut(prog)
-                .expect("program defined in the object")
-                .try_into()
-                .expect("program is a tracepoint");
-            let attach = |tp: &mut TracePoint| -> Result<(), aya::programs::ProgramError> {
-                tp.attach(category, name)?;
-                Ok(())
-            };
-            let result = if loaded.insert(*prog) {
-                tp.load().and_then(|()| attach(tp))
-            } else {
-                attach(tp)
-            };
-            result.map_err(|source| ConnectionsError::Attach {
-                category,
-                name,
-                source,
-            })?;
-        }
+        objects::attach_tracepoints(&mut ebpf, HOOKS.iter().chain(optional))?;
         Ok(Self {
             ebpf,
             tracker: Arc::new(Mutex::new(ConnectionTracker::new())),
@@ -185,7 +143,7 @@ impl ConnectionsCollector {
         let mut ports: HashMap<_, u16, u32> = HashMap::try_from(
             self.ebpf
                 .map_mut("TARGET_LISTENERS")
-                .ok_or(ConnectionsError::MissingMap("TARGET_LISTENERS"))?,
+                .ok_or(ProbeError::MissingMap("TARGET_LISTENERS"))?,
         )?;
         for (port, tgid) in &listeners {
             ports.insert(port, tgid, 0)?;
@@ -193,7 +151,7 @@ impl ConnectionsCollector {
         let mut map: HashMap<_, SeedKey, SeedValue> = HashMap::try_from(
             self.ebpf
                 .map_mut("SEEDS")
-                .ok_or(ConnectionsError::MissingMap("SEEDS"))?,
+                .ok_or(ProbeError::MissingMap("SEEDS"))?,
         )?;
         let mut tracker = lock(&self.tracker);
         for s in &seeds {
@@ -217,7 +175,7 @@ impl ConnectionsCollector {
         let mut count: PerCpuArray<_, u64> = PerCpuArray::try_from(
             self.ebpf
                 .map_mut("SEED_COUNT")
-                .ok_or(ConnectionsError::MissingMap("SEED_COUNT"))?,
+                .ok_or(ProbeError::MissingMap("SEED_COUNT"))?,
         )?;
         let cpus = aya::util::nr_cpus().map_err(|(_, e)| e)?;
         count.set(0, PerCpuValues::try_from(vec![n; cpus])?, 0)?;
@@ -227,15 +185,7 @@ impl ConnectionsCollector {
     /// Reads events until `shutdown`, polls per-socket counters every second,
     /// and drains everything once more before returning.
     pub async fn run(mut self, shutdown: CancellationToken) -> Result<Self, ConnectionsError> {
-        let ring = RingBuf::try_from(
-            self.ebpf
-                .take_map("CONN_EVENTS")
-                .ok_or(ConnectionsError::MissingMap("CONN_EVENTS"))?,
-        )?;
-        // SAFETY: the ring buffer owns its fd for as long as the AsyncFd
-        // holds it, and nothing else closes it.
-        let mut ring = unsafe { AsyncFd::register(ring) }
-            .map_err(|e| ConnectionsError::Io(std::io::Error::other(e.to_string())))?;
+        let mut ring = objects::take_ring(&mut self.ebpf, "CONN_EVENTS")?;
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         // The kernel side batches wakeups; this bounds how stale a count gets.
         let mut drain_tick = tokio::time::interval(Duration::from_millis(100));
@@ -269,7 +219,7 @@ impl ConnectionsCollector {
         let socks: HashMap<&MapData, u64, SockState> = HashMap::try_from(
             self.ebpf
                 .map("SOCKS")
-                .ok_or(ConnectionsError::MissingMap("SOCKS"))?,
+                .ok_or(ProbeError::MissingMap("SOCKS"))?,
         )?;
         let snapshot: Vec<SockSnapshot> = socks
             .iter()
@@ -278,12 +228,7 @@ impl ConnectionsCollector {
             .collect();
         lock(&self.tracker).poll(&snapshot);
 
-        let stats: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(
-            self.ebpf
-                .map("CONN_STATS")
-                .ok_or(ConnectionsError::MissingMap("CONN_STATS"))?,
-        )?;
-        let lost: u64 = stats.get(&STAT_RING_LOST, 0)?.iter().sum();
+        let lost = objects::per_cpu_total(&self.ebpf, "CONN_STATS", STAT_RING_LOST)?;
         if lost > *lost_seen {
             metrics::counter!("pipelens_events_lost_total", "collector" => "connections")
                 .increment(lost - *lost_seen);
@@ -307,7 +252,7 @@ impl ConnectionsCollector {
         let mut map: HashMap<_, SeedKey, SeedValue> = HashMap::try_from(
             self.ebpf
                 .map_mut("SEEDS")
-                .ok_or(ConnectionsError::MissingMap("SEEDS"))?,
+                .ok_or(ProbeError::MissingMap("SEEDS"))?,
         )?;
         let mut tracker = lock(&self.tracker);
         for (key, tgid) in pending {

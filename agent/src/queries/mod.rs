@@ -10,13 +10,8 @@ pub mod conn;
 pub mod sql;
 pub mod wire;
 
-// The same protocol half written apart from the capture path and tested
-// against real PostgreSQL captures (`fixtures/`): `pgwire` frames and pairs
-// both directions, `normalize` templates SQL, `templates` caps them per
-// process.
-pub mod normalize;
-pub mod pgwire;
-pub mod templates;
+#[cfg(test)]
+mod fixture_tests;
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},

@@ -11,8 +11,7 @@ use std::{
 
 use aya::{
     Ebpf,
-    maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
-    programs::TracePoint,
+    maps::{HashMap as BpfHashMap, MapData, RingBuf},
 };
 use pipelens_common::streams::{
     CAPTURE_OFF, CAPTURE_ON, CaptureState, MAX_CAPTURE, MAX_PIECES, PIECE_LAST, STREAM_CLOSED,
@@ -31,36 +30,14 @@ struct Assembly {
     /// A record was lost: what follows the gap is not appended.
     broken: bool,
 }
-use thiserror::Error;
-use tokio::io::unix::AsyncFd;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    objects::{self, LoadError, Loader},
-    tracefs::{TracefsError, TracepointFormat},
+    objects::{self, Loader, ProbeError},
+    tracefs::TracepointFormat,
 };
 
-#[derive(Debug, Error)]
-pub enum StreamsError {
-    #[error(transparent)]
-    Tracefs(#[from] TracefsError),
-    #[error(transparent)]
-    Load(#[from] LoadError),
-    #[error("attaching {category}:{name}: {source}")]
-    Attach {
-        category: &'static str,
-        name: &'static str,
-        source: aya::programs::ProgramError,
-    },
-    #[error("kernel object has no map {0}")]
-    MissingMap(&'static str),
-    #[error("map: {0}")]
-    Map(#[from] aya::maps::MapError),
-    #[error("ring buffer: {0}")]
-    Io(#[from] std::io::Error),
-    #[error("unexpected layout of {0}: its arguments are not where the other syscalls have them")]
-    Layout(String),
-}
+pub type StreamsError = ProbeError;
 
 /// (program, category, tracepoint, name of the buffer argument)
 pub const HOOKS: &[(&str, &str, &str, &str)] = &[
@@ -98,7 +75,7 @@ pub fn tracepoint_offsets(capture_bytes: usize) -> Result<StreamTracepointOffset
         if name.starts_with("sys_exit") {
             let ret = f.offset("ret")?;
             if exit_ret.is_some_and(|r| r != ret) {
-                return Err(StreamsError::Layout(format!("{category}:{name}")));
+                return Err(ProbeError::Layout(format!("{category}:{name}")));
             }
             exit_ret = Some(ret);
             continue;
@@ -110,17 +87,17 @@ pub fn tracepoint_offsets(capture_bytes: usize) -> Result<StreamTracepointOffset
         let ptr = f.offset(ptr_field)?;
         let third = ptr + 8;
         if offsets.is_some_and(|o| o != (fd, ptr, third)) {
-            return Err(StreamsError::Layout(format!("{category}:{name}")));
+            return Err(ProbeError::Layout(format!("{category}:{name}")));
         }
         offsets = Some((fd, ptr, third));
     }
-    let (fd, ptr, third) = offsets.ok_or_else(|| StreamsError::Layout("sys_enter_*".into()))?;
+    let (fd, ptr, third) = offsets.ok_or_else(|| ProbeError::Layout("sys_enter_*".into()))?;
     let iss = TracepointFormat::load("sock", "inet_sock_set_state")?;
     Ok(StreamTracepointOffsets {
         enter_fd: fd,
         enter_ptr: ptr,
         enter_arg2: third,
-        exit_ret: exit_ret.ok_or_else(|| StreamsError::Layout("sys_exit_*".into()))?,
+        exit_ret: exit_ret.ok_or_else(|| ProbeError::Layout("sys_exit_*".into()))?,
         iss_skaddr: iss.offset("skaddr")?,
         iss_newstate: iss.offset("newstate")?,
         capture_bytes: capture_bytes.min(MAX_CAPTURE * MAX_PIECES) as u32,
@@ -196,25 +173,8 @@ impl StreamsCollector {
         let mut ebpf = loader.load("streams", objects::STREAMS, |l| {
             l.override_global("STREAM_TP_OFFSETS", &offsets, true);
         })?;
-        let mut loaded = HashSet::new();
-        for (prog, category, name, _) in HOOKS {
-            let tp: &mut TracePoint = ebpf
-                .program_mut(prog)
-                .expect("program defined in the object")
-                .try_into()
-                .expect("program is a tracepoint");
-            let result = if loaded.insert(*prog) {
-                tp.load()
-                    .and_then(|()| tp.attach(category, name).map(|_| ()))
-            } else {
-                tp.attach(category, name).map(|_| ())
-            };
-            result.map_err(|source| StreamsError::Attach {
-                category,
-                name,
-                source,
-            })?;
-        }
+        let hooks: Vec<_> = HOOKS.iter().map(|(p, c, n, _)| (*p, *c, *n)).collect();
+        objects::attach_tracepoints(&mut ebpf, &hooks)?;
         Ok(Self {
             ebpf,
             analysers,
@@ -225,15 +185,7 @@ impl StreamsCollector {
     }
 
     pub async fn run(mut self, shutdown: CancellationToken) -> Result<Self, StreamsError> {
-        let ring = RingBuf::try_from(
-            self.ebpf
-                .take_map("STREAM_EVENTS")
-                .ok_or(StreamsError::MissingMap("STREAM_EVENTS"))?,
-        )?;
-        // SAFETY: the ring buffer owns its fd for as long as the AsyncFd
-        // holds it, and nothing else closes it.
-        let mut ring = unsafe { AsyncFd::register(ring) }
-            .map_err(|e| StreamsError::Io(std::io::Error::other(e.to_string())))?;
+        let mut ring = objects::take_ring(&mut self.ebpf, "STREAM_EVENTS")?;
         let mut drain_tick = tokio::time::interval(Duration::from_millis(50));
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         let mut lost_seen = 0u64;
@@ -379,12 +331,7 @@ impl StreamsCollector {
     }
 
     fn count_lost(&mut self, lost_seen: &mut u64) -> Result<(), StreamsError> {
-        let stats: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(
-            self.ebpf
-                .map("STREAM_STATS")
-                .ok_or(StreamsError::MissingMap("STREAM_STATS"))?,
-        )?;
-        let lost: u64 = stats.get(&STREAM_STAT_RING_LOST, 0)?.iter().sum();
+        let lost = objects::per_cpu_total(&self.ebpf, "STREAM_STATS", STREAM_STAT_RING_LOST)?;
         if lost > *lost_seen {
             metrics::counter!("pipelens_events_lost_total", "collector" => "streams")
                 .increment(lost - *lost_seen);
