@@ -96,7 +96,12 @@ pub struct KernelOffsets {
     pub file_f_inode: u32,
     /// `inode.i_ino`
     pub inode_i_ino: u32,
+    /// `task_struct.group_leader`
+    pub task_group_leader: u32,
+    /// `task_struct.comm`
+    pub task_comm: u32,
     pub _pad: u32,
+    pub _pad2: u32,
     /// Address of `socket_file_ops`, so that a file is known to be a socket
     /// before its `private_data` is read as one (0 when unknown).
     pub socket_file_ops: u64,

@@ -32,7 +32,10 @@ pub static KERNEL_OFFSETS: Global<KernelOffsets> = Global::new(KernelOffsets {
     sk_state: 0,
     file_f_inode: 0,
     inode_i_ino: 0,
+    task_group_leader: 0,
+    task_comm: 0,
     _pad: 0,
+    _pad2: 0,
     socket_file_ops: 0,
 });
 
@@ -139,6 +142,23 @@ pub fn sock_and_inode_of_fd(fd: u64, inode: bool) -> Result<(u64, u64), i32> {
         0
     };
     Ok((sk, ino))
+}
+
+/// The process's name: the comm of the thread-group leader. The current
+/// thread's own comm is often a worker's name (`tokio-runtime-w`), which is
+/// not what a `process` label means.
+#[inline(always)]
+pub fn process_comm() -> [u8; 16] {
+    let off = KERNEL_OFFSETS.load();
+    // SAFETY: the helper has no preconditions.
+    let task = unsafe { bpf_get_current_task() };
+    let leader: u64 = read_kernel(task + off.task_group_leader as u64).unwrap_or(0);
+    if leader != 0
+        && let Ok(comm) = read_kernel::<[u8; 16]>(leader + off.task_comm as u64)
+    {
+        return comm;
+    }
+    aya_ebpf::helpers::bpf_get_current_comm().unwrap_or([0; 16])
 }
 
 /// Addresses and ports of a socket, read from `struct sock_common`.

@@ -51,7 +51,10 @@ pub fn kernel_offsets() -> Result<KernelOffsets, BtfError> {
         sk_state: r.offset_of("sock", "__sk_common.skc_state")?,
         file_f_inode: r.offset_of("file", "f_inode")?,
         inode_i_ino: r.offset_of("inode", "i_ino")?,
+        task_group_leader: r.offset_of("task_struct", "group_leader")?,
+        task_comm: r.offset_of("task_struct", "comm")?,
         _pad: 0,
+        _pad2: 0,
         socket_file_ops,
     })
 }

@@ -461,3 +461,70 @@ s.close()
     assert_eq!(code, 200);
     agent.stop();
 }
+
+/// Backends killed in the middle of pipelined batches: the agent survives,
+/// and the next client's statements are counted exactly.
+#[test]
+fn backend_killed_mid_pipeline() {
+    if !probes_available("backend_killed_mid_pipeline") {
+        return;
+    }
+    let pg = TestPostgres::start();
+    init_pgbench(&pg);
+    let mut script = String::from("\\startpipeline\n");
+    for _ in 0..500 {
+        script.push_str("SELECT abalance FROM pgbench_accounts WHERE aid = 7;\n");
+    }
+    script.push_str("\\endpipeline\n");
+    let path = pg.path().join("long.sql");
+    std::fs::write(&path, script).expect("script");
+    let agent = Agent::start(&["--comm", "pgbench", "--collectors", "queries"]);
+    let mut args: Vec<String> = vec![
+        "-n".into(),
+        "-M".into(),
+        "extended".into(),
+        "-T".into(),
+        "5".into(),
+        "-c".into(),
+        "2".into(),
+        "-f".into(),
+        path.display().to_string(),
+    ];
+    args.extend(pg.conn_args(false));
+    args.push("postgres".into());
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut bench = pg
+        .command(&pg.bin("pgbench"), &args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("pgbench");
+    std::thread::sleep(Duration::from_millis(1500));
+    let out = pg.psql(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = 'pgbench'",
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let _ = bench.wait();
+    // Let the records of the killed run drain before taking the baseline.
+    std::thread::sleep(Duration::from_millis(1500));
+    let before = count(&agent.metrics(), "pgbench", SELECT_TEMPLATE);
+    let n = pgbench(&pg, "prepared", false, &["-t", "300"]);
+    assert_eq!(n, 4 * 300);
+    let m = agent.wait_for("the next run's statements", WAIT, |m| {
+        count(m, "pgbench", SELECT_TEMPLATE) >= before + n as f64
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        count(&agent.metrics(), "pgbench", SELECT_TEMPLATE),
+        before + n as f64,
+        "{}",
+        m.dump()
+    );
+    let (code, _) = pipelens_tests::http_get(agent.port, "/healthz").expect("healthz");
+    assert_eq!(code, 200);
+    agent.stop();
+}

@@ -4,6 +4,7 @@
 //! every other command runs first; it is idempotent and fast when done.
 
 mod bench;
+mod demo;
 mod setup;
 
 use std::{
@@ -27,6 +28,19 @@ enum Task {
     Setup,
     /// Build the agent in release mode (kernel objects included).
     Build,
+    /// The demo: a private PostgreSQL, the event pipeline, load, and the
+    /// agent watching the pipeline, with a live summary. Ctrl-C stops it.
+    Demo {
+        /// Stop after this many seconds.
+        #[arg(long)]
+        duration: Option<u64>,
+        /// Where the agent serves /metrics and /healthz.
+        #[arg(long, default_value = "127.0.0.1:9464")]
+        listen: String,
+        /// Seconds between summaries.
+        #[arg(long, default_value_t = 5)]
+        interval: u64,
+    },
     /// Build, then run `pipelens ARGS` with the privileges it needs.
     Run {
         /// Arguments for pipelens, after `--`.
@@ -61,6 +75,19 @@ fn main() -> anyhow::Result<()> {
             setup::run()?;
             build_release()?;
             run_agent(&args)
+        }
+        Task::Demo {
+            duration,
+            listen,
+            interval,
+        } => {
+            setup::run()?;
+            build_release()?;
+            demo::run(demo::DemoArgs {
+                duration,
+                listen,
+                interval,
+            })
         }
         Task::Test => {
             setup::run()?;

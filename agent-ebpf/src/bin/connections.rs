@@ -19,7 +19,7 @@ use core::intrinsics::{AtomicOrdering, atomic_xadd};
 use aya_ebpf::{
     Global,
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
-    helpers::{bpf_get_current_comm, bpf_ktime_get_ns, bpf_probe_read_user},
+    helpers::{bpf_ktime_get_ns, bpf_probe_read_user},
     macros::{map, tracepoint},
     maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
     programs::TracePointContext,
@@ -162,7 +162,7 @@ fn new_state(tgid: u32, direction: u16, flags: u32, now: u64) -> SockState {
         retransmits: 0,
         saddr: [0; 16],
         daddr: [0; 16],
-        comm: bpf_get_current_comm().unwrap_or([0; 16]),
+        comm: pipelens_ebpf::process_comm(),
         tgid,
         flags,
         family: 0,

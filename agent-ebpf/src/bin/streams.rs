@@ -9,7 +9,7 @@
 use aya_ebpf::{
     Global,
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
-    helpers::{bpf_get_current_comm, bpf_ktime_get_ns, bpf_probe_read_user, generated},
+    helpers::{bpf_ktime_get_ns, bpf_probe_read_user, generated},
     macros::{map, tracepoint},
     maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
     programs::TracePointContext,
@@ -214,7 +214,7 @@ fn try_exit(ctx: &TracePointContext) -> Result<(), i32> {
     h.family = t.family;
     h.lport = t.lport;
     h.rport = t.rport;
-    h.comm = bpf_get_current_comm().unwrap_or([0; 16]);
+    h.comm = pipelens_ebpf::process_comm();
     h.tail_len = 0;
 
     let mut cap = off.capture_bytes as u64;
