@@ -156,17 +156,9 @@ fn try_exit(ctx: &TracePointContext) -> Result<(), i32> {
         return Ok(());
     }
     let (sk, ino) = sock_and_inode_of_fd(io.fd as u64, true)?;
-    let t = sock_tuple(sk)?;
-    match t.family {
-        AF_INET | AF_INET6 => {
-            if sock_protocol(sk)? != IPPROTO_TCP {
-                return Ok(());
-            }
-        }
-        AF_UNIX => {}
-        _ => return Ok(()),
-    }
+    // The state decides first: a socket seen before needs no more reads.
     let mut first_sight = false;
+    let mut family = 0u16;
     match CAPTURE_STATE.get_ptr_mut(ino) {
         Some(state) => {
             // SAFETY: live map value.
@@ -183,18 +175,33 @@ fn try_exit(ctx: &TracePointContext) -> Result<(), i32> {
             }
         }
         None => {
+            // First sight: only TCP and Unix stream sockets are worth it.
+            let t = sock_tuple(sk)?;
+            let wanted = match t.family {
+                AF_INET | AF_INET6 => sock_protocol(sk)? == IPPROTO_TCP,
+                AF_UNIX => true,
+                _ => false,
+            };
             let fresh = CaptureState {
-                state: CAPTURE_UNDECIDED,
+                state: if wanted {
+                    CAPTURE_UNDECIDED
+                } else {
+                    CAPTURE_OFF
+                },
                 undecided_seen: 1,
             };
             CAPTURE_STATE.insert(ino, fresh, 0)?;
+            if !wanted {
+                return Ok(());
+            }
+            if t.family != AF_UNIX {
+                let _ = CAPTURED_TCP.insert(sk, ino, 0);
+            }
+            family = t.family;
             first_sight = true;
         }
     }
 
-    if first_sight && t.family != AF_UNIX {
-        let _ = CAPTURED_TCP.insert(sk, ino, 0);
-    }
     let Some(rec) = SCRATCH.get_ptr_mut(0) else {
         return Ok(());
     };
@@ -211,9 +218,9 @@ fn try_exit(ctx: &TracePointContext) -> Result<(), i32> {
     h.fd = io.fd;
     h.kind = STREAM_DATA;
     h.direction = io.direction;
-    h.family = t.family;
-    h.lport = t.lport;
-    h.rport = t.rport;
+    h.family = family;
+    h.lport = 0;
+    h.rport = 0;
     h.comm = pipelens_ebpf::process_comm();
     h.tail_len = 0;
 
