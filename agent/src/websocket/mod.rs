@@ -160,9 +160,11 @@ impl ControlKind {
     }
 }
 
-/// What [`WebStream`] saw, in the order it saw it.
+/// What [`WebStream`](stream::WebStream) saw, in the order it saw it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum WebEvent {
+    /// A request answered by its final response. A WebSocket handshake is
+    /// one too, with status 101, ending with the 101's header block.
     HttpRequest(HttpRequest),
     /// A WebSocket upgrade was answered `101`: the connection now carries
     /// frames.
@@ -206,10 +208,7 @@ pub enum WebEvent {
         ts_ns: u64,
     },
     /// The stream is unparseable from here on.
-    ParseError {
-        error: ParseError,
-        ts_ns: u64,
-    },
+    ParseError { error: ParseError, ts_ns: u64 },
 }
 
 /// Why a stream stopped being parsed.

@@ -203,10 +203,26 @@ impl WebStream {
         original_len: usize,
         timestamp_ns: u64,
     ) {
+        self.feed_with_tail(direction, bytes, &[], original_len, timestamp_ns);
+    }
+
+    /// Like [`feed`](Self::feed), when the capture also kept the last bytes
+    /// of the syscall (`tail`): framing there is read too — a small frame
+    /// or a pipelined response after a long payload. `prefix` and `tail`
+    /// may overlap. A framing element in the part between them still makes
+    /// the stream unparseable.
+    pub fn feed_with_tail(
+        &mut self,
+        direction: Direction,
+        prefix: &[u8],
+        tail: &[u8],
+        original_len: usize,
+        timestamp_ns: u64,
+    ) {
         if !matches!(self.state, StreamState::Http | StreamState::WebSocket) {
             return;
         }
-        let original_len = original_len.max(bytes.len());
+        let original_len = original_len.max(prefix.len());
         if original_len == 0 {
             return;
         }
@@ -214,10 +230,14 @@ impl WebStream {
             Direction::Received => Role::Server,
             Direction::Sent => Role::Client,
         });
-        let gap = (original_len - bytes.len()) as u64;
+        // Only the part of the tail past the prefix is new.
+        let unseen = original_len - prefix.len();
+        let tail = &tail[tail.len() - tail.len().min(unseen)..];
+        let gap = (unseen - tail.len()) as u64;
         let result = self
-            .consume(direction, bytes, timestamp_ns)
-            .and_then(|()| self.skip(direction, gap, timestamp_ns));
+            .consume(direction, prefix, timestamp_ns)
+            .and_then(|()| self.skip(direction, gap, timestamp_ns))
+            .and_then(|()| self.consume(direction, tail, timestamp_ns));
         if let Err(error) = result {
             self.fail(error, timestamp_ns);
         }

@@ -1553,3 +1553,72 @@ fn upgrade_bytes_held_until_the_answer() {
         }
     }
 }
+
+#[test]
+fn a_kept_tail_recovers_framing_after_a_long_payload() {
+    // One read: a 1000-byte binary frame, then a 5-byte text frame.
+    let mut read = vec![0x82, 0x7e, 0x03, 0xe8];
+    read.resize(4 + 1000, b'b');
+    read.extend_from_slice(&[0x81, 0x05]);
+    read.extend_from_slice(b"hello");
+    let (prefix, tail) = (&read[..64], &read[read.len() - 128..]);
+
+    let mut s = upgraded(false);
+    s.feed_with_tail(Direction::Sent, prefix, tail, read.len(), 30);
+    let events: Vec<_> = s.drain_events().collect();
+    assert_eq!(
+        messages(&events, Direction::Sent),
+        [
+            (MessageOpcode::Binary, 1000, 1, false),
+            (MessageOpcode::Text, 5, 1, false)
+        ]
+    );
+    // Without it, the second header is unseen.
+    let mut s = upgraded(false);
+    let events = {
+        s.feed(Direction::Sent, prefix, read.len(), 30);
+        s.drain_events().collect::<Vec<_>>()
+    };
+    assert_eq!(
+        errors(&events),
+        [ParseError::Unseen {
+            what: "a WebSocket frame header"
+        }]
+    );
+    // A tail overlapping the prefix is read once.
+    let mut s = upgraded(false);
+    s.feed_with_tail(
+        Direction::Sent,
+        &read[..1000],
+        &read[read.len() - 128..],
+        read.len(),
+        30,
+    );
+    assert_eq!(
+        messages(&s.drain_events().collect::<Vec<_>>(), Direction::Sent).len(),
+        2
+    );
+
+    // The same for HTTP: a long body, then a pipelined response whose head
+    // is in the tail.
+    let mut s = WebStream::new();
+    s.feed(
+        Direction::Received,
+        b"GET /a HTTP/1.1\r\n\r\nGET /b HTTP/1.1\r\n\r\n",
+        38,
+        1,
+    );
+    let mut resp = b"HTTP/1.1 200 OK\r\nContent-Length: 3000\r\n\r\n".to_vec();
+    resp.resize(resp.len() + 3000, b'x');
+    resp.extend_from_slice(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n");
+    s.feed_with_tail(
+        Direction::Sent,
+        &resp[..100],
+        &resp[resp.len() - 128..],
+        resp.len(),
+        2,
+    );
+    let events: Vec<_> = s.drain_events().collect();
+    let got: Vec<_> = requests(&events).iter().map(|r| r.status_code).collect();
+    assert_eq!(got, [200, 404]);
+}
