@@ -5,10 +5,12 @@
 //! HTTP/1.1 and WebSocket (RFC 6455) stream analysis, from captured socket
 //! payloads; no kernel dependency.
 //!
-//! A [`WebStream`](stream::WebStream) follows one TCP connection in both directions, seen from
-//! the traced process (which may be the server or the client). It is fed
-//! every captured read and write — the first bytes of each syscall and its
-//! full length — and turns them into [`WebEvent`]s:
+//! A [`WebStream`](stream::WebStream) follows one TCP connection in both
+//! directions, seen from the traced process (which may be the server or the
+//! client). It is fed every captured read and write — the first bytes of
+//! each syscall (and its last ones, when kept) with its full length — and
+//! `on_connection_closed` when the connection ends; it turns them into
+//! [`WebEvent`]s, drained after each call:
 //!
 //! | event | metric |
 //! |---|---|
@@ -24,6 +26,10 @@
 //! frame payloads) may not be, and are skipped by their length. When a
 //! framing element falls in bytes the capture did not keep, the stream is
 //! marked unparseable rather than resynchronised by guessing.
+//!
+//! Which sockets to follow: [`http::classify_first_bytes`] tells an HTTP/1.x
+//! request from anything else (TLS, HTTP/2, other protocols) in a socket's
+//! first bytes. A WebSocket session over TLS is never seen in clear here.
 
 pub mod frame;
 pub mod http;
@@ -255,7 +261,7 @@ pub enum ParseError {
     #[error("new data frame inside a fragmented message")]
     InterleavedMessage,
     /// RFC 6455 §5.1: clients mask every frame, servers none.
-    #[error("frame from the {from:?} with its mask bit {masked}")]
+    #[error("frame from the {} {} masked", from.as_str(), if *masked { "was" } else { "was not" })]
     Masking { from: Role, masked: bool },
     /// RFC 6455 §7.4: 1005, 1006 and 1015 are never sent; below 1000 and
     /// 1016–2999 are unassigned.
