@@ -20,7 +20,8 @@ use crate::{
     streams::{Analyser, StreamsCollector},
     summary,
     targets::{Selection, TargetTracker},
-    telemetry, tracefs,
+    telemetry, tracefs, websocket,
+    websocket::analyser::WebAnalyser,
 };
 
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
@@ -89,6 +90,13 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         analyser_kinds.push(CollectorKind::Queries);
         queries_summary = Some(summary);
     }
+    let mut web_summary = None;
+    if requested.contains(&CollectorKind::Websocket) {
+        let (analyser, summary) = WebAnalyser::new();
+        analysers.push(Box::new(analyser));
+        analyser_kinds.push(CollectorKind::Websocket);
+        web_summary = Some(summary);
+    }
     if !analysers.is_empty() {
         match StreamsCollector::start(&loader, args.capture_bytes as usize, analysers) {
             Ok(collector) => {
@@ -107,7 +115,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     for kind in &requested {
         match kind {
-            CollectorKind::Queries => {}
+            CollectorKind::Queries | CollectorKind::Websocket => {}
             CollectorKind::Connections => {
                 match ConnectionsCollector::start(&loader, args.syscall_hooks) {
                     Ok(mut collector) => {
@@ -169,6 +177,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         let mut doc = summary::build(started.elapsed(), &health, &trackers);
         if let Some(q) = &queries_summary {
             doc["queries"] = queries::summary(q);
+        }
+        if let Some(w) = &web_summary {
+            doc["websocket"] = websocket::analyser::summary(w);
         }
         summary::write(path, &doc)?;
         log::info!("summary written to {}", path.display());

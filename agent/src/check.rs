@@ -130,7 +130,7 @@ pub fn run() -> anyhow::Result<bool> {
                                 Err(format!("missing tracepoints: {}", missing.join(", ")))
                             }
                         }
-                        CollectorKind::Queries => st.clone(),
+                        CollectorKind::Queries | CollectorKind::Websocket => st.clone(),
                     };
                     all_ok &= r.is_ok();
                     push(

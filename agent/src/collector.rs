@@ -19,15 +19,22 @@ pub enum CollectorKind {
     Connections,
     /// PostgreSQL statements from the wire: latency, errors by SQLSTATE.
     Queries,
+    /// WebSocket sessions and messages, HTTP/1.1 request latency.
+    Websocket,
 }
 
 impl CollectorKind {
-    pub const ALL: &'static [CollectorKind] = &[CollectorKind::Connections, CollectorKind::Queries];
+    pub const ALL: &'static [CollectorKind] = &[
+        CollectorKind::Connections,
+        CollectorKind::Queries,
+        CollectorKind::Websocket,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
             CollectorKind::Connections => "connections",
             CollectorKind::Queries => "queries",
+            CollectorKind::Websocket => "websocket",
         }
     }
 }

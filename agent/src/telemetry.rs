@@ -19,6 +19,11 @@ pub const QUERY_DURATION_BUCKETS: &[f64] = &[
     2.5, 5.0, 10.0, 30.0,
 ];
 
+/// Buckets for WebSocket message sizes, 16 B to 16 MiB.
+pub const MESSAGE_SIZE_BUCKETS: &[f64] = &[
+    16.0, 64.0, 256.0, 1024.0, 4096.0, 16384.0, 65536.0, 262144.0, 1048576.0, 4194304.0, 16777216.0,
+];
+
 /// Overflow value of a capped label.
 pub const OTHER: &str = "other";
 
@@ -32,6 +37,18 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
         .set_buckets_for_metric(
             Matcher::Full("pipelens_db_query_duration_seconds".to_owned()),
             QUERY_DURATION_BUCKETS,
+        )?
+        .set_buckets_for_metric(
+            Matcher::Full("pipelens_http_server_request_duration_seconds".to_owned()),
+            QUERY_DURATION_BUCKETS,
+        )?
+        .set_buckets_for_metric(
+            Matcher::Full("pipelens_websocket_session_duration_seconds".to_owned()),
+            CONNECTION_DURATION_BUCKETS,
+        )?
+        .set_buckets_for_metric(
+            Matcher::Full("pipelens_websocket_message_size_bytes".to_owned()),
+            MESSAGE_SIZE_BUCKETS,
         )?
         .install_recorder()?;
     describe();
@@ -95,6 +112,45 @@ fn describe() {
     describe_counter!(
         "pipelens_db_encrypted_connections_total",
         "PostgreSQL connections that switched to TLS (counted, not parsed)"
+    );
+    describe_histogram!(
+        "pipelens_http_server_request_duration_seconds",
+        Unit::Seconds,
+        "HTTP/1.x requests served by a target, first request byte to last response byte"
+    );
+    describe_counter!(
+        "pipelens_http_parse_errors_total",
+        "HTTP or WebSocket streams that stopped being parsed, by reason"
+    );
+    describe_counter!(
+        "pipelens_websocket_sessions_total",
+        "WebSocket sessions opened (upgrade answered 101)"
+    );
+    describe_gauge!(
+        "pipelens_websocket_sessions_active",
+        "WebSocket sessions open now"
+    );
+    describe_histogram!(
+        "pipelens_websocket_session_duration_seconds",
+        Unit::Seconds,
+        "WebSocket session lifetime, 101 to the end of the close handshake or connection"
+    );
+    describe_counter!(
+        "pipelens_websocket_messages_total",
+        "WebSocket data messages (fragments folded), by direction seen from the target"
+    );
+    describe_histogram!(
+        "pipelens_websocket_message_size_bytes",
+        Unit::Bytes,
+        "WebSocket message payload sizes as on the wire"
+    );
+    describe_counter!(
+        "pipelens_websocket_control_frames_total",
+        "WebSocket ping, pong and close frames"
+    );
+    describe_counter!(
+        "pipelens_websocket_closes_total",
+        "WebSocket sessions ended, by close code (1006: no close frame) and who closed first"
     );
     describe_counter!(
         "pipelens_events_lost_total",

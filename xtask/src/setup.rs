@@ -18,6 +18,7 @@ const PACKAGES: &[&str] = &[
     "prometheus",
     "curl",
     "python3",
+    "python3-websockets",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

@@ -158,7 +158,7 @@ fn try_exit(ctx: &TracePointContext) -> Result<(), i32> {
     let (sk, ino) = sock_and_inode_of_fd(io.fd as u64, true)?;
     // The state decides first: a socket seen before needs no more reads.
     let mut first_sight = false;
-    let mut family = 0u16;
+    let (mut family, mut lport, mut rport) = (0u16, 0u16, 0u16);
     match CAPTURE_STATE.get_ptr_mut(ino) {
         Some(state) => {
             // SAFETY: live map value.
@@ -197,7 +197,7 @@ fn try_exit(ctx: &TracePointContext) -> Result<(), i32> {
             if t.family != AF_UNIX {
                 let _ = CAPTURED_TCP.insert(sk, ino, 0);
             }
-            family = t.family;
+            (family, lport, rport) = (t.family, t.lport, t.rport);
             first_sight = true;
         }
     }
@@ -219,8 +219,8 @@ fn try_exit(ctx: &TracePointContext) -> Result<(), i32> {
     h.kind = STREAM_DATA;
     h.direction = io.direction;
     h.family = family;
-    h.lport = 0;
-    h.rport = 0;
+    h.lport = lport;
+    h.rport = rport;
     h.comm = pipelens_ebpf::process_comm();
     h.tail_len = 0;
 

@@ -128,6 +128,10 @@ pub struct Chunk<'a> {
     pub data: &'a [u8],
     /// The last bytes of the data when `data` does not reach the end.
     pub tail: &'a [u8],
+    /// Local and remote ports (TCP), known on a socket's first chunk only
+    /// (0 after, and for Unix sockets).
+    pub lport: u16,
+    pub rport: u16,
 }
 
 /// What an analyser says about a socket it was offered.
@@ -277,6 +281,8 @@ impl StreamsCollector {
             len: h.len,
             data,
             tail: &h.tail[..tail_len],
+            lport: h.lport,
+            rport: h.rport,
         };
         if let Some(&i) = self.owner.get(&h.ino) {
             self.analysers[i].feed(&chunk);

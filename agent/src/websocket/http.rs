@@ -394,6 +394,7 @@ impl BodyReader {
         }
     }
 
+    #[cfg(test)]
     pub(super) fn buffered(&self) -> usize {
         match self {
             BodyReader::Chunked(Chunked::SizeLine(line)) => line.len(),

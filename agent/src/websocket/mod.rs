@@ -1,7 +1,3 @@
-#![cfg_attr(
-    not(test),
-    expect(dead_code, reason = "wired to the payload capture path next")
-)]
 //! HTTP/1.1 and WebSocket (RFC 6455) stream analysis, from captured socket
 //! payloads; no kernel dependency.
 //!
@@ -31,6 +27,7 @@
 //! request from anything else (TLS, HTTP/2, other protocols) in a socket's
 //! first bytes. A WebSocket session over TLS is never seen in clear here.
 
+pub mod analyser;
 pub mod frame;
 pub mod http;
 pub mod stream;

@@ -108,6 +108,7 @@ impl Side {
         }
     }
 
+    #[cfg(test)]
     fn buffered(&self) -> usize {
         match self {
             Side::Head(h) => h.buffered(),
@@ -175,15 +176,18 @@ impl WebStream {
         }
     }
 
+    #[cfg(test)]
     pub fn role(&self) -> Option<Role> {
         self.role
     }
 
+    #[cfg(test)]
     pub fn state(&self) -> StreamState {
         self.state
     }
 
     /// Bytes held in buffers for framing (bounded; see the type's doc).
+    #[cfg(test)]
     pub fn buffered_bytes(&self) -> usize {
         self.sides.iter().map(Side::buffered).sum()
     }
@@ -196,6 +200,7 @@ impl WebStream {
     /// `bytes` is what was captured of it, `original_len` its full length
     /// (more when only a prefix was captured: the rest is skipped by
     /// length), `timestamp_ns` when it happened.
+    #[cfg(test)]
     pub fn feed(
         &mut self,
         direction: Direction,

@@ -1,0 +1,312 @@
+//! The websocket collector's side of the capture path: claims sockets that
+//! speak HTTP/1.x, feeds them to [`WebStream`], and turns its events into
+//! the brief's WebSocket and HTTP metrics and the summary.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::{Arc, Mutex},
+};
+
+use serde::Serialize;
+
+use super::{
+    Direction, Role, WebEvent,
+    http::{FirstBytes, classify_first_bytes},
+    stream::WebStream,
+};
+use crate::{
+    process::comm_from_bytes,
+    streams::{Analyser, Chunk, Claim, Flow},
+    telemetry::LabelCap,
+};
+
+const PROCESS_CAP: usize = 200;
+const PORT_CAP: usize = 200;
+/// Distinct close codes reported; others are `other` (a peer may send any
+/// number in 3000–4999).
+const CODE_CAP: usize = 50;
+
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct PortKey {
+    pub process: String,
+    pub port: String,
+}
+
+/// Per (process, port) figures of the summary.
+#[derive(Debug, Default, Serialize)]
+pub struct PortStats {
+    pub sessions: u64,
+    pub messages_received: u64,
+    pub messages_sent: u64,
+    pub bytes_received: u64,
+    pub bytes_sent: u64,
+    pub control_frames: u64,
+    pub closes: BTreeMap<String, u64>,
+    pub http_requests: BTreeMap<String, u64>,
+    pub parse_errors: u64,
+}
+
+pub type WebSummary = Arc<Mutex<BTreeMap<PortKey, PortStats>>>;
+
+struct Conn {
+    stream: WebStream,
+    key: PortKey,
+}
+
+pub struct WebAnalyser {
+    conns: HashMap<u64, Conn>,
+    process_cap: LabelCap,
+    port_cap: LabelCap,
+    code_cap: LabelCap,
+    stats: WebSummary,
+}
+
+impl WebAnalyser {
+    pub fn new() -> (Self, WebSummary) {
+        let stats: WebSummary = Arc::default();
+        (
+            Self {
+                conns: HashMap::new(),
+                process_cap: LabelCap::new(PROCESS_CAP),
+                port_cap: LabelCap::new(PORT_CAP),
+                code_cap: LabelCap::new(CODE_CAP),
+                stats: stats.clone(),
+            },
+            stats,
+        )
+    }
+
+    fn publish(&mut self, key: &PortKey, events: Vec<WebEvent>) {
+        let mut stats = self.stats.lock().unwrap_or_else(|e| e.into_inner());
+        let s = stats.entry(key.clone()).or_default();
+        let base = || {
+            vec![
+                metrics::Label::new("process", key.process.clone()),
+                metrics::Label::new("port", key.port.clone()),
+            ]
+        };
+        let with = |extra: &[(&'static str, String)]| {
+            let mut l = base();
+            l.extend(
+                extra
+                    .iter()
+                    .map(|(k, v)| metrics::Label::new(*k, v.clone())),
+            );
+            l
+        };
+        for ev in events {
+            match ev {
+                WebEvent::HttpRequest(r) => {
+                    let status = r.status_code.to_string();
+                    *s.http_requests
+                        .entry(format!("{} {status}", r.method.as_str()))
+                        .or_default() += 1;
+                    if r.role == Role::Server {
+                        metrics::histogram!(
+                            "pipelens_http_server_request_duration_seconds",
+                            with(&[
+                                ("method", r.method.as_str().to_owned()),
+                                ("status_code", status),
+                            ])
+                        )
+                        .record(r.duration_ns() as f64 / 1e9);
+                    }
+                }
+                WebEvent::SessionOpened { .. } => {
+                    s.sessions += 1;
+                    metrics::counter!("pipelens_websocket_sessions_total", base()).increment(1);
+                    metrics::gauge!("pipelens_websocket_sessions_active", base()).increment(1.0);
+                }
+                WebEvent::Message {
+                    direction,
+                    opcode,
+                    size,
+                    ..
+                } => {
+                    match direction {
+                        Direction::Received => {
+                            s.messages_received += 1;
+                            s.bytes_received += size;
+                        }
+                        Direction::Sent => {
+                            s.messages_sent += 1;
+                            s.bytes_sent += size;
+                        }
+                    }
+                    let labels = with(&[
+                        ("direction", direction.as_str().to_owned()),
+                        ("opcode", opcode.as_str().to_owned()),
+                    ]);
+                    metrics::counter!("pipelens_websocket_messages_total", labels.clone())
+                        .increment(1);
+                    metrics::histogram!("pipelens_websocket_message_size_bytes", labels)
+                        .record(size as f64);
+                }
+                WebEvent::Control {
+                    direction, kind, ..
+                } => {
+                    s.control_frames += 1;
+                    let opcode = kind.as_str();
+                    metrics::counter!(
+                        "pipelens_websocket_control_frames_total",
+                        with(&[
+                            ("direction", direction.as_str().to_owned()),
+                            ("opcode", opcode.to_owned()),
+                        ])
+                    )
+                    .increment(1);
+                }
+                WebEvent::SessionClosed {
+                    code,
+                    closed_by,
+                    duration_ns,
+                    ..
+                } => {
+                    let code = code.map_or_else(|| "unknown".to_owned(), |c| c.to_string());
+                    let code = self.code_cap.admit(&code);
+                    let initiator = match closed_by {
+                        Some(Role::Client) => "client",
+                        Some(Role::Server) => "server",
+                        None => "none",
+                    };
+                    *s.closes.entry(code.clone()).or_default() += 1;
+                    metrics::counter!(
+                        "pipelens_websocket_closes_total",
+                        with(&[("code", code), ("initiator", initiator.to_owned())])
+                    )
+                    .increment(1);
+                    metrics::histogram!("pipelens_websocket_session_duration_seconds", base())
+                        .record(duration_ns as f64 / 1e9);
+                    metrics::gauge!("pipelens_websocket_sessions_active", base()).decrement(1.0);
+                }
+                WebEvent::ParseError { error, .. } => {
+                    s.parse_errors += 1;
+                    metrics::counter!(
+                        "pipelens_http_parse_errors_total",
+                        with(&[("reason", error.label().to_owned())])
+                    )
+                    .increment(1);
+                }
+            }
+        }
+    }
+}
+
+/// Summary JSON of the websocket collector, per (process, port).
+pub fn summary(stats: &WebSummary) -> serde_json::Value {
+    let stats = stats.lock().unwrap_or_else(|e| e.into_inner());
+    let rows: Vec<serde_json::Value> = stats
+        .iter()
+        .map(|(k, s)| serde_json::json!({ "labels": k, "stats": s }))
+        .collect();
+    serde_json::json!({ "ports": rows })
+}
+
+/// Whether an unclassified socket's first bytes open an HTTP/1.x request.
+/// Connections already under way when the agent attached are not followed
+/// (the stream analysis starts at a request).
+pub fn recognise_http(data: &[u8]) -> Claim {
+    match classify_first_bytes(data) {
+        FirstBytes::Request => Claim::Mine,
+        FirstBytes::NeedMore => Claim::Unsure,
+        FirstBytes::NotHttp => Claim::NotMine,
+    }
+}
+
+fn direction(flow: Flow) -> Direction {
+    match flow {
+        Flow::Received => Direction::Received,
+        Flow::Sent => Direction::Sent,
+    }
+}
+
+impl Analyser for WebAnalyser {
+    fn name(&self) -> &'static str {
+        "http"
+    }
+
+    fn offer(&mut self, c: &Chunk<'_>) -> Claim {
+        let claim = recognise_http(c.data);
+        if claim != Claim::Mine {
+            return claim;
+        }
+        // The side that sends the request is the client.
+        let role = match c.flow {
+            Flow::Received => Role::Server,
+            Flow::Sent => Role::Client,
+        };
+        let port = match role {
+            Role::Server => c.lport,
+            Role::Client => c.rport,
+        };
+        let process = comm_from_bytes(c.comm).unwrap_or_else(|| "unknown".to_owned());
+        let key = PortKey {
+            process: self.process_cap.admit(&process),
+            port: self.port_cap.admit(&port.to_string()),
+        };
+        self.conns.insert(
+            c.sk,
+            Conn {
+                stream: WebStream::with_role(role),
+                key,
+            },
+        );
+        Claim::Mine
+    }
+
+    fn feed(&mut self, c: &Chunk<'_>) {
+        let Some(conn) = self.conns.get_mut(&c.sk) else {
+            return;
+        };
+        let ts = match c.flow {
+            Flow::Sent => c.ts_enter,
+            Flow::Received => c.ts_exit,
+        };
+        conn.stream
+            .feed_with_tail(direction(c.flow), c.data, c.tail, c.len as usize, ts);
+        let events: Vec<WebEvent> = conn.stream.drain_events().collect();
+        if !events.is_empty() {
+            let key = conn.key.clone();
+            self.publish(&key, events);
+        }
+    }
+
+    fn closed(&mut self, sk: u64, ts: u64) {
+        if let Some(mut conn) = self.conns.remove(&sk) {
+            conn.stream.on_connection_closed(ts);
+            let events: Vec<WebEvent> = conn.stream.drain_events().collect();
+            self.publish(&conn.key, events);
+        }
+    }
+
+    fn forget_all(&mut self) {
+        self.conns.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recognises_http_and_nothing_else() {
+        assert_eq!(
+            recognise_http(b"GET /ws HTTP/1.1\r\nHost: x\r\n\r\n"),
+            Claim::Mine
+        );
+        assert_eq!(recognise_http(b"POST /events HTTP/1.1\r\n"), Claim::Mine);
+        assert_eq!(recognise_http(b"GE"), Claim::Unsure);
+        assert_eq!(
+            recognise_http(b"\x00\x00\x00\x08\x04\xd2\x16\x2f"),
+            Claim::NotMine
+        );
+        assert_eq!(
+            recognise_http(b"Q\x00\x00\x00\x0dSELECT 1\x00"),
+            Claim::NotMine
+        );
+        assert_eq!(
+            recognise_http(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01]),
+            Claim::NotMine
+        );
+    }
+}

@@ -1,0 +1,282 @@
+//! Probe tests of the websocket collector: the demo pipeline (a real
+//! WebSocket and HTTP server) traced as the server, driven by real clients
+//! whose own summaries are the ground truth: the demo's load generator
+//! (Rust, tokio-tungstenite) and Python's `websockets`.
+
+use std::{
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use pipelens_tests::{
+    Agent, Metrics, free_port, http_get, pg::TestPostgres, probes_available, workspace_root,
+};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+struct Pipeline {
+    child: Child,
+    port: u16,
+}
+
+impl Pipeline {
+    fn start(pg: &TestPostgres) -> Pipeline {
+        let port = free_port();
+        let child = Command::new(workspace_root().join("target/release/pipeline"))
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args([
+                "--database-url",
+                &format!(
+                    "host=127.0.0.1 port={} user=postgres dbname=postgres",
+                    pg.port
+                ),
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("demo pipeline (cargo xtask build)");
+        for _ in 0..100 {
+            if let Ok((200, _)) = http_get(port, "/health") {
+                return Pipeline { child, port };
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("the demo pipeline did not come up");
+    }
+}
+
+impl Drop for Pipeline {
+    fn drop(&mut self) {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let _ = self.child.wait();
+    }
+}
+
+fn loadgen(port: u16, args: &[&str]) -> serde_json::Value {
+    let out = Command::new(workspace_root().join("target/release/loadgen"))
+        .args(["--target", &format!("127.0.0.1:{port}")])
+        .args(args)
+        .output()
+        .expect("loadgen");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("loadgen prints its summary as JSON")
+}
+
+fn ws(m: &Metrics, name: &str, port: u16, extra: &[(&str, &str)]) -> f64 {
+    let port = port.to_string();
+    let mut want = vec![("process", "pipeline"), ("port", port.as_str())];
+    want.extend_from_slice(extra);
+    m.sum(name, &want)
+}
+
+/// Sessions with known messages of known sizes: counts per direction
+/// exact, the size histogram's sum equal to the bytes sent, closes exact by
+/// code (abrupt ones as 1006), and 100 keep-alive HTTP requests on one
+/// connection counted as 100 with their status.
+#[test]
+fn demo_pipeline_sessions_are_exact() {
+    if !probes_available("demo_pipeline_sessions_are_exact") {
+        return;
+    }
+    let pg = TestPostgres::start();
+    let agent = Agent::start(&["--comm", "pipeline", "--collectors", "websocket"]);
+    let app = Pipeline::start(&pg);
+    // The readiness probe above was itself a request to the traced server.
+    let health_checks = agent.wait_for("the readiness probe", WAIT, |m| {
+        ws(
+            m,
+            "pipelens_http_server_request_duration_seconds_count",
+            app.port,
+            &[],
+        ) >= 1.0
+    });
+    let before = ws(
+        &health_checks,
+        "pipelens_http_server_request_duration_seconds_count",
+        app.port,
+        &[("method", "GET"), ("status_code", "200")],
+    );
+    let s = loadgen(
+        app.port,
+        &[
+            "--sessions",
+            "35",
+            "--subscriber-share",
+            "0",
+            "--messages",
+            "12",
+            "--rate",
+            "0",
+            "--message-size",
+            "700",
+            "--close-mix",
+            "1000=20,1001=10,abrupt=5",
+            "--ping-every",
+            "5",
+            "--http-requests",
+            "100",
+        ],
+    );
+    let sent = s["publishers"]["messages_sent"].as_u64().expect("messages");
+    let bytes = s["publishers"]["bytes_sent"].as_u64().expect("bytes");
+    assert_eq!(sent, 35 * 12);
+    let m = agent.wait_for("every session closed", WAIT, |m| {
+        ws(m, "pipelens_websocket_closes_total", app.port, &[]) >= 35.0
+            && ws(
+                m,
+                "pipelens_http_server_request_duration_seconds_count",
+                app.port,
+                &[],
+            ) >= 100.0
+    });
+    assert_eq!(
+        ws(&m, "pipelens_websocket_sessions_total", app.port, &[]),
+        35.0,
+        "{}",
+        m.dump()
+    );
+    assert_eq!(
+        ws(&m, "pipelens_websocket_sessions_active", app.port, &[]),
+        0.0
+    );
+    assert_eq!(
+        ws(
+            &m,
+            "pipelens_websocket_messages_total",
+            app.port,
+            &[("direction", "received")]
+        ),
+        sent as f64
+    );
+    assert_eq!(
+        ws(
+            &m,
+            "pipelens_websocket_message_size_bytes_sum",
+            app.port,
+            &[("direction", "received")]
+        ),
+        bytes as f64
+    );
+    assert_eq!(
+        ws(
+            &m,
+            "pipelens_websocket_closes_total",
+            app.port,
+            &[("code", "1000")]
+        ),
+        20.0
+    );
+    assert_eq!(
+        ws(
+            &m,
+            "pipelens_websocket_closes_total",
+            app.port,
+            &[("code", "1001")]
+        ),
+        10.0
+    );
+    assert_eq!(
+        ws(
+            &m,
+            "pipelens_websocket_closes_total",
+            app.port,
+            &[("code", "1006")]
+        ),
+        5.0
+    );
+    // Pings are control frames, not messages.
+    let pings = s["publishers"]["pings_sent"].as_u64().expect("pings");
+    assert!(pings > 0);
+    assert_eq!(
+        ws(
+            &m,
+            "pipelens_websocket_control_frames_total",
+            app.port,
+            &[("opcode", "ping"), ("direction", "received")]
+        ),
+        pings as f64
+    );
+    assert_eq!(
+        ws(
+            &m,
+            "pipelens_http_server_request_duration_seconds_count",
+            app.port,
+            &[("method", "GET"), ("status_code", "200")]
+        ),
+        100.0 + before
+    );
+    agent.stop();
+}
+
+/// A client in another language, framing its own way: Python's
+/// `websockets` sends a message in 3 fragments and pings. The fragmented
+/// message is one message of the summed size; the pings are control frames.
+#[test]
+fn python_client_fragments_and_pings() {
+    if !probes_available("python_client_fragments_and_pings") {
+        return;
+    }
+    let pg = TestPostgres::start();
+    let agent = Agent::start(&["--comm", "pipeline", "--collectors", "websocket"]);
+    let app = Pipeline::start(&pg);
+    let script = format!(
+        r#"
+import asyncio, json, websockets
+async def main():
+    async with websockets.connect("ws://127.0.0.1:{port}/ws") as ws:
+        for i in range(7):
+            await ws.send(json.dumps({{"kind": "click", "payload": {{"i": i}}}}))
+        # One message in three frames (continuations): 3 + 4 + 2 bytes of JSON.
+        await ws.send(iter(['{{"k', 'ind":', '"click"', ',"payload":1}}']))
+        for _ in range(3):
+            pong = await ws.ping()
+            await pong
+        await ws.close(code=1000)
+asyncio.run(main())
+"#,
+        port = app.port
+    );
+    let status = Command::new("/usr/bin/python3")
+        .args(["-c", &script])
+        .status()
+        .expect("python3 (cargo xtask setup installs python3-websockets)");
+    assert!(status.success());
+    let m = agent.wait_for("the python session's close", WAIT, |m| {
+        ws(m, "pipelens_websocket_closes_total", app.port, &[]) >= 1.0
+    });
+    assert_eq!(
+        ws(
+            &m,
+            "pipelens_websocket_messages_total",
+            app.port,
+            &[("direction", "received")]
+        ),
+        8.0,
+        "{}",
+        m.dump()
+    );
+    assert_eq!(
+        ws(
+            &m,
+            "pipelens_websocket_control_frames_total",
+            app.port,
+            &[("opcode", "ping"), ("direction", "received")]
+        ),
+        3.0
+    );
+    assert_eq!(
+        ws(
+            &m,
+            "pipelens_websocket_closes_total",
+            app.port,
+            &[("code", "1000")]
+        ),
+        1.0
+    );
+    agent.stop();
+}
