@@ -280,3 +280,90 @@ asyncio.run(main())
     );
     agent.stop();
 }
+
+/// Bad input on the traced server's port: bytes that are not HTTP, a header
+/// block over the limit, a frame announcing 2^63 bytes, a close frame with
+/// a reserved code, half a frame and then nothing. Each stream is marked
+/// unparseable and counted; the agent stays healthy.
+#[test]
+fn bad_input_is_counted_not_fatal() {
+    if !probes_available("bad_input_is_counted_not_fatal") {
+        return;
+    }
+    let pg = TestPostgres::start();
+    let agent = Agent::start(&["--comm", "pipeline", "--collectors", "websocket"]);
+    let app = Pipeline::start(&pg);
+    let script = format!(
+        r#"
+import socket, struct, time
+PORT = {port}
+def conn():
+    return socket.create_connection(("127.0.0.1", PORT))
+UPGRADE = (b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+           b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+def upgraded():
+    s = conn()
+    s.sendall(UPGRADE)
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        buf += s.recv(4096)
+    assert b" 101 " in buf, buf
+    return s
+# A header block over 16 KiB.
+s = conn(); s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n" + b"X-Pad: " + b"a" * 20000 + b"\r\n\r\n"); time.sleep(0.2); s.close()
+# A masked frame announcing 2^63 bytes (the length's top bit must be 0).
+s = upgraded(); s.sendall(bytes([0x82, 0xFF]) + struct.pack("!Q", 1 << 63) + b"\x00\x00\x00\x00"); time.sleep(0.2); s.close()
+# A close frame with a reserved code (1005 must never be sent).
+s = upgraded(); s.sendall(bytes([0x88, 0x82, 0, 0, 0, 0]) + struct.pack("!H", 1005)); time.sleep(0.2); s.close()
+# Half a frame, then the peer vanishes.
+s = upgraded(); s.sendall(bytes([0x81, 0xFE, 0x01])); time.sleep(0.2); s.close()
+"#,
+        port = app.port
+    );
+    let status = Command::new("/usr/bin/python3")
+        .args(["-c", &script])
+        .status()
+        .expect("python3");
+    assert!(status.success());
+    let m = agent.wait_for("four unparseable streams", WAIT, |m| {
+        ws(m, "pipelens_http_parse_errors_total", app.port, &[]) >= 4.0
+    });
+    assert!(
+        ws(
+            &m,
+            "pipelens_http_parse_errors_total",
+            app.port,
+            &[("reason", "head_too_large")]
+        ) >= 1.0,
+        "{}",
+        m.dump()
+    );
+    assert!(
+        ws(
+            &m,
+            "pipelens_http_parse_errors_total",
+            app.port,
+            &[("reason", "ws_protocol")]
+        ) >= 1.0,
+        "{}",
+        m.dump()
+    );
+    let (code, _) = http_get(agent.port, "/healthz").expect("healthz");
+    assert_eq!(code, 200);
+    // The server still serves, and is still analysed.
+    let s = loadgen(
+        app.port,
+        &[
+            "--sessions",
+            "2",
+            "--subscriber-share",
+            "0",
+            "--messages",
+            "3",
+            "--rate",
+            "0",
+        ],
+    );
+    assert_eq!(s["publishers"]["messages_sent"], 6);
+    agent.stop();
+}

@@ -20,11 +20,15 @@ pub enum Workload {
     Connections,
     /// pgbench -S against a private PostgreSQL.
     Queries,
+    /// WebSocket messages through the demo pipeline.
+    Websocket,
     All,
 }
 
 struct Round {
     rate: f64,
+    /// How long the measured part lasted.
+    seconds: f64,
     agent_cpu_seconds: f64,
     agent_peak_rss_kib: u64,
 }
@@ -53,7 +57,6 @@ pub fn run(workload: Workload, rounds: usize, seconds: f64) -> anyhow::Result<()
             "connections/s",
             &configs,
             &results,
-            secs,
             None,
         ));
         report.push_str(&format!(
@@ -96,12 +99,57 @@ pub fn run(workload: Workload, rounds: usize, seconds: f64) -> anyhow::Result<()
             "transactions/s",
             &configs,
             &results,
-            secs,
             Some(10_000.0),
         ));
         report.push_str(&format!(
             "\npgbench -S -M prepared -c 4 -j 2 over TCP loopback, scale 10; {secs} s per \
              round, {rounds} rounds.\n\n"
+        ));
+    }
+    if matches!(workload, Workload::Websocket | Workload::All) {
+        let pg = TestPostgres::start();
+        let app_port = free_port()?;
+        let mut pipeline = Command::new(root().join("target/release/pipeline"))
+            .args(["--listen", &format!("127.0.0.1:{app_port}")])
+            .args([
+                "--database-url",
+                &format!(
+                    "host=127.0.0.1 port={} user=postgres dbname=postgres",
+                    pg.port
+                ),
+            ])
+            .args(["--insert-mode", "batched"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting the demo pipeline (cargo xtask build)")?;
+        std::thread::sleep(Duration::from_secs(2));
+        let configs: Vec<Config> = vec![
+            ("without agent", None),
+            (
+                "pipelens --comm pipeline (websocket)",
+                Some(vec!["--comm", "pipeline", "--collectors", "websocket"]),
+            ),
+            (
+                "pipelens --comm pipeline (all collectors)",
+                Some(vec!["--comm", "pipeline"]),
+            ),
+        ];
+        let results = interleave(&configs, rounds, |flags| ws_round(app_port, flags));
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(pipeline.id() as i32, libc::SIGTERM) };
+        let _ = pipeline.wait();
+        let results = results?;
+        report.push_str(&table(
+            "WebSocket messages through the demo pipeline",
+            "messages/s",
+            &configs,
+            &results,
+            Some(10_000.0),
+        ));
+        report.push_str(&format!(
+            "\nloadgen: 10 publishing sessions, unpaced, 50,000 messages of 200 B in all per round; \
+             the pipeline inserts in batches; {rounds} rounds.\n\n"
         ));
     }
     println!("{report}");
@@ -136,7 +184,6 @@ fn table(
     unit: &str,
     configs: &[Config],
     results: &[Vec<Round>],
-    secs: u64,
     per: Option<f64>,
 ) -> String {
     let base = median(results[0].iter().map(|r| r.rate).collect());
@@ -154,7 +201,7 @@ fn table(
         let cpu = median(
             results[i]
                 .iter()
-                .map(|r| r.agent_cpu_seconds / secs as f64)
+                .map(|r| r.agent_cpu_seconds / r.seconds)
                 .collect(),
         );
         let rss = results[i]
@@ -194,7 +241,10 @@ fn churn_round(secs: u64, agent_flags: Option<&[&str]>) -> anyhow::Result<Round>
             }
         }
         let _ = peer.wait();
-        Ok(total.context("tcp-peer printed no total")? as f64 / secs as f64)
+        Ok((
+            total.context("tcp-peer printed no total")? as f64 / secs as f64,
+            secs as f64,
+        ))
     })
 }
 
@@ -217,14 +267,33 @@ fn pgbench_round(
         text.lines()
             .find_map(|l| l.strip_prefix("tps = "))
             .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+            .map(|tps| (tps, secs as f64))
             .context("pgbench printed no tps")
     })
 }
 
-/// Runs `workload` (returning its rate), with the agent around it if asked.
+fn ws_round(port: u16, agent_flags: Option<&[&str]>) -> anyhow::Result<Round> {
+    with_agent(agent_flags, || {
+        let out = Command::new(root().join("target/release/loadgen"))
+            .args(["--target", &format!("127.0.0.1:{port}")])
+            .args(["--sessions", "10", "--subscriber-share", "0", "--rate", "0"])
+            .args(["--messages", "5000", "--message-size", "200"])
+            .output()
+            .context("loadgen")?;
+        let summary: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        let sent = summary["publishers"]["messages_sent"]
+            .as_f64()
+            .context("messages_sent")?;
+        let secs = summary["elapsed_secs"].as_f64().context("elapsed_secs")?;
+        Ok((sent / secs, secs))
+    })
+}
+
+/// Runs `workload` (returning its rate and how long it ran), with the
+/// agent around it if asked.
 fn with_agent(
     flags: Option<&[&str]>,
-    workload: impl FnOnce() -> anyhow::Result<f64>,
+    workload: impl FnOnce() -> anyhow::Result<(f64, f64)>,
 ) -> anyhow::Result<Round> {
     let agent = match flags {
         Some(flags) => Some(start_agent(flags)?),
@@ -239,8 +308,10 @@ fn with_agent(
     if let Some(a) = agent {
         stop(a);
     }
+    let (rate, seconds) = rate?;
     Ok(Round {
-        rate: rate?,
+        rate,
+        seconds,
         agent_cpu_seconds: cpu,
         agent_peak_rss_kib: rss,
     })

@@ -253,6 +253,34 @@ fn print_summary(m: &Metrics, elapsed: Duration, round: u64) {
             n("pipelens_tcp_bytes_sent_total", &f),
         );
     }
+    let w = [("process", "pipeline")];
+    println!(
+        "websocket (process `pipeline`): sessions {} (active {})  messages received {} sent {}  closes 1000/1001/1006: {}/{}/{}  http requests {}  parse errors {}",
+        n("pipelens_websocket_sessions_total", &w),
+        n("pipelens_websocket_sessions_active", &w),
+        n(
+            "pipelens_websocket_messages_total",
+            &[("process", "pipeline"), ("direction", "received")]
+        ),
+        n(
+            "pipelens_websocket_messages_total",
+            &[("process", "pipeline"), ("direction", "sent")]
+        ),
+        n(
+            "pipelens_websocket_closes_total",
+            &[("process", "pipeline"), ("code", "1000")]
+        ),
+        n(
+            "pipelens_websocket_closes_total",
+            &[("process", "pipeline"), ("code", "1001")]
+        ),
+        n(
+            "pipelens_websocket_closes_total",
+            &[("process", "pipeline"), ("code", "1006")]
+        ),
+        n("pipelens_http_server_request_duration_seconds_count", &w),
+        n("pipelens_http_parse_errors_total", &w),
+    );
     let mut queries: Vec<(f64, BTreeMap<String, String>)> = m
         .samples
         .iter()
