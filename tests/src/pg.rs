@@ -91,6 +91,28 @@ impl TestPostgres {
         vec!["-h".into(), host, "-p".into(), self.port.to_string()]
     }
 
+    /// `pgbench ARGS` against this cluster's `postgres` database (over the
+    /// Unix socket when `unix`), as a command to spawn.
+    pub fn pgbench_command(&self, unix: bool, args: &[&str]) -> Command {
+        let mut all: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        all.extend(self.conn_args(unix));
+        all.push("postgres".into());
+        let all: Vec<&str> = all.iter().map(String::as_str).collect();
+        self.command(&self.bin("pgbench"), &all)
+    }
+
+    /// Runs pgbench to completion, panicking with its output on failure.
+    pub fn pgbench(&self, unix: bool, args: &[&str]) -> Output {
+        let out = self.pgbench_command(unix, args).output().expect("pgbench");
+        assert!(
+            out.status.success(),
+            "pgbench {args:?} failed:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    }
+
     /// Runs `program ARGS` as the postgres user in the cluster directory,
     /// panicking with its output when it fails.
     pub fn as_postgres(&self, program: &str, args: &[&str]) -> Output {

@@ -33,20 +33,9 @@ fn count_any_db(m: &Metrics, process: &str, query: &str) -> f64 {
 }
 
 fn pgbench(pg: &TestPostgres, mode: &str, unix: bool, extra: &[&str]) -> u64 {
-    let mut args: Vec<String> = vec![
-        "-S".into(),
-        "-M".into(),
-        mode.into(),
-        "-c".into(),
-        "4".into(),
-        "-j".into(),
-        "2".into(),
-    ];
-    args.extend(pg.conn_args(unix));
-    args.extend(extra.iter().map(|s| s.to_string()));
-    args.push("postgres".into());
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let out = pg.as_postgres(&pg.bin("pgbench"), &args);
+    let mut args = vec!["-S", "-M", mode, "-c", "4", "-j", "2"];
+    args.extend_from_slice(extra);
+    let out = pg.pgbench(unix, &args);
     let text = String::from_utf8_lossy(&out.stdout);
     text.lines()
         .find_map(|l| l.strip_prefix("number of transactions actually processed: "))
@@ -55,11 +44,7 @@ fn pgbench(pg: &TestPostgres, mode: &str, unix: bool, extra: &[&str]) -> u64 {
 }
 
 fn init_pgbench(pg: &TestPostgres) {
-    let mut args = vec!["-i".to_owned(), "-s".into(), "1".into(), "-q".into()];
-    args.extend(pg.conn_args(false));
-    args.push("postgres".into());
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    pg.as_postgres(&pg.bin("pgbench"), &args);
+    pg.pgbench(false, &["-i", "-s", "1", "-q"]);
 }
 
 /// pgbench -S in the simple, extended and prepared protocols, over TCP and
@@ -290,21 +275,11 @@ fn pipelined_batch_is_paired_in_order() {
     let path = pg.path().join("pipeline.sql");
     std::fs::write(&path, script).expect("script");
     let agent = Agent::start(&["--comm", "pgbench", "--collectors", "queries"]);
-    let mut args: Vec<String> = vec![
-        "-n".into(),
-        "-M".into(),
-        "extended".into(),
-        "-t".into(),
-        "2".into(),
-        "-c".into(),
-        "1".into(),
-        "-f".into(),
-        path.display().to_string(),
-    ];
-    args.extend(pg.conn_args(false));
-    args.push("postgres".into());
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    pg.as_postgres(&pg.bin("pgbench"), &args);
+    let script = path.display().to_string();
+    pg.pgbench(
+        false,
+        &["-n", "-M", "extended", "-t", "2", "-c", "1", "-f", &script],
+    );
     let m = agent.wait_for("200 pipelined statements", WAIT, |m| {
         m.sum(
             "pipelens_db_query_duration_seconds_count",
@@ -479,22 +454,12 @@ fn backend_killed_mid_pipeline() {
     let path = pg.path().join("long.sql");
     std::fs::write(&path, script).expect("script");
     let agent = Agent::start(&["--comm", "pgbench", "--collectors", "queries"]);
-    let mut args: Vec<String> = vec![
-        "-n".into(),
-        "-M".into(),
-        "extended".into(),
-        "-T".into(),
-        "5".into(),
-        "-c".into(),
-        "2".into(),
-        "-f".into(),
-        path.display().to_string(),
-    ];
-    args.extend(pg.conn_args(false));
-    args.push("postgres".into());
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let script = path.display().to_string();
     let mut bench = pg
-        .command(&pg.bin("pgbench"), &args)
+        .pgbench_command(
+            false,
+            &["-n", "-M", "extended", "-T", "5", "-c", "2", "-f", &script],
+        )
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()

@@ -35,9 +35,11 @@ impl Pipeline {
             .stderr(Stdio::null())
             .spawn()
             .expect("demo pipeline (cargo xtask build)");
+        // Owned at once, so that it is stopped and reaped however we leave.
+        let pipeline = Pipeline { child, port };
         for _ in 0..100 {
             if let Ok((200, _)) = http_get(port, "/health") {
-                return Pipeline { child, port };
+                return pipeline;
             }
             std::thread::sleep(Duration::from_millis(100));
         }

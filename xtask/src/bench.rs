@@ -66,11 +66,7 @@ pub fn run(workload: Workload, rounds: usize, seconds: f64) -> anyhow::Result<()
     }
     if matches!(workload, Workload::Queries | Workload::All) {
         let pg = TestPostgres::start();
-        let mut init = vec!["-i".to_owned(), "-s".into(), "10".into(), "-q".into()];
-        init.extend(pg.conn_args(false));
-        init.push("postgres".into());
-        let init: Vec<&str> = init.iter().map(String::as_str).collect();
-        pg.as_postgres(&pg.bin("pgbench"), &init);
+        pg.pgbench(false, &["-i", "-s", "10", "-q"]);
         let configs: Vec<Config> = vec![
             ("without agent", None),
             (
@@ -254,15 +250,13 @@ fn pgbench_round(
     agent_flags: Option<&[&str]>,
 ) -> anyhow::Result<Round> {
     with_agent(agent_flags, || {
-        let mut args: Vec<String> = ["-S", "-M", "prepared", "-c", "4", "-j", "2", "-T"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
-        args.push(secs.to_string());
-        args.extend(pg.conn_args(false));
-        args.push("postgres".into());
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let out = pg.as_postgres(&pg.bin("pgbench"), &args);
+        let secs_arg = secs.to_string();
+        let out = pg.pgbench(
+            false,
+            &[
+                "-S", "-M", "prepared", "-c", "4", "-j", "2", "-T", &secs_arg,
+            ],
+        );
         let text = String::from_utf8_lossy(&out.stdout);
         text.lines()
             .find_map(|l| l.strip_prefix("tps = "))
