@@ -57,21 +57,37 @@ pub struct TemplateStats {
 
 /// Metric handles of one query label set, registered on first use.
 struct Series {
+    key: QueryKey,
     ok: Option<metrics::Histogram>,
     error: Option<metrics::Histogram>,
     errors: HashMap<String, metrics::Counter>,
 }
 
-/// Shared view for the summary writer.
-pub type QueriesSummary = Arc<Mutex<BTreeMap<QueryKey, TemplateStats>>>;
+/// Shared view for the summary writer: one row per series, in the order
+/// series were first seen (an index, so that recording takes no lookup).
+pub type QueriesSummary = Arc<Mutex<Vec<(QueryKey, TemplateStats)>>>;
+
+/// Statements remembered per connection by the identity of their text, so
+/// that executing a prepared statement again costs no hashing of strings.
+const MEMO_PER_CONN: usize = 1024;
+
+struct ConnEntry {
+    conn: PgConnection,
+    process: String,
+    /// The `db_name` label, fixed once the StartupMessage is known.
+    db: Option<String>,
+    /// SQL text (by address, kept alive here) → series, per status.
+    memo: HashMap<usize, (Arc<str>, usize)>,
+}
 
 pub struct QueriesAnalyser {
-    conns: HashMap<u64, (PgConnection, String)>,
+    conns: HashMap<u64, ConnEntry>,
     templates: HashMap<Arc<str>, (String, &'static str)>,
     per_process: HashMap<String, HashSet<String>>,
     process_cap: LabelCap,
     db_cap: LabelCap,
-    series: HashMap<QueryKey, Series>,
+    series: Vec<Series>,
+    series_index: HashMap<QueryKey, usize>,
     stats: QueriesSummary,
     parse_errors_seen: HashMap<u64, u64>,
     encrypted: u64,
@@ -87,7 +103,8 @@ impl QueriesAnalyser {
                 per_process: HashMap::new(),
                 process_cap: LabelCap::new(PROCESS_CAP),
                 db_cap: LabelCap::new(DB_CAP),
-                series: HashMap::new(),
+                series: Vec::new(),
+                series_index: HashMap::new(),
                 stats: stats.clone(),
                 parse_errors_seen: HashMap::new(),
                 encrypted: 0,
@@ -109,8 +126,9 @@ impl QueriesAnalyser {
         (t, op)
     }
 
-    fn record(&mut self, process: &str, role: Role, db: &str, c: Completed) {
-        let (template, operation) = self.template(&c.sql);
+    /// The series of `sql` for this connection's labels.
+    fn series_of(&mut self, process: &str, role: Role, db: &str, sql: &Arc<str>) -> usize {
+        let (template, operation) = self.template(sql);
         let known = self.per_process.entry(process.to_owned()).or_default();
         let query = if known.contains(&template) || known.len() < TEMPLATE_CAP {
             known.insert(template.clone());
@@ -125,12 +143,28 @@ impl QueriesAnalyser {
             operation,
             query,
         };
-        let secs = c.end_ns.saturating_sub(c.start_ns) as f64 / 1e9;
-        let series = self.series.entry(key.clone()).or_insert_with(|| Series {
+        if let Some(i) = self.series_index.get(&key) {
+            return *i;
+        }
+        let i = self.series.len();
+        self.series_index.insert(key.clone(), i);
+        self.stats
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((key.clone(), TemplateStats::default()));
+        self.series.push(Series {
+            key,
             ok: None,
             error: None,
             errors: HashMap::new(),
         });
+        i
+    }
+
+    fn record(&mut self, i: usize, c: Completed) {
+        let secs = c.end_ns.saturating_sub(c.start_ns) as f64 / 1e9;
+        let series = &mut self.series[i];
+        let key = &series.key;
         let labels = |status: &str| {
             vec![
                 metrics::Label::new("process", key.process.clone()),
@@ -156,28 +190,20 @@ impl QueriesAnalyser {
                         metrics::histogram!("pipelens_db_query_duration_seconds", labels("error"))
                     })
                     .record(secs);
+                let mut with_state = labels("error");
+                with_state.pop();
+                with_state.push(metrics::Label::new("sqlstate", state.clone()));
                 series
                     .errors
                     .entry(state.clone())
                     .or_insert_with(|| {
-                        metrics::counter!(
-                            "pipelens_db_query_errors_total",
-                            vec![
-                                metrics::Label::new("process", key.process.clone()),
-                                metrics::Label::new("role", key.role),
-                                metrics::Label::new("db_system", "postgresql"),
-                                metrics::Label::new("db_name", key.db_name.clone()),
-                                metrics::Label::new("operation", key.operation),
-                                metrics::Label::new("query", key.query.clone()),
-                                metrics::Label::new("sqlstate", state.clone()),
-                            ]
-                        )
+                        metrics::counter!("pipelens_db_query_errors_total", with_state)
                     })
                     .increment(1);
             }
         }
         let mut stats = self.stats.lock().unwrap_or_else(|e| e.into_inner());
-        let s = stats.entry(key).or_default();
+        let s = &mut stats[i].1;
         s.count += 1;
         if let Some(state) = c.error {
             *s.errors.entry(state).or_default() += 1;
@@ -191,8 +217,10 @@ impl QueriesAnalyser {
 /// Summary JSON of the queries collector.
 pub fn summary(stats: &QueriesSummary) -> serde_json::Value {
     let stats = stats.lock().unwrap_or_else(|e| e.into_inner());
-    let rows: Vec<serde_json::Value> = stats
-        .iter()
+    let mut rows: Vec<&(QueryKey, TemplateStats)> = stats.iter().collect();
+    rows.sort_by(|a, b| a.0.cmp(&b.0));
+    let rows: Vec<serde_json::Value> = rows
+        .into_iter()
         .map(|(key, s)| {
             serde_json::json!({
                 "labels": key,
@@ -327,51 +355,81 @@ impl Analyser for QueriesAnalyser {
         };
         let process = comm_from_bytes(c.comm).unwrap_or_else(|| "unknown".to_owned());
         let process = self.process_cap.admit(&process);
-        self.conns
-            .insert(c.sk, (PgConnection::new(role, from_start), process));
+        self.conns.insert(
+            c.sk,
+            ConnEntry {
+                conn: PgConnection::new(role, from_start),
+                process,
+                db: None,
+                memo: HashMap::new(),
+            },
+        );
         Claim::Mine
     }
 
     fn feed(&mut self, c: &Chunk<'_>) {
-        let Some((conn, process)) = self.conns.get_mut(&c.sk) else {
+        let Some(entry) = self.conns.get_mut(&c.sk) else {
             return;
         };
-        let side = side_of(conn.role, c.flow);
+        let side = side_of(entry.conn.role, c.flow);
         let ts = match c.flow {
             // A write's first byte leaves at the syscall's entry; a read's
             // bytes are in hand at its exit.
             Flow::Sent => c.ts_enter,
             Flow::Received => c.ts_exit,
         };
-        let was_encrypted = conn.encrypted;
+        let was_encrypted = entry.conn.encrypted;
         let mut done = Vec::new();
-        conn.feed(side, &segments(c), ts, &mut done);
-        let role = conn.role;
-        let process = process.clone();
-        let db = conn
-            .database
-            .clone()
-            .unwrap_or_else(|| "unknown".to_owned());
-        let errors = conn.parse_errors();
-        let encrypted_now = conn.encrypted && !was_encrypted;
+        entry.conn.feed(side, &segments(c), ts, &mut done);
+        let errors = entry.conn.parse_errors();
         let seen = self.parse_errors_seen.entry(c.sk).or_default();
         if errors > *seen {
-            metrics::counter!("pipelens_db_parse_errors_total", "process" => process.clone())
+            metrics::counter!("pipelens_db_parse_errors_total", "process" => entry.process.clone())
                 .increment(errors - *seen);
             *seen = errors;
         }
-        if encrypted_now {
+        if entry.conn.encrypted && !was_encrypted {
             self.encrypted += 1;
             metrics::counter!(
                 "pipelens_db_encrypted_connections_total",
-                "process" => process.clone(),
-                "role" => role.label()
+                "process" => entry.process.clone(),
+                "role" => entry.conn.role.label()
             )
             .increment(1);
         }
-        let db = self.db_cap.admit(&db);
+        if done.is_empty() {
+            return;
+        }
+        if entry.db.is_none() && entry.conn.database.is_some() {
+            let db = entry.conn.database.clone().unwrap_or_default();
+            entry.db = Some(self.db_cap.admit(&db));
+        }
+        let role = entry.conn.role;
         for d in done {
-            self.record(&process, role, &db, d);
+            let ptr = Arc::as_ptr(&d.sql) as *const u8 as usize;
+            let Some(entry) = self.conns.get_mut(&c.sk) else {
+                return;
+            };
+            let memo = entry
+                .memo
+                .get(&ptr)
+                .filter(|(sql, _)| Arc::ptr_eq(sql, &d.sql));
+            let i = match memo {
+                Some((_, i)) => *i,
+                None => {
+                    let process = entry.process.clone();
+                    let db = entry.db.clone().unwrap_or_else(|| "unknown".to_owned());
+                    let i = self.series_of(&process, role, &db, &d.sql);
+                    if let Some(entry) = self.conns.get_mut(&c.sk) {
+                        if entry.memo.len() >= MEMO_PER_CONN {
+                            entry.memo.clear();
+                        }
+                        entry.memo.insert(ptr, (d.sql.clone(), i));
+                    }
+                    i
+                }
+            };
+            self.record(i, d);
         }
     }
 
