@@ -11,7 +11,7 @@ use aya_ebpf::{
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{bpf_ktime_get_ns, bpf_probe_read_user, generated},
     macros::{map, tracepoint},
-    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
+    maps::{LruHashMap, PerCpuArray, RingBuf},
     programs::TracePointContext,
 };
 use pipelens_common::{
@@ -36,7 +36,11 @@ static STREAM_TP_OFFSETS: Global<StreamTracepointOffsets> = Global::new(StreamTr
 static STREAM_EVENTS: RingBuf = RingBuf::with_byte_size(8 << 20, 0);
 
 #[map]
-static ACTIVE_IO: HashMap<u32, ActiveIo> = HashMap::with_max_entries(16_384, 0);
+/// The syscall in flight per thread. Entries are rewritten in place and
+/// marked done (`ts_enter == 0`) rather than inserted and deleted on every
+/// syscall: a hash update and delete per read and write were the largest
+/// map cost under pgbench. LRU, so that exited threads' entries go.
+static ACTIVE_IO: LruHashMap<u32, ActiveIo> = LruHashMap::with_max_entries(16_384, 0);
 
 #[map]
 static CAPTURE_STATE: LruHashMap<u64, CaptureState> =
@@ -81,7 +85,11 @@ fn enter(ctx: &TracePointContext, shape: u32, direction: u32) -> Result<(), i32>
         direction,
         iovcnt: if shape == IO_IOV { arg2 as u32 } else { 0 },
     };
-    ACTIVE_IO.insert(tid, io, 0)?;
+    match ACTIVE_IO.get_ptr_mut(tid) {
+        // SAFETY: this thread's own entry; nothing else writes it.
+        Some(p) => unsafe { *p = io },
+        None => ACTIVE_IO.insert(tid, io, 0)?,
+    }
     Ok(())
 }
 
@@ -146,10 +154,16 @@ pub fn exit_io(ctx: TracePointContext) -> u32 {
 fn try_exit(ctx: &TracePointContext) -> Result<(), i32> {
     let (tgid, tid) = current_ids();
     // SAFETY: copied out before removal.
-    let Some(io) = (unsafe { ACTIVE_IO.get(tid) }).copied() else {
+    let Some(p) = ACTIVE_IO.get_ptr_mut(tid) else {
         return Ok(());
     };
-    let _ = ACTIVE_IO.remove(tid);
+    // SAFETY: this thread's own entry; nothing else writes it.
+    let io = unsafe { *p };
+    if io.ts_enter == 0 {
+        return Ok(());
+    }
+    // SAFETY: as above.
+    unsafe { (*p).ts_enter = 0 };
     let off = STREAM_TP_OFFSETS.load();
     let ret: i64 = tp(ctx, off.exit_ret)?;
     if ret <= 0 {
