@@ -45,11 +45,21 @@ pub fn run(workload: Workload, rounds: usize, seconds: f64) -> anyhow::Result<()
     if matches!(workload, Workload::Connections | Workload::All) {
         let configs: Vec<Config> = vec![
             ("without agent", None),
-            ("pipelens --comm tcp-peer", Some(vec!["--comm", "tcp-peer"])),
             (
-                "pipelens --comm tcp-peer --syscall-hooks",
-                Some(vec!["--comm", "tcp-peer", "--syscall-hooks"]),
+                "pipelens --collectors connections",
+                Some(vec!["--comm", "tcp-peer", "--collectors", "connections"]),
             ),
+            (
+                "pipelens --collectors connections --syscall-hooks",
+                Some(vec![
+                    "--comm",
+                    "tcp-peer",
+                    "--collectors",
+                    "connections",
+                    "--syscall-hooks",
+                ]),
+            ),
+            ("pipelens, all collectors", Some(vec!["--comm", "tcp-peer"])),
         ];
         let results = interleave(&configs, rounds, |flags| churn_round(secs, flags))?;
         report.push_str(&table(

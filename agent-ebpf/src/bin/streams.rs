@@ -196,6 +196,11 @@ fn try_exit(ctx: &TracePointContext) -> Result<(), i32> {
                 AF_UNIX => true,
                 _ => false,
             };
+            // And only when the first byte can open a protocol we parse:
+            // anything else is ruled out here, without a record to userspace
+            // (under connection churn, classifying every socket in userspace
+            // cost more than the connections collector itself).
+            let wanted = wanted && may_open_protocol(first_byte(&io));
             let fresh = CaptureState {
                 state: if wanted {
                     CAPTURE_UNDECIDED
@@ -317,6 +322,44 @@ fn copy_user_full(dst: *mut u8, src: u64) -> u64 {
         )
     };
     if rc == 0 { MAX_CAPTURE as u64 } else { 0 }
+}
+
+/// Bytes that can start what the analysers recognise: a PostgreSQL
+/// startup-phase message (its length's high byte, 0), a PostgreSQL message
+/// type byte of either side, or an HTTP/1.x request method or status line.
+const PROTOCOL_FIRST_BYTES: [u64; 4] = {
+    let mut set = [0u64; 4];
+    let bytes = b"\0ABCDEFGHIKNOPQRSTVWXZ123acdfnpstv";
+    let mut i = 0;
+    while i < bytes.len() {
+        let b = bytes[i] as usize;
+        set[b / 64] |= 1 << (b % 64);
+        i += 1;
+    }
+    set
+};
+
+#[inline(always)]
+fn may_open_protocol(b: Option<u8>) -> bool {
+    match b {
+        Some(b) => PROTOCOL_FIRST_BYTES[(b as usize / 64) & 3] & (1 << (b % 64)) != 0,
+        None => true,
+    }
+}
+
+/// The first byte of the syscall's data, read from the user buffer (or its
+/// first iovec); `None` when it cannot be read.
+#[inline(always)]
+fn first_byte(io: &ActiveIo) -> Option<u8> {
+    let base = match io.shape {
+        IO_BUF => io.ptr,
+        IO_IOV => read_user::<u64>(io.ptr).ok()?,
+        _ => {
+            let iov: u64 = read_user(io.ptr + 16).ok()?;
+            read_user::<u64>(iov).ok()?
+        }
+    };
+    read_user::<u8>(base).ok()
 }
 
 #[inline(always)]
