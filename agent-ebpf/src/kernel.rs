@@ -87,6 +87,30 @@ pub fn is_target(tgid: u32) -> bool {
     unsafe { TARGETS.get(tgid).is_some() }
 }
 
+/// Reads a tracepoint field at `offset`, taken from the tracepoint's
+/// `format` file by the loader.
+#[inline(always)]
+pub fn tp_field<T>(ctx: &aya_ebpf::programs::TracePointContext, offset: u32) -> Result<T, i32> {
+    // SAFETY: the offset comes from this tracepoint's format file.
+    unsafe { ctx.read_at::<T>(offset as usize) }
+}
+
+/// The panic handler and license every kernel object needs.
+#[macro_export]
+macro_rules! kernel_object {
+    () => {
+        #[cfg(not(test))]
+        #[panic_handler]
+        fn panic(_info: &core::panic::PanicInfo) -> ! {
+            loop {}
+        }
+
+        #[unsafe(link_section = "license")]
+        #[unsafe(no_mangle)]
+        static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
+    };
+}
+
 #[inline(always)]
 pub fn read_kernel<T>(addr: u64) -> Result<T, i32> {
     // SAFETY: bpf_probe_read_kernel validates the address and fails cleanly.

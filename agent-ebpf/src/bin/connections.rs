@@ -112,11 +112,7 @@ fn add(field: *mut u64, n: u64) {
     unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(field, n) };
 }
 
-#[inline(always)]
-fn tp<T>(ctx: &TracePointContext, offset: u32) -> Result<T, i32> {
-    // SAFETY: offsets come from this tracepoint's format file.
-    unsafe { ctx.read_at::<T>(offset as usize) }
-}
+use pipelens_ebpf::tp_field as tp;
 
 fn emit(kind: u32, sk: u64, s: &SockState, reason: u32, now: u64) {
     let Some(mut entry) = CONN_EVENTS.reserve::<ConnEvent>(0) else {
@@ -679,12 +675,4 @@ fn try_reset(ctx: &TracePointContext, offset: u32, flag: u32) -> Result<(), i32>
     Ok(())
 }
 
-#[cfg(not(test))]
-#[panic_handler]
-fn panic(_info: &core::panic::PanicInfo) -> ! {
-    loop {}
-}
-
-#[unsafe(link_section = "license")]
-#[unsafe(no_mangle)]
-static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
+pipelens_ebpf::kernel_object!();

@@ -61,11 +61,7 @@ const AF_UNIX: u16 = 1;
 const WAKEUP_BYTES: u64 = 256 * 1024;
 const MASK: usize = MAX_CAPTURE - 1;
 
-#[inline(always)]
-fn tp<T>(ctx: &TracePointContext, offset: u32) -> Result<T, i32> {
-    // SAFETY: offsets come from the tracepoints' format files.
-    unsafe { ctx.read_at::<T>(offset as usize) }
-}
+use pipelens_ebpf::tp_field as tp;
 
 #[inline(always)]
 fn enter(ctx: &TracePointContext, shape: u32, direction: u32) -> Result<(), i32> {
@@ -532,12 +528,4 @@ fn try_state(ctx: &TracePointContext) -> Result<(), i32> {
     Ok(())
 }
 
-#[cfg(not(test))]
-#[panic_handler]
-fn panic(_info: &core::panic::PanicInfo) -> ! {
-    loop {}
-}
-
-#[unsafe(link_section = "license")]
-#[unsafe(no_mangle)]
-static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
+pipelens_ebpf::kernel_object!();

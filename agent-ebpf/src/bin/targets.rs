@@ -121,12 +121,4 @@ fn try_exit(ctx: &TracePointContext) -> Result<(), i32> {
     Ok(())
 }
 
-#[cfg(not(test))]
-#[panic_handler]
-fn panic(_info: &core::panic::PanicInfo) -> ! {
-    loop {}
-}
-
-#[unsafe(link_section = "license")]
-#[unsafe(no_mangle)]
-static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
+pipelens_ebpf::kernel_object!();

@@ -28,8 +28,6 @@ use crate::{
     tracefs::{self, TracefsError, TracepointFormat},
 };
 
-pub type ConnectionsError = ProbeError;
-
 /// Tracepoints this collector attaches: (program, category, name).
 pub const HOOKS: &[(&str, &str, &str)] = &[
     ("inet_sock_set_state", "sock", "inet_sock_set_state"),
@@ -119,7 +117,7 @@ pub struct ConnectionsCollector {
 }
 
 impl ConnectionsCollector {
-    pub fn start(loader: &Loader, syscall_hooks: bool) -> Result<Self, ConnectionsError> {
+    pub fn start(loader: &Loader, syscall_hooks: bool) -> Result<Self, ProbeError> {
         let offsets = tracepoint_offsets()?;
         let mut ebpf = loader.load("connections", objects::CONNECTIONS, |l| {
             l.override_global("CONN_TP_OFFSETS", &offsets, true);
@@ -138,7 +136,7 @@ impl ConnectionsCollector {
 
     /// Seeds connections that `tgids` hold open right now. Called after the
     /// probes are attached, so that nothing closes unseen in between.
-    pub fn seed_existing(&mut self, tgids: &[u32]) -> Result<usize, ConnectionsError> {
+    pub fn seed_existing(&mut self, tgids: &[u32]) -> Result<usize, ProbeError> {
         let (seeds, listeners) = seed::find_existing(tgids);
         let mut ports: HashMap<_, u16, u32> = HashMap::try_from(
             self.ebpf
@@ -171,7 +169,7 @@ impl ConnectionsCollector {
         Ok(seeds.len())
     }
 
-    fn set_seed_count(&mut self, n: u64) -> Result<(), ConnectionsError> {
+    fn set_seed_count(&mut self, n: u64) -> Result<(), ProbeError> {
         let mut count: PerCpuArray<_, u64> = PerCpuArray::try_from(
             self.ebpf
                 .map_mut("SEED_COUNT")
@@ -184,7 +182,7 @@ impl ConnectionsCollector {
 
     /// Reads events until `shutdown`, polls per-socket counters every second,
     /// and drains everything once more before returning.
-    pub async fn run(mut self, shutdown: CancellationToken) -> Result<Self, ConnectionsError> {
+    pub async fn run(mut self, shutdown: CancellationToken) -> Result<Self, ProbeError> {
         let mut ring = objects::take_ring(&mut self.ebpf, "CONN_EVENTS")?;
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         // The kernel side batches wakeups; this bounds how stale a count gets.
@@ -215,7 +213,7 @@ impl ConnectionsCollector {
         Ok(self)
     }
 
-    fn poll(&mut self, lost_seen: &mut u64) -> Result<(), ConnectionsError> {
+    fn poll(&mut self, lost_seen: &mut u64) -> Result<(), ProbeError> {
         let socks: HashMap<&MapData, u64, SockState> = HashMap::try_from(
             self.ebpf
                 .map("SOCKS")
@@ -239,7 +237,7 @@ impl ConnectionsCollector {
 
     /// Seeds whose connection is gone from `/proc` without the kernel having
     /// matched them closed in the window before they were seeded.
-    fn reconcile_seeds(&mut self) -> Result<(), ConnectionsError> {
+    fn reconcile_seeds(&mut self) -> Result<(), ProbeError> {
         let pending: Vec<(SeedKey, u32)> = lock(&self.tracker)
             .pending_seeds()
             .map(|(k, tgid)| (*k, tgid))

@@ -283,16 +283,7 @@ impl ConnectionTracker {
         let row = self.row(labels);
         row.opened += 1;
         row.active += 1;
-        self.live.insert(
-            (ev.sk, ev.ts_ns - ev.duration_ns),
-            LiveConn {
-                stream: labels,
-                sent: 0,
-                received: 0,
-                retransmits: 0,
-                missing_polls: 0,
-            },
-        );
+        self.follow(ev, labels);
     }
 
     fn on_seed_matched(&mut self, ev: &ConnEvent) {
@@ -307,10 +298,15 @@ impl ConnectionTracker {
         let Some((labels, _)) = self.seeds.remove(&key) else {
             return;
         };
+        self.follow(ev, labels);
+    }
+
+    /// Starts exporting byte deltas for the socket of `ev`, as `stream`.
+    fn follow(&mut self, ev: &ConnEvent, stream: Sid) {
         self.live.insert(
             (ev.sk, ev.ts_ns - ev.duration_ns),
             LiveConn {
-                stream: labels,
+                stream,
                 sent: 0,
                 received: 0,
                 retransmits: 0,

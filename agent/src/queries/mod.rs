@@ -90,7 +90,6 @@ pub struct QueriesAnalyser {
     series_index: HashMap<QueryKey, usize>,
     stats: QueriesSummary,
     parse_errors_seen: HashMap<u64, u64>,
-    encrypted: u64,
 }
 
 impl QueriesAnalyser {
@@ -107,7 +106,6 @@ impl QueriesAnalyser {
                 series_index: HashMap::new(),
                 stats: stats.clone(),
                 parse_errors_seen: HashMap::new(),
-                encrypted: 0,
             },
             stats,
         )
@@ -389,7 +387,6 @@ impl Analyser for QueriesAnalyser {
             *seen = errors;
         }
         if entry.conn.encrypted && !was_encrypted {
-            self.encrypted += 1;
             metrics::counter!(
                 "pipelens_db_encrypted_connections_total",
                 "process" => entry.process.clone(),
@@ -405,31 +402,32 @@ impl Analyser for QueriesAnalyser {
             entry.db = Some(self.db_cap.admit(&db));
         }
         let role = entry.conn.role;
+        let process = entry.process.clone();
+        let db = entry.db.clone().unwrap_or_else(|| "unknown".to_owned());
+        // The memo is taken out while series are resolved, so that the
+        // connection is looked up once per chunk, not once per statement.
+        let mut memo = std::mem::take(&mut entry.memo);
         for d in done {
             let ptr = Arc::as_ptr(&d.sql) as *const u8 as usize;
-            let Some(entry) = self.conns.get_mut(&c.sk) else {
-                return;
-            };
-            let memo = entry
-                .memo
+            let known = memo
                 .get(&ptr)
-                .filter(|(sql, _)| Arc::ptr_eq(sql, &d.sql));
-            let i = match memo {
-                Some((_, i)) => *i,
+                .filter(|(sql, _)| Arc::ptr_eq(sql, &d.sql))
+                .map(|(_, i)| *i);
+            let i = match known {
+                Some(i) => i,
                 None => {
-                    let process = entry.process.clone();
-                    let db = entry.db.clone().unwrap_or_else(|| "unknown".to_owned());
                     let i = self.series_of(&process, role, &db, &d.sql);
-                    if let Some(entry) = self.conns.get_mut(&c.sk) {
-                        if entry.memo.len() >= MEMO_PER_CONN {
-                            entry.memo.clear();
-                        }
-                        entry.memo.insert(ptr, (d.sql.clone(), i));
+                    if memo.len() >= MEMO_PER_CONN {
+                        memo.clear();
                     }
+                    memo.insert(ptr, (d.sql.clone(), i));
                     i
                 }
             };
             self.record(i, d);
+        }
+        if let Some(entry) = self.conns.get_mut(&c.sk) {
+            entry.memo = memo;
         }
     }
 

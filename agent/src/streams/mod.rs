@@ -37,8 +37,6 @@ use crate::{
     tracefs::TracepointFormat,
 };
 
-pub type StreamsError = ProbeError;
-
 /// (program, category, tracepoint, name of the buffer argument)
 pub const HOOKS: &[(&str, &str, &str, &str)] = &[
     ("enter_read", "syscalls", "sys_enter_read", "buf"),
@@ -64,7 +62,7 @@ pub const HOOKS: &[(&str, &str, &str, &str)] = &[
 /// Offsets for this kernel. Every hooked `sys_enter_*` must have its fd,
 /// pointer and third argument at the same place (they do: syscall
 /// tracepoint records are the syscall number followed by 8-byte arguments).
-pub fn tracepoint_offsets(capture_bytes: usize) -> Result<StreamTracepointOffsets, StreamsError> {
+pub fn tracepoint_offsets(capture_bytes: usize) -> Result<StreamTracepointOffsets, ProbeError> {
     let mut offsets: Option<(u32, u32, u32)> = None;
     let mut exit_ret = None;
     for (_, category, name, ptr_field) in HOOKS {
@@ -172,7 +170,7 @@ impl StreamsCollector {
         loader: &Loader,
         capture_bytes: usize,
         analysers: Vec<Box<dyn Analyser>>,
-    ) -> Result<Self, StreamsError> {
+    ) -> Result<Self, ProbeError> {
         let offsets = tracepoint_offsets(capture_bytes)?;
         let mut ebpf = loader.load("streams", objects::STREAMS, |l| {
             l.override_global("STREAM_TP_OFFSETS", &offsets, true);
@@ -188,7 +186,7 @@ impl StreamsCollector {
         })
     }
 
-    pub async fn run(mut self, shutdown: CancellationToken) -> Result<Self, StreamsError> {
+    pub async fn run(mut self, shutdown: CancellationToken) -> Result<Self, ProbeError> {
         let mut ring = objects::take_ring(&mut self.ebpf, "STREAM_EVENTS")?;
         let mut drain_tick = tokio::time::interval(Duration::from_millis(50));
         let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -336,7 +334,7 @@ impl StreamsCollector {
         }
     }
 
-    fn count_lost(&mut self, lost_seen: &mut u64) -> Result<(), StreamsError> {
+    fn count_lost(&mut self, lost_seen: &mut u64) -> Result<(), ProbeError> {
         let lost = objects::per_cpu_total(&self.ebpf, "STREAM_STATS", STREAM_STAT_RING_LOST)?;
         if lost > *lost_seen {
             metrics::counter!("pipelens_events_lost_total", "collector" => "streams")
