@@ -6,6 +6,7 @@
 
 pub mod config;
 pub mod connections;
+pub mod memory;
 pub mod streams;
 
 #[cfg(feature = "user")]

@@ -1,6 +1,6 @@
 //! Userspace half: `aya::Pod` for every type that crosses a map or a ring.
 
-use crate::{config, connections, streams};
+use crate::{config, connections, memory, streams};
 
 // SAFETY: all of these are `#[repr(C)]`, made only of integers and integer
 // arrays, with no implicit padding, so every bit pattern is a valid value.
@@ -18,3 +18,7 @@ unsafe impl aya::Pod for streams::CaptureState {}
 unsafe impl aya::Pod for streams::ActiveIo {}
 unsafe impl aya::Pod for streams::StreamHeader {}
 unsafe impl aya::Pod for streams::StreamTracepointOffsets {}
+unsafe impl aya::Pod for memory::MemSample {}
+unsafe impl aya::Pod for memory::MemNote {}
+unsafe impl aya::Pod for memory::MemConfig {}
+unsafe impl aya::Pod for memory::Pending {}

@@ -1,0 +1,135 @@
+//! Allocation hotspots: sampled allocator calls and page faults, each with
+//! the registers and a window of the user stack, unwound in userspace.
+
+/// Bytes of user stack copied with every sample, from the stack pointer
+/// up. Enough for a few dozen frames of typical C, C++ and Rust code; a
+/// deeper stack is cut where the window ends (and said so).
+pub const STACK_WINDOW: usize = 16 * 1024;
+/// The window is read in pieces of this size, so that a stack whose top
+/// (the end of its mapping) is nearer than [`STACK_WINDOW`] still yields
+/// what is there.
+pub const STACK_CHUNK: usize = 1024;
+/// Entries in the table of exponential draws the samplers pick from.
+pub const DRAWS: u32 = 1024;
+/// Fixed-point scale of the draws: a draw of `DRAW_ONE` is one mean.
+pub const DRAW_ONE: u64 = 1 << 16;
+/// Sampled allocations whose pointer is followed until it is freed.
+pub const MAX_LIVE: u32 = 262_144;
+/// Sampled allocator calls in flight (entry seen, return not yet).
+pub const MAX_PENDING: u32 = 16_384;
+
+/// The attach cookie of an allocator uprobe: where the call's size and
+/// pointer arguments are, whatever the function is called.
+pub mod call {
+    /// `malloc(size)`, `valloc`, `pvalloc`, `mallocx(size, flags)`,
+    /// `mi_malloc_aligned(size, align)`, `operator new(size)`.
+    pub const SIZE_ARG0: u64 = 1;
+    /// `aligned_alloc(align, size)`, `memalign(align, size)`.
+    pub const SIZE_ARG1: u64 = 2;
+    /// `calloc(count, size)`.
+    pub const CALLOC: u64 = 3;
+    /// `realloc(ptr, size)`, `rallocx(ptr, size, flags)`.
+    pub const REALLOC: u64 = 4;
+    /// `reallocarray(ptr, count, size)`.
+    pub const REALLOCARRAY: u64 = 5;
+    /// `posix_memalign(&ptr, align, size)`: the pointer is written to
+    /// `*arg0`, the return value is an error number.
+    pub const POSIX_MEMALIGN: u64 = 6;
+    /// `free(ptr)`, `sdallocx(ptr, size, flags)`, `mi_free(ptr)`.
+    pub const FREE: u64 = 7;
+}
+
+/// `MemSample::kind`.
+pub const SAMPLE_ALLOC: u32 = 1;
+/// A user page fault on a target (one page of growth if anonymous).
+pub const SAMPLE_FAULT: u32 = 2;
+/// `mmap` of anonymous memory (or `brk` growing the heap).
+pub const SAMPLE_MAP: u32 = 3;
+
+/// `MemNote::kind`: a sampled allocation returned `addr`.
+pub const NOTE_RETURNED: u32 = 1;
+/// A followed pointer was freed (or moved by `realloc`).
+pub const NOTE_FREED: u32 = 2;
+/// `munmap(addr, size)` by a target.
+pub const NOTE_UNMAPPED: u32 = 3;
+
+/// A sampled event with its call stack. The stack window follows the
+/// header in the same ring record.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct MemSample {
+    pub kind: u32,
+    pub tgid: u32,
+    pub tid: u32,
+    /// Bytes of `stack` that were read (a multiple of [`STACK_CHUNK`]).
+    pub stack_len: u32,
+    /// Per-thread sequence number of the call, matched by its
+    /// [`NOTE_RETURNED`] note.
+    pub seq: u64,
+    /// Bytes the call asked for / the page / the mapping's length.
+    pub size: u64,
+    /// Fault address or mapping address (0 for allocations).
+    pub addr: u64,
+    pub ip: u64,
+    pub sp: u64,
+    pub bp: u64,
+    pub ts: u64,
+    pub stack: [u8; STACK_WINDOW],
+}
+
+/// A small record with no stack: returns, frees, unmaps.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct MemNote {
+    pub kind: u32,
+    pub tgid: u32,
+    pub tid: u32,
+    pub _pad: u32,
+    pub seq: u64,
+    pub addr: u64,
+    pub size: u64,
+}
+
+/// Sampler settings written by the loader.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct MemConfig {
+    /// Mean bytes between allocation samples (0: every allocation).
+    pub alloc_mean: u64,
+    /// Mean bytes between growth samples (faults and mappings; 0: all).
+    pub growth_mean: u64,
+    /// Follow sampled pointers until they are freed (1) or not (0).
+    pub track_frees: u32,
+    /// Tracepoint field offsets of `exceptions:page_fault_user`.
+    pub fault_address: u32,
+    /// `syscalls:sys_enter_mmap` / `sys_enter_munmap` / `sys_enter_brk`
+    /// first argument offset, and `sys_exit_*` return value offset.
+    pub sys_arg0: u32,
+    pub sys_ret: u32,
+}
+
+/// Per-thread state of the samplers and of the call in flight.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Pending {
+    pub seq: u64,
+    /// `posix_memalign`'s out-pointer, read at return.
+    pub out_ptr: u64,
+    /// Mapping call in flight: its length (`mmap`) or the old break (`brk`).
+    pub size: u64,
+    pub kind: u64,
+}
+
+/// `MEMORY_STATS` slots.
+pub const MSTAT_SAMPLES: u32 = 0;
+/// A sample or note did not fit in the ring buffer.
+pub const MSTAT_LOST: u32 = 1;
+/// A sampled pointer could not be followed: the live map was full.
+pub const MSTAT_LIVE_FULL: u32 = 2;
+/// The user stack could not be read at all (the sample still counts).
+pub const MSTAT_STACK_UNREADABLE: u32 = 3;
+/// Allocator calls seen (sampled or not).
+pub const MSTAT_CALLS: u32 = 4;
+/// Page faults of targets seen (sampled or not).
+pub const MSTAT_FAULTS: u32 = 5;
+pub const MSTAT_COUNT: u32 = 6;
