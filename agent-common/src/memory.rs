@@ -53,17 +53,16 @@ pub const NOTE_FREED: u32 = 2;
 /// `munmap(addr, size)` by a target.
 pub const NOTE_UNMAPPED: u32 = 3;
 
-/// A sampled event with its call stack. The stack window follows the
-/// header in the same ring record.
+/// What a sample says besides its stack.
 #[repr(C)]
-#[derive(Clone, Copy, Debug)]
-pub struct MemSample {
+#[derive(Clone, Copy, Debug, Default)]
+pub struct MemSampleHeader {
     pub kind: u32,
     pub tgid: u32,
     pub tid: u32,
-    /// Bytes of `stack` that were read (a multiple of [`STACK_CHUNK`]).
+    /// Bytes of stack that follow the header in the record.
     pub stack_len: u32,
-    /// Per-thread sequence number of the call, matched by its
+    /// Per-CPU sequence number of the call, matched by its
     /// [`NOTE_RETURNED`] note.
     pub seq: u64,
     /// Bytes the call asked for / the page / the mapping's length.
@@ -74,6 +73,15 @@ pub struct MemSample {
     pub sp: u64,
     pub bp: u64,
     pub ts: u64,
+}
+
+/// A sampled event with its call stack, built in a per-CPU scratch slot
+/// and sent as the header plus the `stack_len` bytes read (records are
+/// only as long as the stack that was there).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct MemSample {
+    pub head: MemSampleHeader,
     pub stack: [u8; STACK_WINDOW],
 }
 
@@ -106,6 +114,9 @@ pub struct MemConfig {
     /// first argument offset, and `sys_exit_*` return value offset.
     pub sys_arg0: u32,
     pub sys_ret: u32,
+    /// Bytes of user stack copied per sample (at most [`STACK_WINDOW`]).
+    pub stack_bytes: u32,
+    pub _pad: u32,
 }
 
 /// Per-thread state of the samplers and of the call in flight.

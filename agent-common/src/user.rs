@@ -19,6 +19,7 @@ unsafe impl aya::Pod for streams::ActiveIo {}
 unsafe impl aya::Pod for streams::StreamHeader {}
 unsafe impl aya::Pod for streams::StreamTracepointOffsets {}
 unsafe impl aya::Pod for memory::MemSample {}
+unsafe impl aya::Pod for memory::MemSampleHeader {}
 unsafe impl aya::Pod for memory::MemNote {}
 unsafe impl aya::Pod for memory::MemConfig {}
 unsafe impl aya::Pod for memory::Pending {}

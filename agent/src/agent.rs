@@ -13,6 +13,7 @@ use crate::{
     cli::RunArgs,
     collector::{CollectorKind, Health, Status},
     connections::{ConnectionTracker, ConnectionsCollector},
+    memory::collector::MemoryCollector,
     objects::Loader,
     privileges, process, queries,
     queries::QueriesAnalyser,
@@ -79,6 +80,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
 
     let mut tasks = Vec::new();
     let mut stream_tasks = Vec::new();
+    let mut memory_tasks = Vec::new();
     let mut trackers: Vec<(CollectorKind, Arc<Mutex<ConnectionTracker>>)> = Vec::new();
     let mut queries_summary = None;
     // Payload analysers share one capture object.
@@ -116,6 +118,28 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     for kind in &requested {
         match kind {
             CollectorKind::Queries | CollectorKind::Websocket => {}
+            CollectorKind::Memory => {
+                let alloc_pids = if args.memory_allocs {
+                    args.pids.clone()
+                } else {
+                    Vec::new()
+                };
+                match MemoryCollector::start(
+                    &loader,
+                    args.syscall_hooks,
+                    args.memory_sample_bytes,
+                    &alloc_pids,
+                ) {
+                    Ok(collector) => {
+                        health.set(*kind, Status::Up);
+                        memory_tasks.push(collector.spawn(shutdown.clone()));
+                    }
+                    Err(e) => {
+                        log::error!("collector {kind} is down: {e}");
+                        health.set(*kind, Status::Down(e.to_string()));
+                    }
+                }
+            }
             CollectorKind::Connections => {
                 match ConnectionsCollector::start(&loader, args.syscall_hooks) {
                     Ok(mut collector) => {
@@ -164,6 +188,14 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             Ok(Ok(collector)) => drop(collector),
             Ok(Err(e)) => log::error!("payload capture failed: {e}"),
             Err(e) => log::error!("payload capture task panicked: {e}"),
+        }
+    }
+    for task in memory_tasks {
+        match tokio::task::spawn_blocking(move || task.join()).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => log::error!("memory collector failed: {e}"),
+            Ok(Err(_)) => log::error!("memory collector thread panicked"),
+            Err(e) => log::error!("memory collector task panicked: {e}"),
         }
     }
     drop(targets);

@@ -131,6 +131,7 @@ pub fn run() -> anyhow::Result<bool> {
                             }
                         }
                         CollectorKind::Queries | CollectorKind::Websocket => st.clone(),
+                        CollectorKind::Memory => crate::memory::probes::verify(&loader),
                     };
                     all_ok &= r.is_ok();
                     push(

@@ -23,6 +23,9 @@ pub struct Cli {
 pub enum Command {
     /// Attach to target processes and serve Prometheus metrics until stopped.
     Run(RunArgs),
+    /// Profile one process's memory for a while: allocation hotspots
+    /// (`--mode allocs`) or resident-set growth (`--mode growth`) by call stack.
+    Memory(crate::memory::command::MemoryArgs),
     /// Report the kernel, hooks and collectors usable on this host, with reasons.
     Check,
 }
@@ -69,12 +72,25 @@ pub struct RunArgs {
     #[arg(long, default_value_t = 16384, value_name = "BYTES", value_parser = clap::value_parser!(u32).range(64..=65536))]
     pub capture_bytes: u32,
 
+    /// Memory collector: mean bytes of growth between samples of the write
+    /// faults (and, with `--syscall-hooks`, anonymous mappings) of targets;
+    /// 0 samples every one.
+    #[arg(long, default_value_t = 65536, value_name = "BYTES")]
+    pub memory_sample_bytes: u64,
+
+    /// Memory collector: also put uprobes on the allocator of each `--pid`
+    /// target (in that process only) for allocated and in-use bytes by
+    /// site. Every allocator call then traps (see BENCHMARKS.md); for a
+    /// time-boxed look prefer `pipelens memory --mode allocs`.
+    #[arg(long)]
+    pub memory_allocs: bool,
+
     /// Write a JSON summary of everything observed to PATH on exit.
     #[arg(long, value_name = "PATH")]
     pub summary_json: Option<PathBuf>,
 }
 
-fn parse_secs(s: &str) -> Result<Duration, String> {
+pub fn parse_secs(s: &str) -> Result<Duration, String> {
     let secs: f64 = s
         .parse()
         .map_err(|_| format!("`{s}` is not a number of seconds"))?;

@@ -21,6 +21,9 @@ pub enum CollectorKind {
     Queries,
     /// WebSocket sessions and messages, HTTP/1.1 request latency.
     Websocket,
+    /// Resident-set growth by call stack (and allocation hotspots with
+    /// `--memory-allocs`).
+    Memory,
 }
 
 impl CollectorKind {
@@ -28,6 +31,7 @@ impl CollectorKind {
         CollectorKind::Connections,
         CollectorKind::Queries,
         CollectorKind::Websocket,
+        CollectorKind::Memory,
     ];
 
     pub fn name(self) -> &'static str {
@@ -35,6 +39,7 @@ impl CollectorKind {
             CollectorKind::Connections => "connections",
             CollectorKind::Queries => "queries",
             CollectorKind::Websocket => "websocket",
+            CollectorKind::Memory => "memory",
         }
     }
 }

@@ -6,6 +6,7 @@ mod check;
 mod cli;
 mod collector;
 mod connections;
+mod memory;
 mod objects;
 mod privileges;
 mod process;
@@ -30,6 +31,11 @@ fn main() -> std::process::ExitCode {
             .build()
             .map_err(anyhow::Error::from)
             .and_then(|rt| rt.block_on(agent::run(args))),
+        cli::Command::Memory(args) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(anyhow::Error::from)
+            .and_then(|rt| rt.block_on(memory::command::run(args))),
         cli::Command::Check => match check::run() {
             Ok(true) => Ok(()),
             Ok(false) => Err(anyhow::anyhow!(

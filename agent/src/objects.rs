@@ -29,6 +29,8 @@ pub const TARGETS: &[u8] = bpf_file!("targets");
 pub const CONNECTIONS: &[u8] = bpf_file!("connections");
 /// Socket payload capture for the protocol parsers.
 pub const STREAMS: &[u8] = bpf_file!("streams");
+/// Allocation and growth samplers with user stack windows.
+pub const MEMORY: &[u8] = bpf_file!("memory");
 
 const BPFFS: &str = "/sys/fs/bpf";
 

@@ -17,6 +17,18 @@ pub fn exists(pid: u32) -> bool {
 }
 
 /// `comm` bytes from a kernel record, up to the first NUL.
+/// True while `pid` runs: it exists and is not a zombie waiting to be
+/// reaped (a process that exited but whose parent has not waited yet).
+pub fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat
+            .rfind(')')
+            .and_then(|i| stat[i + 1..].split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X"),
+        Err(_) => false,
+    }
+}
+
 pub fn comm_from_bytes(bytes: &[u8]) -> Option<String> {
     let end = bytes.iter().position(|b| *b == 0).unwrap_or(bytes.len());
     (end > 0).then(|| String::from_utf8_lossy(&bytes[..end]).into_owned())

@@ -287,6 +287,11 @@ impl ProcessMaps {
 /// (the process is gone, or this agent may not look into its root).
 pub fn host_path(pid: u32, path: impl AsRef<Path>) -> PathBuf {
     let path = path.as_ref();
+    // A process that shares our root sees the same files: the plain path
+    // then stays valid after it exits (its `/proc/<pid>/root` does not).
+    if same_root(pid) {
+        return path.to_path_buf();
+    }
     // `join` with an absolute path would replace the root, not extend it.
     let relative = path.strip_prefix("/").unwrap_or(path);
     let inside = PathBuf::from(format!("/proc/{pid}/root")).join(relative);
@@ -294,6 +299,18 @@ pub fn host_path(pid: u32, path: impl AsRef<Path>) -> PathBuf {
         inside
     } else {
         path.to_path_buf()
+    }
+}
+
+/// Whether `pid`'s root directory is ours (not a container's).
+fn same_root(pid: u32) -> bool {
+    use std::os::unix::fs::MetadataExt as _;
+    match (
+        std::fs::metadata(format!("/proc/{pid}/root")),
+        std::fs::metadata("/"),
+    ) {
+        (Ok(theirs), Ok(ours)) => theirs.dev() == ours.dev() && theirs.ino() == ours.ino(),
+        _ => false,
     }
 }
 
@@ -478,7 +495,7 @@ ffffffffff600000-ffffffffff601000 --xp 00000000 00:00 0                  [vsysca
         let exe = std::env::current_exe().unwrap();
         let inside =
             PathBuf::from(format!("/proc/{pid}/root")).join(exe.strip_prefix("/").unwrap());
-        assert_eq!(host_path(pid, &exe), inside);
+        assert_eq!(host_path(pid, &exe), exe, "same root: the plain path");
         assert_eq!(
             host_path(pid, "/no/such/file"),
             PathBuf::from("/no/such/file")

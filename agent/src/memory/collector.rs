@@ -1,0 +1,251 @@
+//! The memory collector of `pipelens run`: continuous growth profiling of
+//! every target (write faults on anonymous memory and, with
+//! `--syscall-hooks`, anonymous mappings), published as top-N site
+//! metrics; with `--memory-allocs`, allocator uprobes in the `--pid`
+//! targets too.
+
+use std::{
+    collections::{HashMap, HashSet},
+    time::Duration,
+};
+
+use aya::maps::{MapData, RingBuf};
+use pipelens_common::memory::SAMPLE_ALLOC;
+use tokio_util::sync::CancellationToken;
+
+use super::{
+    allocator,
+    command::{Record, parse},
+    probes::{MemoryProbes, SamplerSettings},
+    profile::Profile,
+    record::{Mode, Recorder},
+    report,
+};
+use crate::{
+    objects::{Loader, ProbeError},
+    process,
+};
+
+/// Sites published per process and value.
+const TOP_SITES: usize = 10;
+/// Sites a process may ever publish per value: a site keeps its series once
+/// it has one, so that counters stay monotonic.
+const MAX_SITES: usize = 40;
+
+pub struct MemoryCollector {
+    probes: MemoryProbes,
+    alloc_targets: Vec<u32>,
+    alloc_mean: u64,
+    growth_mean: u64,
+}
+
+/// What the collector keeps while it runs. Not `Send` (the symboliser
+/// caches per thread), so it lives on the collector's own thread.
+struct State {
+    growth_mean: u64,
+    growth: HashMap<u32, Recorder>,
+    allocs: HashMap<u32, Recorder>,
+    published: HashMap<(u32, &'static str), HashSet<String>>,
+    labels: HashMap<u32, (String, String)>,
+}
+
+impl MemoryCollector {
+    pub fn start(
+        loader: &Loader,
+        syscall_hooks: bool,
+        growth_mean: u64,
+        alloc_pids: &[u32],
+    ) -> Result<Self, ProbeError> {
+        let alloc_mean = 512 * 1024;
+        let mut probes = MemoryProbes::load(
+            loader,
+            SamplerSettings {
+                alloc_mean,
+                growth_mean,
+                track_frees: true,
+                stack_bytes: 8192,
+            },
+        )?;
+        probes.attach_growth(syscall_hooks)?;
+        let mut alloc_targets = Vec::new();
+        for pid in alloc_pids {
+            let found = match allocator::find(*pid) {
+                Ok(found) => found,
+                Err(e) => {
+                    log::warn!("memory: no allocation profiling of {pid}: {e}");
+                    continue;
+                }
+            };
+            probes.attach_allocator(*pid, &found, true)?;
+            alloc_targets.push(*pid);
+        }
+        Ok(Self {
+            probes,
+            alloc_targets,
+            alloc_mean,
+            growth_mean,
+        })
+    }
+
+    /// Runs on a thread of its own until `shutdown`.
+    pub fn spawn(
+        self,
+        shutdown: CancellationToken,
+    ) -> std::thread::JoinHandle<Result<(), ProbeError>> {
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(self.run(shutdown))
+        })
+    }
+
+    async fn run(mut self, shutdown: CancellationToken) -> Result<(), ProbeError> {
+        let mut state = State {
+            growth_mean: self.growth_mean,
+            growth: HashMap::new(),
+            allocs: HashMap::new(),
+            published: HashMap::new(),
+            labels: HashMap::new(),
+        };
+        for pid in &self.alloc_targets {
+            let comm = process::comm(*pid).unwrap_or_default();
+            match Recorder::new(*pid, comm, Mode::Allocs, self.alloc_mean, true) {
+                Ok(r) => {
+                    state.allocs.insert(*pid, r);
+                }
+                Err(e) => log::warn!("memory: process {pid}: {e}"),
+            }
+        }
+        let mut ring = self.probes.take_ring()?;
+        let mut publish = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            tokio::select! {
+                guard = ring.readable_mut() => {
+                    let mut guard = guard?;
+                    state.drain(guard.get_inner_mut());
+                    guard.clear_ready();
+                }
+                _ = publish.tick() => {
+                    state.drain(ring.get_mut());
+                    state.publish(&self.probes);
+                }
+                () = shutdown.cancelled() => break,
+            }
+        }
+        state.drain(ring.get_mut());
+        state.publish(&self.probes);
+        Ok(())
+    }
+}
+
+impl State {
+    fn drain(&mut self, ring: &mut RingBuf<MapData>) {
+        while let Some(item) = ring.next() {
+            match parse(&item) {
+                Some(Record::Sample(head, stack)) => {
+                    let recorder = if head.kind == SAMPLE_ALLOC {
+                        self.allocs.get_mut(&head.tgid)
+                    } else {
+                        self.growth_recorder(head.tgid)
+                    };
+                    if let Some(r) = recorder {
+                        r.sample(&head, stack);
+                    }
+                }
+                Some(Record::Note(note)) => {
+                    if let Some(r) = self.allocs.get_mut(&note.tgid) {
+                        r.note(&note);
+                    }
+                    if let Some(r) = self.growth.get_mut(&note.tgid) {
+                        r.note(&note);
+                    }
+                }
+                None => {}
+            }
+        }
+    }
+
+    fn growth_recorder(&mut self, tgid: u32) -> Option<&mut Recorder> {
+        if !self.growth.contains_key(&tgid) {
+            let comm = process::comm(tgid)?;
+            let r = Recorder::new(tgid, comm, Mode::Growth, self.growth_mean, false).ok()?;
+            self.growth.insert(tgid, r);
+        }
+        self.growth.get_mut(&tgid)
+    }
+
+    fn publish(&mut self, probes: &MemoryProbes) {
+        let counts = probes.counts();
+        metrics::counter!("pipelens_events_lost_total", "collector" => "memory")
+            .absolute(counts.lost);
+        metrics::counter!("pipelens_map_evictions_total", "map" => "memory_live")
+            .absolute(counts.live_full);
+        let mut gone = Vec::new();
+        for (tgid, r) in &self.growth {
+            let p = r.profile(Vec::new());
+            let labels = labels(&mut self.labels, *tgid, &r.process);
+            publish_sites(&mut self.published, *tgid, &labels, &p, 0, "growth");
+            if !process::exists(*tgid) {
+                gone.push(*tgid);
+            }
+        }
+        for (tgid, r) in &self.allocs {
+            let p = r.profile(Vec::new());
+            let labels = labels(&mut self.labels, *tgid, &r.process);
+            publish_sites(&mut self.published, *tgid, &labels, &p, 0, "allocated");
+            publish_sites(&mut self.published, *tgid, &labels, &p, 2, "in_use");
+        }
+        for tgid in gone {
+            self.growth.remove(&tgid);
+        }
+    }
+}
+
+fn labels(cache: &mut HashMap<u32, (String, String)>, tgid: u32, comm: &str) -> (String, String) {
+    cache
+        .entry(tgid)
+        .or_insert_with(|| (comm.to_string(), process::container_id(tgid)))
+        .clone()
+}
+
+/// The top sites of column `col`, as `pipelens_memory_{what}` series.
+fn publish_sites(
+    published: &mut HashMap<(u32, &'static str), HashSet<String>>,
+    tgid: u32,
+    (process, container): &(String, String),
+    profile: &Profile,
+    col: usize,
+    what: &'static str,
+) {
+    let mut by_site: HashMap<String, i64> = HashMap::new();
+    for s in &profile.stacks {
+        if s.frames.is_empty() {
+            continue;
+        }
+        let site = profile.frames[report::site(profile, s)].name();
+        *by_site.entry(site).or_default() += s.values[col];
+    }
+    let mut ranked: Vec<(String, i64)> = by_site.into_iter().collect();
+    ranked.sort_by(|a, b| b.1.cmp(&a.1));
+    let known = published.entry((tgid, what)).or_default();
+    for (i, (site, value)) in ranked.iter().enumerate() {
+        let listed = known.contains(site);
+        if !listed && (i >= TOP_SITES || known.len() >= MAX_SITES || *value <= 0) {
+            continue;
+        }
+        known.insert(site.clone());
+        let labels = [
+            ("process", process.clone()),
+            ("site", site.clone()),
+            ("container", container.clone()),
+        ];
+        match what {
+            "growth" => metrics::counter!("pipelens_memory_growth_bytes_total", &labels)
+                .absolute(*value as u64),
+            "allocated" => metrics::counter!("pipelens_memory_allocated_bytes_total", &labels)
+                .absolute(*value as u64),
+            _ => metrics::gauge!("pipelens_memory_in_use_bytes", &labels).set(*value as f64),
+        }
+    }
+}

@@ -1,0 +1,349 @@
+//! `pipelens memory`: a time-boxed profile of one process, written as a
+//! text table, folded stacks, pprof or an SVG flame graph.
+
+use std::{
+    io::{IsTerminal as _, Write as _},
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use clap::{Args, ValueEnum};
+use pipelens_common::memory::{MemNote, MemSampleHeader, STACK_WINDOW};
+
+use super::{
+    allocator,
+    probes::{MemoryProbes, SamplerSettings},
+    record::{Mode, Recorder},
+    report,
+};
+use crate::{btf, objects::Loader, privileges, process, targets, tracefs};
+
+/// Output formats of a profile.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    /// Top sites and their heaviest stacks, for a terminal.
+    Text,
+    /// Folded stacks (`a;b;c 1234`), for flamegraph.pl, inferno, speedscope.
+    Folded,
+    /// gzip-compressed pprof protobuf, for go tool pprof, Pyroscope, Grafana.
+    Pprof,
+    /// An interactive SVG flame graph.
+    Svg,
+    /// Every stack with its frames and values, for scripts.
+    Json,
+}
+
+#[derive(Debug, Args)]
+pub struct MemoryArgs {
+    /// The process to profile.
+    #[arg(long, value_name = "PID")]
+    pub pid: u32,
+
+    /// How long to profile, in seconds (the profile is written earlier if
+    /// the process exits or on SIGINT).
+    #[arg(long, value_name = "SECS", value_parser = crate::cli::parse_secs)]
+    pub duration: Duration,
+
+    /// `allocs`: allocator calls by call stack (uprobes on the allocator
+    /// the process uses, in that process only); `growth`: write faults on
+    /// anonymous memory and anonymous mappings by call stack (no uprobes).
+    #[arg(long, value_enum, default_value_t = Mode::Allocs)]
+    pub mode: Mode,
+
+    #[arg(long, value_enum, default_value_t = Format::Text)]
+    pub format: Format,
+
+    /// Write the profile to FILE instead of standard output.
+    #[arg(short = 'o', long = "output", value_name = "FILE")]
+    pub output: Option<PathBuf>,
+
+    /// Mean bytes between samples of the Poisson sampler (0: every call,
+    /// fault and mapping). Default: 524288 for allocs, 65536 for growth.
+    #[arg(long, value_name = "BYTES")]
+    pub sample_bytes: Option<u64>,
+
+    /// Allocated bytes only: do not follow sampled pointers to their
+    /// `free` (one probe hit per allocation instead of three per
+    /// allocation/free pair; no in-use figures).
+    #[arg(long)]
+    pub no_in_use: bool,
+
+    /// Growth mode: page faults only, without the `mmap`/`brk`/`munmap`
+    /// syscall hooks (which cost every syscall on the host while attached).
+    #[arg(long)]
+    pub faults_only: bool,
+
+    /// Bytes of user stack copied with each sample and unwound here (up
+    /// to 16384). Deep stacks with large frames need more; the stack is
+    /// cut where the window ends (and the profile says how often).
+    #[arg(long, default_value_t = 8192, value_name = "BYTES",
+          value_parser = clap::value_parser!(u32).range(512..=STACK_WINDOW as i64))]
+    pub stack_bytes: u32,
+
+    /// Sites in the text table.
+    #[arg(long, default_value_t = 20, value_name = "N")]
+    pub top: usize,
+
+    /// Value column for folded and SVG output (default: the first one:
+    /// alloc_space or growth_space). One of alloc_space, alloc_objects,
+    /// inuse_space, inuse_objects, growth_space, mapped_space.
+    #[arg(long, value_name = "NAME")]
+    pub value: Option<String>,
+}
+
+pub async fn run(args: MemoryArgs) -> anyhow::Result<()> {
+    if !process::exists(args.pid) {
+        bail!("process {} does not exist", args.pid);
+    }
+    let columns = args.mode.value_types();
+    let column = match &args.value {
+        None => 0,
+        Some(v) => columns.iter().position(|c| c.name == v).with_context(|| {
+            let names: Vec<_> = columns.iter().map(|c| c.name).collect();
+            format!(
+                "--value {v}: {} mode has {}",
+                args.mode.name(),
+                names.join(", ")
+            )
+        })?,
+    };
+    privileges::check()?;
+    let comm = process::comm(args.pid).unwrap_or_default();
+    let track_frees = args.mode == Mode::Allocs && !args.no_in_use;
+    let mean = args.sample_bytes.unwrap_or(match args.mode {
+        Mode::Allocs => 512 * 1024,
+        Mode::Growth => 64 * 1024,
+    });
+    let allocators = match args.mode {
+        Mode::Allocs => Some(allocator::find(args.pid)?),
+        Mode::Growth => None,
+    };
+
+    tracefs::ensure_mounted()?;
+    let offsets = btf::kernel_offsets().context("resolving kernel structure offsets")?;
+    let selection = targets::Selection {
+        all: false,
+        pids: vec![args.pid],
+        comms: Vec::new(),
+    };
+    let loader = Loader::new(selection.agent_config(), offsets)?;
+    let tracker = targets::TargetTracker::start(&loader, &selection)
+        .context("following the target process")?;
+    let settings = SamplerSettings {
+        alloc_mean: mean,
+        growth_mean: mean,
+        track_frees,
+        stack_bytes: args.stack_bytes,
+    };
+    let mut probes = MemoryProbes::load(&loader, settings)?;
+    let mut recorder = Recorder::new(args.pid, comm.clone(), args.mode, mean, track_frees)?;
+    let mut notes = Vec::new();
+    match &allocators {
+        Some(found) => {
+            let n = probes.attach_allocator(args.pid, found, track_frees)?;
+            let mut families: Vec<String> = found.iter().map(|p| p.family.to_string()).collect();
+            families.sort();
+            families.dedup();
+            log::info!(
+                "{n} uprobes on {} in process {} only",
+                families.join(", "),
+                args.pid
+            );
+            notes.push(format!("allocator: {}", families.join(", ")));
+        }
+        None => {
+            probes.attach_growth(!args.faults_only)?;
+            if let Some(brk) = current_brk(args.pid) {
+                probes.seed_brk(args.pid, brk)?;
+            }
+        }
+    }
+    let mut ring = probes.take_ring()?;
+    eprintln!(
+        "profiling {} (pid {}) for {:.0?}, mode {}, one sample per {} on average",
+        comm,
+        args.pid,
+        args.duration,
+        args.mode.name(),
+        if mean == 0 {
+            "event".to_string()
+        } else {
+            format!("{mean} bytes")
+        }
+    );
+
+    let started = Instant::now();
+    let deadline = tokio::time::Instant::now() + args.duration;
+    let mut tick = tokio::time::interval(Duration::from_millis(200));
+    let mut last_progress = Instant::now();
+    let tty = std::io::stderr().is_terminal();
+    let mut interrupt = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    let mut ended = None;
+    loop {
+        tokio::select! {
+            guard = ring.readable_mut() => {
+                let mut guard = guard?;
+                drain(guard.get_inner_mut(), &mut recorder);
+                guard.clear_ready();
+            }
+            _ = tick.tick() => {
+                if !process::alive(args.pid) {
+                    ended = Some(format!(
+                        "process {} exited after {:.1} s: the profile covers its life until then",
+                        args.pid,
+                        started.elapsed().as_secs_f64()
+                    ));
+                    break;
+                }
+                let every = if tty { Duration::from_secs(1) } else { Duration::from_secs(5) };
+                if last_progress.elapsed() >= every {
+                    last_progress = Instant::now();
+                    progress(&recorder, &args, tty);
+                }
+            }
+            () = tokio::time::sleep_until(deadline) => break,
+            _ = interrupt.recv() => {
+                ended = Some(format!(
+                    "interrupted after {:.1} s", started.elapsed().as_secs_f64()
+                ));
+                break;
+            }
+        }
+    }
+    // Whatever the kernel sent before the probes go.
+    drain(ring.get_mut(), &mut recorder);
+    let counts = probes.counts();
+    drop(ring);
+    drop(probes);
+    drop(tracker);
+    drop(loader);
+    if tty {
+        eprintln!();
+    }
+    if let Some(why) = &ended {
+        eprintln!("{why}");
+        notes.push(why.clone());
+    }
+    if counts.lost > 0 {
+        notes.push(format!(
+            "{} samples or notes lost: the ring buffer was full (the totals are low by that much)",
+            counts.lost
+        ));
+    }
+    if counts.live_full > 0 {
+        notes.push(format!(
+            "{} sampled pointers not followed: the live map was full (in-use figures are low)",
+            counts.live_full
+        ));
+    }
+    if recorder.truncated > 0 {
+        notes.push(format!(
+            "{} of {} stacks ended early (stack window or unwind information exhausted)",
+            recorder.truncated, recorder.samples
+        ));
+    }
+    if counts.stack_unreadable > 0 {
+        notes.push(format!(
+            "{} samples without a readable user stack",
+            counts.stack_unreadable
+        ));
+    }
+    if args.mode == Mode::Allocs {
+        notes.push(format!(
+            "{} allocator calls seen, {} sampled",
+            counts.calls, recorder.samples
+        ));
+    } else {
+        notes.push(format!(
+            "{} write faults seen, {} sampled ({} on file-backed memory, left out)",
+            counts.faults, recorder.samples, recorder.non_anonymous_faults
+        ));
+    }
+    let profile = recorder.profile(notes);
+    let bytes = match args.format {
+        Format::Text => report::text(&profile, args.top).into_bytes(),
+        Format::Folded => report::folded(&profile, column).into_bytes(),
+        Format::Svg => report::svg(&profile, column)?,
+        Format::Pprof => report::pprof(&profile)?,
+        Format::Json => serde_json::to_vec_pretty(&profile.to_json())?,
+    };
+    match &args.output {
+        Some(path) => {
+            std::fs::write(path, &bytes)
+                .with_context(|| format!("writing the profile to {}", path.display()))?;
+            eprintln!("profile written to {}", path.display());
+        }
+        None => std::io::stdout().write_all(&bytes)?,
+    }
+    Ok(())
+}
+
+fn drain(ring: &mut aya::maps::RingBuf<aya::maps::MapData>, recorder: &mut Recorder) {
+    while let Some(item) = ring.next() {
+        match parse(&item) {
+            Some(Record::Sample(head, stack)) => recorder.sample(&head, stack),
+            Some(Record::Note(note)) => recorder.note(&note),
+            None => {}
+        }
+    }
+}
+
+/// One ring record.
+pub enum Record<'a> {
+    Sample(MemSampleHeader, &'a [u8]),
+    Note(MemNote),
+}
+
+/// A sample (header and stack bytes) or a note, told apart by length.
+pub fn parse(bytes: &[u8]) -> Option<Record<'_>> {
+    if bytes.len() == size_of::<MemNote>() {
+        // SAFETY: MemNote is plain integers; the length matches.
+        let note = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<MemNote>()) };
+        return Some(Record::Note(note));
+    }
+    if bytes.len() < size_of::<MemSampleHeader>() {
+        return None;
+    }
+    // SAFETY: plain integers; the record holds at least the header.
+    let head = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<MemSampleHeader>()) };
+    let stack = &bytes[size_of::<MemSampleHeader>()..];
+    Some(Record::Sample(head, stack))
+}
+
+fn progress(recorder: &Recorder, args: &MemoryArgs, tty: bool) {
+    let what = match args.mode {
+        Mode::Allocs => "allocated",
+        Mode::Growth => "grown",
+    };
+    let line = format!(
+        "{:>4.0}/{:.0} s  {} samples  {} {}",
+        recorder.elapsed().as_secs_f64(),
+        args.duration.as_secs_f64(),
+        recorder.samples,
+        report::human_bytes(recorder.first_total()),
+        what
+    );
+    if tty {
+        eprint!("\r{line}   ");
+    } else {
+        eprintln!("{line}");
+    }
+}
+
+/// The program break of `pid` now: the end of its `[heap]` mapping, or
+/// `start_brk` from `/proc/<pid>/stat` while it has no heap yet.
+fn current_brk(pid: u32) -> Option<u64> {
+    let maps = super::maps::ProcessMaps::read(pid).ok()?;
+    if let Some(heap) = maps
+        .mappings
+        .iter()
+        .find(|m| m.path.as_deref() == Some("[heap]"))
+    {
+        return Some(heap.end);
+    }
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the parenthesised comm; start_brk is field 47.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    rest.split(' ').nth(47 - 3)?.parse().ok()
+}

@@ -1,0 +1,24 @@
+//! Allocation hotspots: where a process allocates, what it keeps, and what
+//! makes its resident set grow, by call stack.
+//!
+//! - `probes`: the kernel object and its attachment (allocator uprobes in
+//!   one process; write faults and mapping syscalls of targets).
+//! - `allocator`, `maps`: which allocator a process really uses, and where.
+//! - `unwind`, `symbols`: sampled stack windows into named call stacks.
+//! - `sampling`, `record`: byte sampling and the weighed profile.
+//! - `profile`, `report`: the profile and its formats.
+//! - `command`: `pipelens memory`; `collector`: the memory collector of
+//!   `pipelens run`.
+
+pub mod allocator;
+pub mod collector;
+pub mod command;
+pub mod maps;
+pub mod probes;
+pub mod profile;
+pub mod record;
+#[path = "report_stub.rs"]
+pub mod report;
+pub mod sampling;
+pub mod symbols;
+pub mod unwind;

@@ -1,0 +1,218 @@
+//! Loading the memory kernel object and attaching its samplers: allocator
+//! uprobes scoped to one process, the write-fault tracepoint and the
+//! mapping syscalls for growth.
+
+use std::num::NonZeroU32;
+
+use aya::{
+    Ebpf,
+    maps::{Array, HashMap as BpfHashMap, MapData, RingBuf},
+    programs::{
+        UProbe,
+        uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeScope},
+    },
+};
+use pipelens_common::memory::{
+    DRAW_ONE, DRAWS, MSTAT_CALLS, MSTAT_FAULTS, MSTAT_LIVE_FULL, MSTAT_LOST, MSTAT_SAMPLES,
+    MSTAT_STACK_UNREADABLE, MemConfig, call,
+};
+use tokio::io::unix::AsyncFd;
+
+use super::allocator::AllocProbe;
+use crate::{
+    objects::{self, Loader, ProbeError},
+    tracefs::TracepointFormat,
+};
+
+/// How the samplers are set up.
+#[derive(Clone, Copy, Debug)]
+pub struct SamplerSettings {
+    /// Mean bytes between allocation samples (0: every call).
+    pub alloc_mean: u64,
+    /// Mean bytes between growth samples (0: every page and mapping).
+    pub growth_mean: u64,
+    /// Follow sampled pointers to their `free` (return and free probes).
+    pub track_frees: bool,
+    /// User stack bytes copied per sample.
+    pub stack_bytes: u32,
+}
+
+/// Counters the kernel keeps, summed over CPUs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelCounts {
+    pub samples: u64,
+    pub lost: u64,
+    pub live_full: u64,
+    pub stack_unreadable: u64,
+    pub calls: u64,
+    pub faults: u64,
+}
+
+pub struct MemoryProbes {
+    ebpf: Ebpf,
+    uprobes_loaded: bool,
+}
+
+impl MemoryProbes {
+    pub fn load(loader: &Loader, settings: SamplerSettings) -> Result<Self, ProbeError> {
+        let fault = TracepointFormat::load("exceptions", "page_fault_user")?;
+        let mmap = TracepointFormat::load("syscalls", "sys_enter_mmap")?;
+        let exit = TracepointFormat::load("syscalls", "sys_exit_mmap")?;
+        let config = MemConfig {
+            alloc_mean: settings.alloc_mean,
+            growth_mean: settings.growth_mean,
+            track_frees: u32::from(settings.track_frees),
+            fault_address: fault.offset("address")?,
+            sys_arg0: mmap.offset("addr")?,
+            sys_ret: exit.offset("ret")?,
+            stack_bytes: settings.stack_bytes,
+            _pad: 0,
+        };
+        if fault.offset("error_code")? != config.fault_address + 16 {
+            return Err(ProbeError::Layout("exceptions:page_fault_user".into()));
+        }
+        let mut ebpf = loader.load("memory", objects::MEMORY, |l| {
+            l.override_global("MEMORY_CONFIG", &config, true);
+        })?;
+        let mut draws: Array<&mut MapData, u64> = Array::try_from(
+            ebpf.map_mut("DRAW_TABLE")
+                .ok_or(ProbeError::MissingMap("DRAW_TABLE"))?,
+        )?;
+        for (i, d) in super::sampling::exponential_draws(DRAWS as usize, DRAW_ONE)
+            .into_iter()
+            .enumerate()
+        {
+            draws.set(i as u32, d, 0)?;
+        }
+        Ok(Self {
+            ebpf,
+            uprobes_loaded: false,
+        })
+    }
+
+    /// Write faults of targets (always) and, with `syscalls`, their
+    /// `mmap`, `munmap` and `brk` calls (which cost every syscall on the
+    /// host the tracing slow path while attached).
+    pub fn attach_growth(&mut self, syscalls: bool) -> Result<(), ProbeError> {
+        let mut hooks = vec![("page_fault", "exceptions", "page_fault_user")];
+        if syscalls {
+            hooks.extend([
+                ("mmap_enter", "syscalls", "sys_enter_mmap"),
+                ("mmap_exit", "syscalls", "sys_exit_mmap"),
+                ("munmap_enter", "syscalls", "sys_enter_munmap"),
+                ("brk_exit", "syscalls", "sys_exit_brk"),
+            ]);
+        }
+        objects::attach_tracepoints(&mut self.ebpf, &hooks)
+    }
+
+    /// Tells the `brk` tracker where a process's break is now.
+    pub fn seed_brk(&mut self, tgid: u32, brk: u64) -> Result<(), ProbeError> {
+        let mut map: BpfHashMap<&mut MapData, u32, u64> = BpfHashMap::try_from(
+            self.ebpf
+                .map_mut("BRK_LAST")
+                .ok_or(ProbeError::MissingMap("BRK_LAST"))?,
+        )?;
+        map.insert(tgid, brk, 0)?;
+        Ok(())
+    }
+
+    /// Uprobes on `probes`, in process `pid` only: the breakpoints are
+    /// written into that process's pages, so other users of the same
+    /// library never trap.
+    pub fn attach_allocator(
+        &mut self,
+        pid: u32,
+        probes: &[AllocProbe],
+        track_frees: bool,
+    ) -> Result<usize, ProbeError> {
+        let pid = NonZeroU32::new(pid).ok_or_else(|| ProbeError::Layout("pid 0".into()))?;
+        if !self.uprobes_loaded {
+            for name in ["alloc_enter", "alloc_exit"] {
+                let p: &mut UProbe = self
+                    .ebpf
+                    .program_mut(name)
+                    .expect("program defined in the object")
+                    .try_into()
+                    .expect("program is a uprobe");
+                p.load().map_err(|source| ProbeError::Attach {
+                    category: "uprobe",
+                    name,
+                    source,
+                })?;
+            }
+            self.uprobes_loaded = true;
+        }
+        let mut attached = 0;
+        for probe in probes {
+            let wanted: &[&'static str] = if !track_frees {
+                if probe.call == call::FREE {
+                    &[]
+                } else {
+                    &["alloc_enter"]
+                }
+            } else if probe.call == call::FREE {
+                &["alloc_enter"]
+            } else {
+                &["alloc_enter", "alloc_exit"]
+            };
+            for name in wanted {
+                let p: &mut UProbe = self
+                    .ebpf
+                    .program_mut(name)
+                    .expect("program defined in the object")
+                    .try_into()
+                    .expect("program is a uprobe");
+                let point = UProbeAttachPoint {
+                    location: UProbeAttachLocation::AbsoluteOffset(probe.file_offset),
+                    cookie: Some(probe.call),
+                };
+                p.attach(point, &probe.module, UProbeScope::OneProcess(pid))
+                    .map_err(|source| ProbeError::Attach {
+                        category: "uprobe",
+                        name,
+                        source,
+                    })?;
+                attached += 1;
+            }
+        }
+        Ok(attached)
+    }
+
+    pub fn take_ring(&mut self) -> Result<AsyncFd<RingBuf<MapData>>, ProbeError> {
+        objects::take_ring(&mut self.ebpf, "MEMORY_EVENTS")
+    }
+
+    pub fn counts(&self) -> KernelCounts {
+        let get = |slot| objects::per_cpu_total(&self.ebpf, "MEMORY_STATS", slot).unwrap_or(0);
+        KernelCounts {
+            samples: get(MSTAT_SAMPLES),
+            lost: get(MSTAT_LOST),
+            live_full: get(MSTAT_LIVE_FULL),
+            stack_unreadable: get(MSTAT_STACK_UNREADABLE),
+            calls: get(MSTAT_CALLS),
+            faults: get(MSTAT_FAULTS),
+        }
+    }
+}
+
+/// Loads every program of the memory object (verifier included) without
+/// attaching: what `pipelens check` reports.
+pub fn verify(loader: &Loader) -> Result<(), String> {
+    let settings = SamplerSettings {
+        alloc_mean: 512 * 1024,
+        growth_mean: 64 * 1024,
+        track_frees: true,
+        stack_bytes: 8192,
+    };
+    let mut probes = MemoryProbes::load(loader, settings).map_err(|e| e.to_string())?;
+    for (name, prog) in probes.ebpf.programs_mut() {
+        let loaded = match prog {
+            aya::programs::Program::TracePoint(p) => p.load(),
+            aya::programs::Program::UProbe(p) => p.load(),
+            _ => continue,
+        };
+        loaded.map_err(|e| format!("{name}: verifier: {e}"))?;
+    }
+    Ok(())
+}

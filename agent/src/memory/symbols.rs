@@ -1,0 +1,142 @@
+//! Names for stack addresses: `blazesym` reads each module's symbol table
+//! and DWARF (lines, inlined calls) and demangles Rust and C++. Addresses
+//! are looked up as stated in the file, through the module table taken
+//! while the process ran, so that a process which exits mid-profile is
+//! still named; a stripped module yields `module+0xoffset`.
+
+use std::{collections::HashMap, sync::Arc};
+
+use blazesym::symbolize::{
+    Input, Symbolized, Symbolizer,
+    source::{Elf, Source},
+};
+
+use super::{profile::Frame, unwind::ModuleInfo};
+
+/// Looked-up addresses, cached for the life of the profile.
+pub struct Symbols {
+    symbolizer: Symbolizer,
+    cache: HashMap<u64, Arc<[Frame]>>,
+}
+
+impl Default for Symbols {
+    fn default() -> Self {
+        Self {
+            symbolizer: Symbolizer::new(),
+            cache: HashMap::new(),
+        }
+    }
+}
+
+impl Symbols {
+    /// The frames (innermost first, more than one where calls were
+    /// inlined) of each address, looked up in batches per module.
+    pub fn resolve(
+        &mut self,
+        addresses: impl IntoIterator<Item = u64>,
+        module_of: impl Fn(u64) -> Option<ModuleInfo>,
+    ) {
+        let mut by_module: HashMap<std::path::PathBuf, (ModuleInfo, Vec<u64>)> = HashMap::new();
+        for addr in addresses {
+            if self.cache.contains_key(&addr) {
+                continue;
+            }
+            match module_of(addr) {
+                Some(m) => by_module
+                    .entry(m.path.clone())
+                    .or_insert_with(|| (m, Vec::new()))
+                    .1
+                    .push(addr),
+                None => {
+                    let frame = Frame {
+                        address: addr,
+                        module: "[unknown]".into(),
+                        module_offset: addr,
+                        function: None,
+                        file: None,
+                        line: None,
+                        inlined: false,
+                    };
+                    self.cache.insert(addr, Arc::from(vec![frame]));
+                }
+            }
+        }
+        for (_, (module, mut addrs)) in by_module {
+            addrs.sort_unstable();
+            addrs.dedup();
+            let svmas: Vec<u64> = addrs.iter().map(|a| module.svma(*a)).collect();
+            let src = Source::Elf(Elf::new(&module.path));
+            let results = self
+                .symbolizer
+                .symbolize(&src, Input::VirtOffset(&svmas))
+                .unwrap_or_default();
+            for (i, addr) in addrs.iter().enumerate() {
+                let frames = match results.get(i) {
+                    Some(Symbolized::Sym(sym)) => {
+                        let mut frames = Vec::with_capacity(1 + sym.inlined.len());
+                        // Innermost first: the last inlined call holds the
+                        // instruction's own line, the symbol is outermost.
+                        let mut line_of_inner = sym
+                            .code_info
+                            .as_ref()
+                            .map(|c| (c.file.to_string_lossy().into_owned(), c.line));
+                        for inl in sym.inlined.iter().rev() {
+                            frames.push(frame(
+                                &module,
+                                *addr,
+                                Some(&inl.name),
+                                line_of_inner.take(),
+                                true,
+                            ));
+                            line_of_inner = inl
+                                .code_info
+                                .as_ref()
+                                .map(|c| (c.file.to_string_lossy().into_owned(), c.line));
+                        }
+                        frames.push(frame(&module, *addr, Some(&sym.name), line_of_inner, false));
+                        frames
+                    }
+                    _ => vec![frame(&module, *addr, None, None, false)],
+                };
+                self.cache.insert(*addr, Arc::from(frames));
+            }
+        }
+    }
+
+    /// The frames of an address resolved before (an unknown frame if not).
+    pub fn frames(&self, addr: u64) -> Arc<[Frame]> {
+        self.cache.get(&addr).cloned().unwrap_or_else(|| {
+            Arc::from(vec![Frame {
+                address: addr,
+                module: "[unknown]".into(),
+                module_offset: addr,
+                function: None,
+                file: None,
+                line: None,
+                inlined: false,
+            }])
+        })
+    }
+}
+
+fn frame(
+    module: &ModuleInfo,
+    addr: u64,
+    name: Option<&str>,
+    line: Option<(String, Option<u32>)>,
+    inlined: bool,
+) -> Frame {
+    let (file, line) = match line {
+        Some((f, l)) => (Some(Arc::from(f)), l),
+        None => (None, None),
+    };
+    Frame {
+        address: addr,
+        module: module.name.clone(),
+        module_offset: module.svma(addr),
+        function: name.map(Arc::from),
+        file,
+        line,
+        inlined,
+    }
+}

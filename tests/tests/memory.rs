@@ -1,0 +1,467 @@
+//! Probe tests of `pipelens memory` against the allocation fixture, whose
+//! functions allocate, retain, churn and map known sizes (ground truth it
+//! prints itself), built without frame pointers.
+
+use std::{
+    io::{BufRead as _, BufReader},
+    process::{Child, Command, Stdio},
+    sync::mpsc,
+    time::Duration,
+};
+
+use pipelens_tests::{
+    TempDir,
+    memory::{Fixture, build_noalloc, fixture_bin, stripped_copy},
+    pipelens_bin, probes_available,
+};
+use serde_json::Value;
+
+const MIB: f64 = 1024.0 * 1024.0;
+
+/// A running `pipelens memory`, attached (its "profiling" line seen).
+struct Profiler {
+    child: Child,
+    stderr: mpsc::Receiver<String>,
+    out: std::path::PathBuf,
+    _dir: TempDir,
+}
+
+impl Profiler {
+    fn start(pid: u32, args: &[&str]) -> Profiler {
+        let dir = TempDir::new("memory");
+        let out = dir.path.join("profile.json");
+        let mut child = Command::new(pipelens_bin())
+            .args(["memory", "--pid", &pid.to_string(), "--duration", "120"])
+            .args(args)
+            .args(["--format", "json", "-o"])
+            .arg(&out)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start pipelens memory");
+        let (tx, rx) = mpsc::channel();
+        let err = child.stderr.take().expect("piped");
+        std::thread::spawn(move || {
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                eprintln!("pipelens: {line}");
+                let _ = tx.send(line);
+            }
+        });
+        let profiler = Profiler {
+            child,
+            stderr: rx,
+            out,
+            _dir: dir,
+        };
+        profiler.wait_line("profiling ");
+        profiler
+    }
+
+    fn wait_line(&self, needle: &str) -> String {
+        loop {
+            match self.stderr.recv_timeout(Duration::from_secs(60)) {
+                Ok(line) if line.contains(needle) => return line,
+                Ok(_) => {}
+                Err(e) => panic!("pipelens memory never said `{needle}`: {e}"),
+            }
+        }
+    }
+
+    /// Stops the profile (SIGINT) and reads what it wrote.
+    fn finish(self) -> (Value, Vec<String>) {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+        self.wait()
+    }
+
+    fn wait(mut self) -> (Value, Vec<String>) {
+        let status = self.child.wait().expect("wait pipelens");
+        let lines: Vec<String> = self.stderr.try_iter().collect();
+        assert!(
+            status.success(),
+            "pipelens memory failed: {status} {lines:?}"
+        );
+        let text = std::fs::read_to_string(&self.out).expect("profile written");
+        (serde_json::from_str(&text).expect("json profile"), lines)
+    }
+}
+
+fn column(profile: &Value, name: &str) -> usize {
+    profile["value_types"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .position(|v| v["name"] == name)
+        .unwrap_or_else(|| panic!("no column {name}"))
+}
+
+/// Inclusive value of `function` (any frame whose name ends with it).
+fn inclusive(profile: &Value, function: &str, col: &str) -> f64 {
+    let c = column(profile, col);
+    profile["stacks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| {
+            s["frames"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|f| f["name"].as_str().unwrap_or("").ends_with(function))
+        })
+        .map(|s| s["values"][c].as_f64().unwrap())
+        .sum()
+}
+
+fn within(actual: f64, truth: f64, tolerance: f64, what: &str) {
+    let err = (actual - truth).abs() / truth;
+    assert!(
+        err <= tolerance,
+        "{what}: {:.2} MiB, truth {:.2} MiB (off by {:.1} %, allowed {:.0} %)",
+        actual / MIB,
+        truth / MIB,
+        err * 100.0,
+        tolerance * 100.0
+    );
+}
+
+/// Names of the frames of the heaviest stack through `function`,
+/// innermost first.
+fn heaviest_stack(profile: &Value, function: &str, col: &str) -> Vec<String> {
+    let c = column(profile, col);
+    let stack = profile["stacks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| {
+            s["frames"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|f| f["name"].as_str().unwrap_or("").ends_with(function))
+        })
+        .max_by_key(|s| s["values"][c].as_i64().unwrap())
+        .unwrap_or_else(|| panic!("no stack through {function}"));
+    stack["frames"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["name"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// `names` holds `chain` in this order (innermost first), each a suffix.
+fn assert_chain(names: &[String], chain: &[&str]) {
+    let mut at = 0;
+    for want in chain {
+        match names[at..].iter().position(|n| n.ends_with(want)) {
+            Some(i) => at += i + 1,
+            None => panic!("stack {names:#?} lacks {want} (in order {chain:?})"),
+        }
+    }
+}
+
+fn allocs_profile(bin: &str) -> (Value, Value) {
+    let fixture = Fixture::spawn(&fixture_bin(bin), &["--phases", "retain,churn"]);
+    // One sample per 4 KiB on average: thousands of samples per function,
+    // so the estimates land within a few percent.
+    let profiler = Profiler::start(
+        fixture.pid(),
+        &["--mode", "allocs", "--sample-bytes", "8192"],
+    );
+    fixture.go();
+    let truth = fixture.wait_done();
+    let (profile, _) = profiler.finish();
+    fixture.finish();
+    (profile, truth)
+}
+
+fn check_allocs(profile: &Value, truth: &Value) {
+    let retain = truth["retain_bytes"].as_f64().unwrap();
+    let churn = truth["churn_bytes"].as_f64().unwrap();
+    within(
+        inclusive(profile, "retain_ten_mib", "alloc_space"),
+        retain,
+        0.10,
+        "allocated in retain_ten_mib",
+    );
+    within(
+        inclusive(profile, "churn_hundred_mib", "alloc_space"),
+        churn,
+        0.10,
+        "allocated in churn_hundred_mib",
+    );
+    within(
+        inclusive(profile, "retain_ten_mib", "inuse_space"),
+        retain,
+        0.10,
+        "in use from retain_ten_mib",
+    );
+    let churn_in_use = inclusive(profile, "churn_hundred_mib", "inuse_space");
+    assert!(
+        churn_in_use < 0.01 * churn,
+        "churn_hundred_mib frees everything, yet {:.2} MiB in use",
+        churn_in_use / MIB
+    );
+    // Whole stacks: the fixture's own chain under the allocator.
+    let stack = heaviest_stack(profile, "retain_ten_mib", "alloc_space");
+    assert!(stack.len() >= 3, "{stack:?}");
+    assert_chain(
+        &stack,
+        &[
+            "alloc_block",
+            "retain_ten_mib",
+            "run_phases",
+            "fixture_main",
+        ],
+    );
+}
+
+#[test]
+fn allocs_mode_names_functions_with_true_sizes() {
+    if !probes_available("allocs_mode_names_functions_with_true_sizes") {
+        return;
+    }
+    let (profile, truth) = allocs_profile("alloc-fixture");
+    check_allocs(&profile, &truth);
+    let notes = profile["notes"].to_string();
+    assert!(notes.contains("glibc"), "{notes}");
+}
+
+#[test]
+fn allocs_mode_with_jemalloc_gives_the_same_answer() {
+    if !probes_available("allocs_mode_with_jemalloc_gives_the_same_answer") {
+        return;
+    }
+    let (profile, truth) = allocs_profile("alloc-fixture-jemalloc");
+    check_allocs(&profile, &truth);
+    let notes = profile["notes"].to_string();
+    assert!(notes.contains("jemalloc"), "{notes}");
+}
+
+#[test]
+fn growth_mode_attributes_touched_mappings_and_retained_heap() {
+    if !probes_available("growth_mode_attributes_touched_mappings_and_retained_heap") {
+        return;
+    }
+    let fixture = Fixture::spawn(
+        &fixture_bin("alloc-fixture"),
+        &["--phases", "retain,churn,map"],
+    );
+    let profiler = Profiler::start(
+        fixture.pid(),
+        &["--mode", "growth", "--sample-bytes", "8192"],
+    );
+    fixture.go();
+    let truth = fixture.wait_done();
+    let (profile, _) = profiler.finish();
+    fixture.finish();
+    let mapped = truth["map_bytes"].as_f64().unwrap();
+    within(
+        inclusive(&profile, "map_three_regions", "growth_space"),
+        mapped,
+        0.05,
+        "resident growth in map_three_regions",
+    );
+    within(
+        inclusive(&profile, "map_three_regions", "mapped_space"),
+        mapped,
+        0.10,
+        "mapped by map_three_regions",
+    );
+    // 10 MiB of 1 KiB blocks, each with its allocator header.
+    within(
+        inclusive(&profile, "retain_ten_mib", "growth_space"),
+        truth["retain_bytes"].as_f64().unwrap(),
+        0.15,
+        "resident growth in retain_ten_mib",
+    );
+    // Churn reuses the same block: it hardly grows anything.
+    let churn = inclusive(&profile, "churn_hundred_mib", "growth_space");
+    assert!(churn < 2.0 * MIB, "churn grew {:.2} MiB", churn / MIB);
+    let stack = heaviest_stack(&profile, "map_three_regions", "growth_space");
+    assert_chain(&stack, &["map_three_regions", "run_phases", "fixture_main"]);
+}
+
+#[test]
+fn other_processes_of_the_same_libc_do_not_trap() {
+    if !probes_available("other_processes_of_the_same_libc_do_not_trap") {
+        return;
+    }
+    let profiled = Fixture::spawn(&fixture_bin("alloc-fixture"), &["--phases", "churn"]);
+    let bystander = Fixture::spawn(&fixture_bin("alloc-fixture"), &["--phases", "churn"]);
+    let malloc = libc_malloc_address(profiled.pid());
+    let before = first_byte(bystander.pid(), libc_malloc_address(bystander.pid()));
+    let profiler = Profiler::start(profiled.pid(), &["--mode", "allocs", "--sample-bytes", "0"]);
+    // The uprobe is a breakpoint (0xcc) written into the profiled
+    // process's copy of malloc's page, and only there.
+    assert_eq!(
+        first_byte(profiled.pid(), malloc),
+        0xcc,
+        "profiled malloc not probed"
+    );
+    let during = first_byte(bystander.pid(), libc_malloc_address(bystander.pid()));
+    assert_eq!(during, before, "the bystander's malloc was patched");
+    assert_ne!(during, 0xcc);
+    // Informational: a malloc loop beside the profile, and without it.
+    let traced = pipelens_tests::memory::malloc_loop(&["--iterations", "2000000"]);
+    profiled.go();
+    profiled.wait_done();
+    let (_, _) = profiler.finish();
+    let untraced = pipelens_tests::memory::malloc_loop(&["--iterations", "2000000"]);
+    eprintln!("bystander malloc loop: {traced:.1} ns/iter while profiling, {untraced:.1} without");
+    assert_ne!(
+        first_byte(profiled.pid(), malloc),
+        0xcc,
+        "breakpoint left behind"
+    );
+    bystander.go();
+    bystander.wait_done();
+    profiled.finish();
+    bystander.finish();
+}
+
+/// Address of libc's `malloc` in `pid`, from its maps and libc's symbols.
+fn libc_malloc_address(pid: u32) -> u64 {
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+    let (base, path) = maps
+        .lines()
+        .find_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let path = *f.get(5)?;
+            (path.contains("/libc.so") && f[2] == "00000000").then(|| {
+                let start = u64::from_str_radix(f[0].split('-').next().unwrap(), 16).unwrap();
+                (start, path.to_string())
+            })
+        })
+        .expect("libc mapped");
+    let nm = Command::new("nm")
+        .args(["-D", "--defined-only", &path])
+        .output()
+        .expect("nm");
+    let text = String::from_utf8_lossy(&nm.stdout);
+    let value = text
+        .lines()
+        .find_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.len() == 3 && f[2].split('@').next() == Some("malloc"))
+                .then(|| u64::from_str_radix(f[0], 16).unwrap())
+        })
+        .expect("malloc in libc");
+    base + value
+}
+
+fn first_byte(pid: u32, addr: u64) -> u8 {
+    use std::os::unix::fs::FileExt as _;
+    let mem = std::fs::File::open(format!("/proc/{pid}/mem")).unwrap();
+    let mut b = [0u8; 1];
+    mem.read_exact_at(&mut b, addr).unwrap();
+    b[0]
+}
+
+#[test]
+fn a_process_that_exits_mid_profile_still_gets_its_profile() {
+    if !probes_available("a_process_that_exits_mid_profile_still_gets_its_profile") {
+        return;
+    }
+    let fixture = Fixture::spawn(
+        &fixture_bin("alloc-fixture"),
+        &["--phases", "retain", "--exit-when-done"],
+    );
+    let profiler = Profiler::start(
+        fixture.pid(),
+        &["--mode", "allocs", "--sample-bytes", "8192"],
+    );
+    fixture.go();
+    let truth = fixture.wait_done();
+    let (profile, lines) = profiler.wait();
+    assert!(
+        lines.iter().any(|l| l.contains("exited")),
+        "the exit is not said: {lines:?}"
+    );
+    assert!(profile["notes"].to_string().contains("exited"));
+    within(
+        inclusive(&profile, "retain_ten_mib", "alloc_space"),
+        truth["retain_bytes"].as_f64().unwrap(),
+        0.10,
+        "allocated before the exit",
+    );
+}
+
+#[test]
+fn a_stripped_binary_gets_module_offsets() {
+    if !probes_available("a_stripped_binary_gets_module_offsets") {
+        return;
+    }
+    let dir = TempDir::new("stripped");
+    let bin = stripped_copy(&fixture_bin("alloc-fixture"), &dir.path);
+    let fixture = Fixture::spawn(&bin, &["--phases", "retain"]);
+    let profiler = Profiler::start(
+        fixture.pid(),
+        &["--mode", "allocs", "--sample-bytes", "8192"],
+    );
+    fixture.go();
+    let truth = fixture.wait_done();
+    let (profile, _) = profiler.finish();
+    fixture.finish();
+    let name = bin.file_name().unwrap().to_str().unwrap().to_string();
+    // No names from the stripped module, but module+offset frames whose
+    // stacks still add up to what was allocated; libc is still named.
+    let c = column(&profile, "alloc_space");
+    let through_module: f64 = profile["stacks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| {
+            s["frames"].as_array().unwrap().iter().any(|f| {
+                f["name"]
+                    .as_str()
+                    .unwrap()
+                    .starts_with(&format!("{name}+0x"))
+            })
+        })
+        .map(|s| s["values"][c].as_f64().unwrap())
+        .sum();
+    within(
+        through_module,
+        truth["retain_bytes"].as_f64().unwrap(),
+        0.15,
+        "allocated through the stripped module",
+    );
+    assert!(!profile.to_string().contains("retain_ten_mib"));
+    assert!(profile.to_string().contains("libc_malloc"));
+}
+
+#[test]
+fn bad_targets_get_clear_errors() {
+    if !probes_available("bad_targets_get_clear_errors") {
+        return;
+    }
+    let run = |args: &[&str]| {
+        let out = Command::new(pipelens_bin())
+            .args(["memory", "--duration", "5"])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let err = run(&["--pid", "999999999"]);
+    assert!(err.contains("does not exist"), "{err}");
+    let dir = TempDir::new("noalloc");
+    let mut noalloc = Command::new(build_noalloc(&dir.path))
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(noalloc.stdout.as_mut().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert!(line.starts_with("ready"), "{line}");
+    let err = run(&["--pid", &noalloc.id().to_string(), "--mode", "allocs"]);
+    let _ = noalloc.kill();
+    let _ = noalloc.wait();
+    assert!(err.contains("no allocator"), "{err}");
+    let err = run(&["--pid", "1", "--value", "nope"]);
+    assert!(err.contains("alloc_space"), "{err}");
+}
