@@ -20,7 +20,7 @@ pub fn exists(pid: u32) -> bool {
 /// True while `pid` runs: it exists and is not a zombie waiting to be
 /// reaped (a process that exited but whose parent has not waited yet).
 pub fn alive(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+    match fs::read_to_string(format!("/proc/{pid}/stat")) {
         Ok(stat) => stat
             .rfind(')')
             .and_then(|i| stat[i + 1..].split_whitespace().next())

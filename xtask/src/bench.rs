@@ -20,6 +20,8 @@ pub enum Workload {
     Connections,
     /// pgbench -S against a private PostgreSQL.
     Queries,
+    /// A malloc-bound loop: growth mode, allocation mode, bpftrace.
+    Memory,
     /// WebSocket messages through the demo pipeline.
     Websocket,
     All,
@@ -157,6 +159,9 @@ pub fn run(workload: Workload, rounds: usize, seconds: f64) -> anyhow::Result<()
             "\nloadgen: 10 publishing sessions, unpaced, 50,000 messages of 200 B in all per round; \
              the pipeline inserts in batches; {rounds} rounds.\n\n"
         ));
+    }
+    if matches!(workload, Workload::Memory | Workload::All) {
+        report.push_str(&memory_bench(rounds, seconds.max(2.0))?);
     }
     println!("{report}");
     let out = root().join("target/bench");
@@ -388,4 +393,201 @@ fn median(mut v: Vec<f64>) -> f64 {
     } else {
         (v[n / 2 - 1] + v[n / 2]) / 2.0
     }
+}
+
+/// How a memory round watches the malloc loop.
+#[derive(Clone, Copy, PartialEq)]
+enum MemoryWatcher {
+    None,
+    /// `pipelens run --collectors memory` (growth mode, the default).
+    Growth,
+    /// `pipelens memory --mode allocs` (512 KiB mean, pointers followed).
+    Allocs,
+    /// The same without following pointers: one probe per malloc.
+    AllocsNoInUse,
+    /// `uprobe:libc:malloc { @[ustack] = sum(arg0); }` for that process.
+    Bpftrace,
+    /// bpftrace following pointers too: malloc, its return, and free.
+    BpftraceInUse,
+}
+
+const LIBC: &str = "/lib/x86_64-linux-gnu/libc.so.6";
+
+fn memory_bench(rounds: usize, seconds: f64) -> anyhow::Result<String> {
+    let configs = [
+        ("without agent", MemoryWatcher::None),
+        (
+            "pipelens run, memory collector (growth)",
+            MemoryWatcher::Growth,
+        ),
+        ("pipelens memory --mode allocs", MemoryWatcher::Allocs),
+        (
+            "pipelens memory --mode allocs --no-in-use",
+            MemoryWatcher::AllocsNoInUse,
+        ),
+        ("bpftrace malloc one-liner", MemoryWatcher::Bpftrace),
+        (
+            "bpftrace malloc + return + free",
+            MemoryWatcher::BpftraceInUse,
+        ),
+    ];
+    let mut results: Vec<Vec<(f64, f64, u64)>> = configs.iter().map(|_| Vec::new()).collect();
+    for r in 0..rounds {
+        for k in 0..configs.len() {
+            let i = (k + r) % configs.len();
+            let (name, watcher) = configs[i];
+            let round = memory_round(watcher, seconds)?;
+            eprintln!("round {r} {name:>42}: {:>8.1} ns/iter", round.0);
+            results[i].push(round);
+        }
+    }
+    let base = median(results[0].iter().map(|r| r.0).collect());
+    let mut out = String::from(
+        "### malloc-bound loop (malloc(64) + free, one thread)\n\n\
+         | configuration | ns per iteration (median) | ratio of throughput to no agent | \
+         agent CPU (s per round, median) | agent peak RSS |\n|---|---|---|---|---|\n",
+    );
+    for (i, (name, _)) in configs.iter().enumerate() {
+        let ns = median(results[i].iter().map(|r| r.0).collect());
+        let cpu = median(results[i].iter().map(|r| r.1).collect());
+        let rss = results[i].iter().map(|r| r.2).max().unwrap_or(0);
+        let traced = i > 0;
+        out.push_str(&format!(
+            "| {name} | {ns:.1} | {:.3} | {} | {} |\n",
+            base / ns,
+            if traced {
+                format!("{cpu:.2}")
+            } else {
+                "-".into()
+            },
+            if traced {
+                format!("{:.1} MiB", rss as f64 / 1024.0)
+            } else {
+                "-".into()
+            },
+        ));
+    }
+    out.push_str(&format!(
+        "\nmalloc-loop --seconds {seconds}: each round starts a fresh loop, attaches the \
+         watcher to it, then lets it run; {rounds} rounds, order rotated.\n\n"
+    ));
+    Ok(out)
+}
+
+/// One malloc loop under `watcher`: (ns per iteration, watcher CPU
+/// seconds, watcher peak RSS KiB).
+fn memory_round(watcher: MemoryWatcher, seconds: f64) -> anyhow::Result<(f64, f64, u64)> {
+    let mut lp = Command::new(root().join("target/release/malloc-loop"))
+        .args(["--wait", "--seconds", &seconds.to_string()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("starting malloc-loop (cargo xtask build)")?;
+    let mut out = BufReader::new(lp.stdout.take().expect("piped"));
+    let mut line = String::new();
+    out.read_line(&mut line)?;
+    let pid = line
+        .trim()
+        .strip_prefix("ready ")
+        .context("malloc-loop did not say ready")?
+        .to_string();
+    let pipelens = root().join("target/release/pipelens");
+    let (mut cmd, ready): (Command, &str) = match watcher {
+        MemoryWatcher::None => (Command::new("true"), ""),
+        MemoryWatcher::Growth => {
+            let mut c = Command::new(&pipelens);
+            c.args(["run", "--collectors", "memory", "--pid", &pid])
+                .args(["--listen", &format!("127.0.0.1:{}", free_port()?)]);
+            (c, "attached in")
+        }
+        MemoryWatcher::Allocs | MemoryWatcher::AllocsNoInUse => {
+            let mut c = Command::new(&pipelens);
+            c.args([
+                "memory",
+                "--mode",
+                "allocs",
+                "--duration",
+                "3600",
+                "--pid",
+                &pid,
+            ])
+            .args(["-o", "/dev/null"]);
+            if watcher == MemoryWatcher::AllocsNoInUse {
+                c.arg("--no-in-use");
+            }
+            (c, "profiling ")
+        }
+        MemoryWatcher::Bpftrace | MemoryWatcher::BpftraceInUse => {
+            // BEGIN runs once every probe is attached ("Attaching N
+            // probes" is printed before).
+            let program = if watcher == MemoryWatcher::Bpftrace {
+                format!(
+                    "BEGIN {{ printf(\"attached\\n\"); }} \
+                     uprobe:{LIBC}:malloc {{ @[ustack] = sum(arg0); }}"
+                )
+            } else {
+                format!(
+                    "BEGIN {{ printf(\"attached\\n\"); }} \
+                     uprobe:{LIBC}:malloc {{ @size[tid] = arg0; @stack[tid] = ustack; }} \
+                     uretprobe:{LIBC}:malloc {{ @live[retval] = @size[tid]; \
+                     @bytes[@stack[tid]] = sum(@size[tid]); }} \
+                     uprobe:{LIBC}:free {{ delete(@live[arg0]); }}"
+                )
+            };
+            let mut c = Command::new("bpftrace");
+            c.args(["-p", &pid, "-e", &program]);
+            (c, "attached")
+        }
+    };
+    let mut agent = None;
+    if watcher != MemoryWatcher::None {
+        let mut child = cmd
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("starting the watcher")?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        for stream in [
+            Box::new(child.stdout.take().expect("piped")) as Box<dyn std::io::Read + Send>,
+            Box::new(child.stderr.take().expect("piped")),
+        ] {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                for l in BufReader::new(stream).lines().map_while(Result::ok) {
+                    let _ = tx.send(l);
+                }
+            });
+        }
+        loop {
+            let l = rx
+                .recv_timeout(Duration::from_secs(60))
+                .context("the watcher never said it was attached")?;
+            if l.contains(ready) {
+                break;
+            }
+        }
+        agent = Some(child);
+    }
+    let cpu_before = agent.as_ref().map_or(0.0, |a| cpu_seconds(a.id()));
+    {
+        use std::io::Write as _;
+        writeln!(lp.stdin.as_mut().expect("piped"), "go")?;
+    }
+    let mut ns = None;
+    for l in out.lines() {
+        let l = l?;
+        if let Some(v) = l.strip_prefix("ns_per_iter ") {
+            ns = Some(v.trim().parse::<f64>()?);
+        }
+    }
+    let _ = lp.wait();
+    let (cpu, rss) = match &agent {
+        Some(a) => (cpu_seconds(a.id()) - cpu_before, peak_rss_kib(a.id())),
+        None => (0.0, 0),
+    };
+    if let Some(a) = agent {
+        stop(a);
+    }
+    Ok((ns.context("malloc-loop printed no ns_per_iter")?, cpu, rss))
 }

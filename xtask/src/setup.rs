@@ -8,7 +8,10 @@ use crate::{is_root, run_cmd};
 
 /// Debian packages: LLVM 22 for bpf-linker (same major as rustc's LLVM),
 /// PostgreSQL (server, psql, pgbench), Prometheus (promtool), curl and
-/// Python for the tests.
+/// Python for the tests; gcc, make and binutils for the allocation fixtures
+/// (jemalloc is built from source, the no-allocator program with gcc, the
+/// stripped copy with strip); Go for `go tool pprof`, which reads our pprof
+/// output in a test; bpftrace, the baseline of the memory benchmark.
 const PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -19,6 +22,11 @@ const PACKAGES: &[&str] = &[
     "curl",
     "python3",
     "python3-websockets",
+    "gcc",
+    "make",
+    "binutils",
+    "golang-go",
+    "bpftrace",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

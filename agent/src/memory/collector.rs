@@ -227,7 +227,7 @@ fn publish_sites(
         *by_site.entry(site).or_default() += s.values[col];
     }
     let mut ranked: Vec<(String, i64)> = by_site.into_iter().collect();
-    ranked.sort_by(|a, b| b.1.cmp(&a.1));
+    ranked.sort_by_key(|r| std::cmp::Reverse(r.1));
     let known = published.entry((tgid, what)).or_default();
     for (i, (site, value)) in ranked.iter().enumerate() {
         let listed = known.contains(site);

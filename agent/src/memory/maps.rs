@@ -305,10 +305,7 @@ pub fn host_path(pid: u32, path: impl AsRef<Path>) -> PathBuf {
 /// Whether `pid`'s root directory is ours (not a container's).
 fn same_root(pid: u32) -> bool {
     use std::os::unix::fs::MetadataExt as _;
-    match (
-        std::fs::metadata(format!("/proc/{pid}/root")),
-        std::fs::metadata("/"),
-    ) {
+    match (fs::metadata(format!("/proc/{pid}/root")), fs::metadata("/")) {
         (Ok(theirs), Ok(ours)) => theirs.dev() == ours.dev() && theirs.ino() == ours.ino(),
         _ => false,
     }
@@ -493,8 +490,6 @@ ffffffffff600000-ffffffffff601000 --xp 00000000 00:00 0                  [vsysca
     fn host_paths_go_through_the_process_root() {
         let pid = std::process::id();
         let exe = std::env::current_exe().unwrap();
-        let inside =
-            PathBuf::from(format!("/proc/{pid}/root")).join(exe.strip_prefix("/").unwrap());
         assert_eq!(host_path(pid, &exe), exe, "same root: the plain path");
         assert_eq!(
             host_path(pid, "/no/such/file"),

@@ -17,7 +17,6 @@ pub mod maps;
 pub mod probes;
 pub mod profile;
 pub mod record;
-#[path = "report_stub.rs"]
 pub mod report;
 pub mod sampling;
 pub mod symbols;

@@ -102,11 +102,6 @@ pub struct Profile {
 }
 
 impl Profile {
-    /// Index of the value column called `name`.
-    pub fn column(&self, name: &str) -> Option<usize> {
-        self.value_types.iter().position(|v| v.name == name)
-    }
-
     /// Sum of column `col` over every stack.
     pub fn total(&self, col: usize) -> i64 {
         self.stacks.iter().map(|s| s.values[col]).sum()

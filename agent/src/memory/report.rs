@@ -139,7 +139,8 @@ pub fn is_plumbing(frame: &Frame) -> bool {
 }
 
 /// The allocation site of `stack`, as an index into `profile.frames`: its
-/// innermost frame that is not plumbing ([`is_plumbing`]), or its outermost
+/// innermost frame that is not plumbing ([`is_plumbing`]) nor an inlined
+/// function known only by its short name, or its outermost
 /// frame when every frame is.
 ///
 /// Panics on a stack without frames.
@@ -153,7 +154,15 @@ fn site_position(profile: &Profile, stack: &Stack) -> Option<usize> {
     stack
         .frames
         .iter()
-        .position(|&i| !is_plumbing(&profile.frames[i]))
+        // DWARF names inlined functions without their path: an inlined
+        // `std::alloc::alloc` reads as plain `alloc`, which no rule can
+        // tell from user code. Such a frame is not the site; the function
+        // it was inlined into is.
+        .position(|&i| {
+            let f = &profile.frames[i];
+            let unqualified = f.inlined && f.function.as_deref().is_some_and(|n| !n.contains("::"));
+            !unqualified && !is_plumbing(f)
+        })
         .or(stack.frames.len().checked_sub(1))
 }
 

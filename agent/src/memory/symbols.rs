@@ -70,30 +70,41 @@ impl Symbols {
                 .symbolizer
                 .symbolize(&src, Input::VirtOffset(&svmas))
                 .unwrap_or_default();
+            // DWARF names functions by their short name (`alloc_block`);
+            // the symbol table has the whole path
+            // (`pipelens_alloc_fixture::workload::alloc_block`), which is
+            // what a site must be called to be told apart.
+            let mut plain = Elf::new(&module.path);
+            plain.debug_syms = false;
+            let qualified = self
+                .symbolizer
+                .symbolize(&Source::Elf(plain), Input::VirtOffset(&svmas))
+                .unwrap_or_default();
             for (i, addr) in addrs.iter().enumerate() {
                 let frames = match results.get(i) {
                     Some(Symbolized::Sym(sym)) => {
                         let mut frames = Vec::with_capacity(1 + sym.inlined.len());
-                        // Innermost first: the last inlined call holds the
-                        // instruction's own line, the symbol is outermost.
-                        let mut line_of_inner = sym
-                            .code_info
-                            .as_ref()
-                            .map(|c| (c.file.to_string_lossy().into_owned(), c.line));
+                        // Innermost first. blazesym gives each inlined
+                        // function the line inside it, and the symbol the
+                        // line of its outermost inlined call.
+                        let line = |c: Option<&blazesym::symbolize::CodeInfo<'_>>| {
+                            c.map(|c| (c.file.to_string_lossy().into_owned(), c.line))
+                        };
                         for inl in sym.inlined.iter().rev() {
                             frames.push(frame(
                                 &module,
                                 *addr,
                                 Some(&inl.name),
-                                line_of_inner.take(),
+                                line(inl.code_info.as_ref()),
                                 true,
                             ));
-                            line_of_inner = inl
-                                .code_info
-                                .as_ref()
-                                .map(|c| (c.file.to_string_lossy().into_owned(), c.line));
                         }
-                        frames.push(frame(&module, *addr, Some(&sym.name), line_of_inner, false));
+                        let line_of_inner = line(sym.code_info.as_deref());
+                        let name = match qualified.get(i) {
+                            Some(Symbolized::Sym(q)) => &q.name,
+                            _ => &sym.name,
+                        };
+                        frames.push(frame(&module, *addr, Some(name), line_of_inner, false));
                         frames
                     }
                     _ => vec![frame(&module, *addr, None, None, false)],

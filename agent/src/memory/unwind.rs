@@ -76,10 +76,6 @@ impl ProcessUnwinder {
         Ok(unwinder)
     }
 
-    pub fn modules(&self) -> &[ModuleInfo] {
-        &self.modules
-    }
-
     pub fn module_of(&self, addr: u64) -> Option<&ModuleInfo> {
         self.modules.iter().find(|m| m.avma.contains(&addr))
     }
@@ -100,7 +96,10 @@ impl ProcessUnwinder {
     }
 
     fn add_modules(&mut self, process_maps: &ProcessMaps) {
-        let mut ranges: HashMap<&str, (Range<u64>, Option<(u64, u64)>)> = HashMap::new();
+        // Per file: the range of all its mappings, and where its executable
+        // mapping starts with which file offset.
+        type Extent = (Range<u64>, Option<(u64, u64)>);
+        let mut ranges: HashMap<&str, Extent> = HashMap::new();
         for m in &process_maps.mappings {
             let Some(path) = m.path.as_deref() else {
                 continue;
