@@ -95,20 +95,25 @@ fn column(profile: &Value, name: &str) -> usize {
         .unwrap_or_else(|| panic!("no column {name}"))
 }
 
-/// Inclusive value of `function` (any frame whose name ends with it).
-fn inclusive(profile: &Value, function: &str, col: &str) -> f64 {
-    let c = column(profile, col);
+/// The stacks with a frame whose name ends with `function`.
+fn stacks_through<'a>(profile: &'a Value, function: &'a str) -> impl Iterator<Item = &'a Value> {
     profile["stacks"]
         .as_array()
         .unwrap()
         .iter()
-        .filter(|s| {
+        .filter(move |s| {
             s["frames"]
                 .as_array()
                 .unwrap()
                 .iter()
                 .any(|f| f["name"].as_str().unwrap_or("").ends_with(function))
         })
+}
+
+/// Inclusive value of `function`.
+fn inclusive(profile: &Value, function: &str, col: &str) -> f64 {
+    let c = column(profile, col);
+    stacks_through(profile, function)
         .map(|s| s["values"][c].as_f64().unwrap())
         .sum()
 }
@@ -129,17 +134,7 @@ fn within(actual: f64, truth: f64, tolerance: f64, what: &str) {
 /// innermost first.
 fn heaviest_stack(profile: &Value, function: &str, col: &str) -> Vec<String> {
     let c = column(profile, col);
-    let stack = profile["stacks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|s| {
-            s["frames"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .any(|f| f["name"].as_str().unwrap_or("").ends_with(function))
-        })
+    let stack = stacks_through(profile, function)
         .max_by_key(|s| s["values"][c].as_i64().unwrap())
         .unwrap_or_else(|| panic!("no stack through {function}"));
     stack["frames"]
@@ -161,19 +156,22 @@ fn assert_chain(names: &[String], chain: &[&str]) {
     }
 }
 
-fn allocs_profile(bin: &str) -> (Value, Value) {
-    let fixture = Fixture::spawn(&fixture_bin(bin), &["--phases", "retain,churn"]);
-    // One sample per 4 KiB on average: thousands of samples per function,
-    // so the estimates land within a few percent.
-    let profiler = Profiler::start(
-        fixture.pid(),
-        &["--mode", "allocs", "--sample-bytes", "8192"],
-    );
+/// Profiles the fixture `bin` through `phases` in `mode`, stopped once
+/// the fixture is done (and still holds what it retains): (profile, truth).
+/// One sample per 8 KiB on average: over a thousand samples per function,
+/// so the estimates land within a few percent.
+fn profile_fixture(bin: &std::path::Path, phases: &str, mode: &str) -> (Value, Value) {
+    let fixture = Fixture::spawn(bin, &["--phases", phases]);
+    let profiler = Profiler::start(fixture.pid(), &["--mode", mode, "--sample-bytes", "8192"]);
     fixture.go();
     let truth = fixture.wait_done();
     let (profile, _) = profiler.finish();
     fixture.finish();
     (profile, truth)
+}
+
+fn allocs_profile(bin: &str) -> (Value, Value) {
+    profile_fixture(&fixture_bin(bin), "retain,churn", "allocs")
 }
 
 fn check_allocs(profile: &Value, truth: &Value) {
@@ -217,26 +215,33 @@ fn check_allocs(profile: &Value, truth: &Value) {
     );
 }
 
-#[test]
-fn allocs_mode_names_functions_with_true_sizes() {
-    if !probes_available("allocs_mode_names_functions_with_true_sizes") {
+/// Allocation mode on `bin`, whose allocator is `family`.
+fn allocs_mode_is_right(test: &str, bin: &str, family: &str) {
+    if !probes_available(test) {
         return;
     }
-    let (profile, truth) = allocs_profile("alloc-fixture");
+    let (profile, truth) = allocs_profile(bin);
     check_allocs(&profile, &truth);
     let notes = profile["notes"].to_string();
-    assert!(notes.contains("glibc"), "{notes}");
+    assert!(notes.contains(family), "{notes}");
+}
+
+#[test]
+fn allocs_mode_names_functions_with_true_sizes() {
+    allocs_mode_is_right(
+        "allocs_mode_names_functions_with_true_sizes",
+        "alloc-fixture",
+        "glibc",
+    );
 }
 
 #[test]
 fn allocs_mode_with_jemalloc_gives_the_same_answer() {
-    if !probes_available("allocs_mode_with_jemalloc_gives_the_same_answer") {
-        return;
-    }
-    let (profile, truth) = allocs_profile("alloc-fixture-jemalloc");
-    check_allocs(&profile, &truth);
-    let notes = profile["notes"].to_string();
-    assert!(notes.contains("jemalloc"), "{notes}");
+    allocs_mode_is_right(
+        "allocs_mode_with_jemalloc_gives_the_same_answer",
+        "alloc-fixture-jemalloc",
+        "jemalloc",
+    );
 }
 
 #[test]
@@ -244,18 +249,8 @@ fn growth_mode_attributes_touched_mappings_and_retained_heap() {
     if !probes_available("growth_mode_attributes_touched_mappings_and_retained_heap") {
         return;
     }
-    let fixture = Fixture::spawn(
-        &fixture_bin("alloc-fixture"),
-        &["--phases", "retain,churn,map"],
-    );
-    let profiler = Profiler::start(
-        fixture.pid(),
-        &["--mode", "growth", "--sample-bytes", "8192"],
-    );
-    fixture.go();
-    let truth = fixture.wait_done();
-    let (profile, _) = profiler.finish();
-    fixture.finish();
+    let (profile, truth) =
+        profile_fixture(&fixture_bin("alloc-fixture"), "retain,churn,map", "growth");
     let mapped = truth["map_bytes"].as_f64().unwrap();
     within(
         inclusive(&profile, "map_three_regions", "growth_space"),
@@ -395,15 +390,7 @@ fn a_stripped_binary_gets_module_offsets() {
     }
     let dir = TempDir::new("stripped");
     let bin = stripped_copy(&fixture_bin("alloc-fixture"), &dir.path);
-    let fixture = Fixture::spawn(&bin, &["--phases", "retain"]);
-    let profiler = Profiler::start(
-        fixture.pid(),
-        &["--mode", "allocs", "--sample-bytes", "8192"],
-    );
-    fixture.go();
-    let truth = fixture.wait_done();
-    let (profile, _) = profiler.finish();
-    fixture.finish();
+    let (profile, truth) = profile_fixture(&bin, "retain", "allocs");
     let name = bin.file_name().unwrap().to_str().unwrap().to_string();
     // No names from the stripped module, but module+offset frames whose
     // stacks still add up to what was allocated; libc is still named.

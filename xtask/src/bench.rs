@@ -471,7 +471,115 @@ fn memory_bench(rounds: usize, seconds: f64) -> anyhow::Result<String> {
         "\nmalloc-loop --seconds {seconds}: each round starts a fresh loop, attaches the \
          watcher to it, then lets it run; {rounds} rounds, order rotated.\n\n"
     ));
+    out.push_str(
+        "### Sampled against unsampled: allocation mode on the fixture\n\n\
+         | mean bytes per sample | allocated in retain_ten_mib (truth 10 MiB) | \
+         allocated in churn_hundred_mib (truth 100 MiB) | in use from retain_ten_mib | samples |\n\
+         |---|---|---|---|---|\n",
+    );
+    for r in 0..rounds.min(3) {
+        for mean in ["0", "524288", "65536"] {
+            let (retain, churn, in_use, samples) = accuracy_round(mean)?;
+            eprintln!("accuracy round {r} mean {mean}: {retain:.2} {churn:.2} {in_use:.2} MiB");
+            out.push_str(&format!(
+                "| {mean} | {retain:.2} MiB | {churn:.2} MiB | {in_use:.2} MiB | {samples} |\n"
+            ));
+        }
+    }
+    out.push('\n');
     Ok(out)
+}
+
+/// The fixture's retain and churn phases under `pipelens memory --mode
+/// allocs --sample-bytes MEAN`: (MiB allocated in retain, in churn, in use
+/// from retain, samples).
+fn accuracy_round(mean: &str) -> anyhow::Result<(f64, f64, f64, String)> {
+    use std::io::Write as _;
+    let mut fx = Command::new(root().join("target/release/alloc-fixture"))
+        .args(["--phases", "retain,churn"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("starting alloc-fixture (cargo xtask build)")?;
+    let mut out = BufReader::new(fx.stdout.take().expect("piped"));
+    let mut line = String::new();
+    out.read_line(&mut line)?;
+    let pid = line
+        .trim()
+        .strip_prefix("ready ")
+        .context("fixture not ready")?
+        .to_string();
+    let json = std::env::temp_dir().join(format!("pipelens-bench-{pid}.json"));
+    let mut prof = Command::new(root().join("target/release/pipelens"))
+        .args([
+            "memory",
+            "--mode",
+            "allocs",
+            "--duration",
+            "600",
+            "--pid",
+            &pid,
+        ])
+        .args(["--sample-bytes", mean, "--format", "json", "-o"])
+        .arg(&json)
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let mut err = BufReader::new(prof.stderr.take().expect("piped"));
+    loop {
+        line.clear();
+        if err.read_line(&mut line)? == 0 {
+            bail!("pipelens memory exited before attaching");
+        }
+        if line.contains("profiling ") {
+            break;
+        }
+    }
+    std::thread::spawn(move || for _ in err.lines() {});
+    writeln!(fx.stdin.as_mut().expect("piped"), "go")?;
+    loop {
+        line.clear();
+        if out.read_line(&mut line)? == 0 || line.starts_with("done") {
+            break;
+        }
+    }
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(prof.id() as i32, libc::SIGINT) };
+    prof.wait()?;
+    drop(fx.stdin.take());
+    let _ = fx.wait();
+    let profile: serde_json::Value = serde_json::from_slice(&std::fs::read(&json)?)?;
+    let _ = std::fs::remove_file(&json);
+    let sum = |function: &str, col: usize| -> f64 {
+        profile["stacks"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|s| {
+                s["frames"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .any(|f| f["name"].as_str().is_some_and(|n| n.ends_with(function)))
+            })
+            .filter_map(|s| s["values"][col].as_f64())
+            .sum::<f64>()
+            / (1024.0 * 1024.0)
+    };
+    let samples = profile["notes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|n| n.as_str())
+        .find(|n| n.contains("sampled"))
+        .and_then(|n| n.rsplit(", ").next())
+        .unwrap_or("?")
+        .to_string();
+    Ok((
+        sum("retain_ten_mib", 0),
+        sum("churn_hundred_mib", 0),
+        sum("retain_ten_mib", 2),
+        samples,
+    ))
 }
 
 /// One malloc loop under `watcher`: (ns per iteration, watcher CPU

@@ -26,6 +26,9 @@ use crate::{
     process,
 };
 
+/// Processes whose growth is profiled at once: each holds the unwind
+/// tables of its modules, so `--all` on a busy host must not take them all.
+const MAX_PROCESSES: usize = 64;
 /// Sites published per process and value.
 const TOP_SITES: usize = 10;
 /// Sites a process may ever publish per value: a site keeps its series once
@@ -168,6 +171,11 @@ impl State {
 
     fn growth_recorder(&mut self, tgid: u32) -> Option<&mut Recorder> {
         if !self.growth.contains_key(&tgid) {
+            if self.growth.len() >= MAX_PROCESSES {
+                metrics::counter!("pipelens_map_evictions_total", "map" => "memory_processes")
+                    .increment(1);
+                return None;
+            }
             let comm = process::comm(tgid)?;
             let r = Recorder::new(tgid, comm, Mode::Growth, self.growth_mean, false).ok()?;
             self.growth.insert(tgid, r);

@@ -129,17 +129,13 @@ impl MemoryProbes {
         let pid = NonZeroU32::new(pid).ok_or_else(|| ProbeError::Layout("pid 0".into()))?;
         if !self.uprobes_loaded {
             for name in ["alloc_enter", "alloc_exit"] {
-                let p: &mut UProbe = self
-                    .ebpf
-                    .program_mut(name)
-                    .expect("program defined in the object")
-                    .try_into()
-                    .expect("program is a uprobe");
-                p.load().map_err(|source| ProbeError::Attach {
-                    category: "uprobe",
-                    name,
-                    source,
-                })?;
+                self.uprobe(name)
+                    .load()
+                    .map_err(|source| ProbeError::Attach {
+                        category: "uprobe",
+                        name,
+                        source,
+                    })?;
             }
             self.uprobes_loaded = true;
         }
@@ -157,12 +153,7 @@ impl MemoryProbes {
                 &["alloc_enter", "alloc_exit"]
             };
             for name in wanted {
-                let p: &mut UProbe = self
-                    .ebpf
-                    .program_mut(name)
-                    .expect("program defined in the object")
-                    .try_into()
-                    .expect("program is a uprobe");
+                let p = self.uprobe(name);
                 let point = UProbeAttachPoint {
                     location: UProbeAttachLocation::AbsoluteOffset(probe.file_offset),
                     cookie: Some(probe.call),
@@ -177,6 +168,14 @@ impl MemoryProbes {
             }
         }
         Ok(attached)
+    }
+
+    fn uprobe(&mut self, name: &str) -> &mut UProbe {
+        self.ebpf
+            .program_mut(name)
+            .expect("program defined in the object")
+            .try_into()
+            .expect("program is a uprobe")
     }
 
     pub fn take_ring(&mut self) -> Result<AsyncFd<RingBuf<MapData>>, ProbeError> {

@@ -48,16 +48,7 @@ impl Symbols {
                     .1
                     .push(addr),
                 None => {
-                    let frame = Frame {
-                        address: addr,
-                        module: "[unknown]".into(),
-                        module_offset: addr,
-                        function: None,
-                        file: None,
-                        line: None,
-                        inlined: false,
-                    };
-                    self.cache.insert(addr, Arc::from(vec![frame]));
+                    self.cache.insert(addr, unknown(addr));
                 }
             }
         }
@@ -116,18 +107,24 @@ impl Symbols {
 
     /// The frames of an address resolved before (an unknown frame if not).
     pub fn frames(&self, addr: u64) -> Arc<[Frame]> {
-        self.cache.get(&addr).cloned().unwrap_or_else(|| {
-            Arc::from(vec![Frame {
-                address: addr,
-                module: "[unknown]".into(),
-                module_offset: addr,
-                function: None,
-                file: None,
-                line: None,
-                inlined: false,
-            }])
-        })
+        self.cache
+            .get(&addr)
+            .cloned()
+            .unwrap_or_else(|| unknown(addr))
     }
+}
+
+/// An address in no known module (JIT code, a mapping gone since).
+fn unknown(addr: u64) -> Arc<[Frame]> {
+    Arc::from(vec![Frame {
+        address: addr,
+        module: "[unknown]".into(),
+        module_offset: addr,
+        function: None,
+        file: None,
+        line: None,
+        inlined: false,
+    }])
 }
 
 fn frame(
