@@ -37,6 +37,13 @@ pub mod call {
     pub const POSIX_MEMALIGN: u64 = 6;
     /// `free(ptr)`, `sdallocx(ptr, size, flags)`, `mi_free(ptr)`.
     pub const FREE: u64 = 7;
+    /// Flag on the cookie: this function hands some calls to the probed
+    /// `malloc` of the same allocator, which counts them (glibc: `realloc`
+    /// of NULL; `posix_memalign`, `aligned_alloc`, `memalign` with an
+    /// alignment malloc gives anyway). Such calls are not counted twice.
+    pub const FORWARDS_TO_MALLOC: u64 = 1 << 8;
+    /// Alignment every glibc `malloc` result has on x86-64.
+    pub const MALLOC_ALIGNMENT: u64 = 16;
 }
 
 /// `MemSample::kind`.

@@ -153,6 +153,21 @@ fn describe() {
         "WebSocket sessions ended, by close code (1006: no close frame) and who closed first"
     );
     describe_counter!(
+        "pipelens_memory_growth_bytes_total",
+        Unit::Bytes,
+        "Estimated resident-set growth (write faults on anonymous memory) by call site, top sites"
+    );
+    describe_counter!(
+        "pipelens_memory_allocated_bytes_total",
+        Unit::Bytes,
+        "Estimated bytes allocated by call site (allocator uprobes, sampled by bytes), top sites"
+    );
+    describe_gauge!(
+        "pipelens_memory_in_use_bytes",
+        Unit::Bytes,
+        "Estimated bytes allocated at the call site and not freed yet, top sites"
+    );
+    describe_counter!(
         "pipelens_events_lost_total",
         "Kernel events dropped because a ring buffer was full (the traced process is never blocked)"
     );

@@ -216,6 +216,20 @@ fn run_tool(cmd: &mut Command) {
 
 /// Compiles `tests/alloc-fixture/noalloc.c` into `dir`: a static program
 /// with no libc and no allocator that prints `ready <pid>` and sleeps.
+/// `forwards.c`: glibc allocation calls that end in another probed one,
+/// built optimised, without frame pointers, with line tables.
+pub fn build_forwards(dir: &Path) -> PathBuf {
+    let src = workspace_root().join("tests/alloc-fixture/forwards.c");
+    let out = dir.join("forwards");
+    run_tool(
+        Command::new("gcc")
+            .args(["-O2", "-g", "-fomit-frame-pointer", "-o"])
+            .arg(&out)
+            .arg(&src),
+    );
+    out
+}
+
 pub fn build_noalloc(dir: &Path) -> PathBuf {
     let src = workspace_root().join("tests/alloc-fixture/noalloc.c");
     let out = dir.join("noalloc");

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use pipelens_tests::{Agent, Metrics, Peer, free_port, probes_available};
+use pipelens_tests::{Agent, Metrics, Peer, free_port, probes_available, promtool_accepts};
 
 const PEER: &str = env!("CARGO_BIN_EXE_tcp-peer");
 const WAIT: Duration = Duration::from_secs(15);
@@ -216,34 +216,6 @@ fn churn_ipv6() {
 #[test]
 fn churn_ipv4_with_syscall_hooks() {
     churn("ipv4", &["--syscall-hooks"]);
-}
-
-/// The exposition passes `promtool check metrics` (naming, units, types).
-fn promtool_accepts(text: &str) {
-    use std::io::Write;
-    let mut child = std::process::Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("promtool (installed by `cargo xtask setup`)");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(text.as_bytes())
-        .expect("write");
-    let out = child.wait_with_output().expect("promtool");
-    let report = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        out.status.success() && report.trim().is_empty(),
-        "promtool check metrics:\n{report}"
-    );
 }
 
 /// 50 connects to a closed port, half blocking and half non-blocking (the

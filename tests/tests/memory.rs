@@ -11,7 +11,7 @@ use std::{
 
 use pipelens_tests::{
     TempDir,
-    memory::{Fixture, build_noalloc, fixture_bin, stripped_copy},
+    memory::{Fixture, build_forwards, build_noalloc, fixture_bin, stripped_copy},
     pipelens_bin, probes_available,
 };
 use serde_json::Value;
@@ -242,6 +242,37 @@ fn allocs_mode_with_jemalloc_gives_the_same_answer() {
         "alloc-fixture-jemalloc",
         "jemalloc",
     );
+}
+
+/// glibc's `realloc(NULL, n)` and small-alignment `posix_memalign` return
+/// `malloc(n)`: with every call sampled, each function's bytes are exact,
+/// not doubled.
+#[test]
+fn calls_glibc_forwards_to_malloc_count_once() {
+    if !probes_available("calls_glibc_forwards_to_malloc_count_once") {
+        return;
+    }
+    let dir = TempDir::new("forwards");
+    let bin = build_forwards(&dir.path);
+    let fixture = Fixture::spawn(&bin, &[]);
+    let profiler = Profiler::start(fixture.pid(), &["--mode", "allocs", "--sample-bytes", "0"]);
+    fixture.go();
+    let truth = fixture.wait_done();
+    let (profile, _) = profiler.finish();
+    fixture.finish();
+    let each = truth["each_bytes"].as_f64().unwrap();
+    for function in ["grow_from_null", "align_like_malloc", "align_to_page"] {
+        assert_eq!(
+            inclusive(&profile, function, "alloc_space"),
+            each,
+            "allocated in {function}"
+        );
+        assert_eq!(
+            inclusive(&profile, function, "inuse_space"),
+            each,
+            "in use from {function}"
+        );
+    }
 }
 
 #[test]
@@ -506,6 +537,7 @@ fn run_exports_top_sites_as_metrics() {
         "pipelens_memory_in_use_bytes",
         &[process[0], ("site", &site("alloc_block"))],
     );
+    pipelens_tests::promtool_accepts(&agent.metrics_text());
     assert!(
         in_use > 2.0 * MIB && in_use < 30.0 * MIB,
         "in use at alloc_block: {:.1} MiB, about 10 expected",

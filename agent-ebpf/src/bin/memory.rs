@@ -61,6 +61,11 @@ static PENDING: LruHashMap<u32, Pending> = LruHashMap::with_max_entries(MAX_PEND
 #[map]
 static LIVE: HashMap<u64, u64> = HashMap::with_max_entries(MAX_LIVE, 0);
 
+/// The stack slot and the real return address of a forwarding call in
+/// flight (see `forwarded`), per thread.
+#[map]
+static FORWARD_RA: LruHashMap<u32, [u64; 2]> = LruHashMap::with_max_entries(MAX_PENDING, 0);
+
 /// Mapping call in flight (`mmap` length, `brk`), per thread.
 #[map]
 static MAPPING: LruHashMap<u32, Pending> = LruHashMap::with_max_entries(MAX_PENDING, 0);
@@ -191,6 +196,16 @@ fn emit_sample(kind: u32, seq: u64, size: u64, addr: u64, regs: &pt_regs) {
         if len == 0 {
             stat(MSTAT_STACK_UNREADABLE);
         }
+        // Inside a forwarding call, its return address on the stack is the
+        // kernel's uretprobe trampoline, which no unwinder can walk past:
+        // put the real one back in the copy.
+        if let Some(f) = FORWARD_RA.get(tid) {
+            let off = f[0].wrapping_sub(sp);
+            if off + 8 <= len as u64 {
+                let at = (off as usize) & (STACK_WINDOW - 8);
+                core::ptr::write_unaligned(stack.as_mut_ptr().add(at).cast::<u64>(), f[1]);
+            }
+        }
         (*s).head.stack_len = len as u32;
         let total = (size_of::<MemSampleHeader>() + len).min(size_of::<MemSample>());
         let bytes = core::slice::from_raw_parts(s.cast::<u8>(), total);
@@ -230,6 +245,22 @@ fn forget(ptr: u64) {
     }
 }
 
+/// A call handed on to the probed `malloc`, which counts it. When returns
+/// are probed, the kernel swaps this call's return address for its
+/// trampoline as soon as this program returns: remember the real one, and
+/// where it lies, for the stack copies taken inside the call.
+#[inline(always)]
+fn forwarded(sp: u64) {
+    if config!(track_frees) == 0 {
+        return;
+    }
+    let (_, tid) = current_ids();
+    // SAFETY: the helper validates the user address.
+    if let Ok(ra) = unsafe { bpf_probe_read_user(sp as *const u64) } {
+        let _ = FORWARD_RA.insert(tid, [sp, ra], 0);
+    }
+}
+
 /// Entry of every allocator function; the attach cookie says where its
 /// arguments are ([`call`]).
 #[uprobe]
@@ -237,17 +268,32 @@ pub fn alloc_enter(ctx: ProbeContext) -> u32 {
     // SAFETY: the context of a uprobe is the user registers.
     let regs = unsafe { &*ctx.regs };
     // SAFETY: the helper has no preconditions.
-    let kind = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) };
+    let cookie = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) };
+    let kind = cookie & 0xff;
+    let forwards = cookie & call::FORWARDS_TO_MALLOC != 0;
     let (a0, a1, a2) = (regs.rdi, regs.rsi, regs.rdx);
+    let skip = |ctx_sp: u64| {
+        forwarded(ctx_sp);
+        0
+    };
     let (size, out_ptr) = match kind {
         call::FREE => {
             forget(a0);
             return 0;
         }
         call::SIZE_ARG0 => (a0, 0),
-        call::SIZE_ARG1 => (a1, 0),
+        // memalign / aligned_alloc(align, size)
+        call::SIZE_ARG1 => {
+            if forwards && a0 <= call::MALLOC_ALIGNMENT {
+                return skip(regs.rsp);
+            }
+            (a1, 0)
+        }
         call::CALLOC => (a0.wrapping_mul(a1), 0),
         call::REALLOC => {
+            if forwards && a0 == 0 {
+                return skip(regs.rsp);
+            }
             forget(a0);
             (a1, 0)
         }
@@ -255,7 +301,12 @@ pub fn alloc_enter(ctx: ProbeContext) -> u32 {
             forget(a0);
             (a1.wrapping_mul(a2), 0)
         }
-        call::POSIX_MEMALIGN => (a2, a0),
+        call::POSIX_MEMALIGN => {
+            if forwards && a1 <= call::MALLOC_ALIGNMENT {
+                return skip(regs.rsp);
+            }
+            (a2, a0)
+        }
         _ => return 0,
     };
     stat(MSTAT_CALLS);
@@ -282,6 +333,9 @@ pub fn alloc_enter(ctx: ProbeContext) -> u32 {
 #[uretprobe]
 pub fn alloc_exit(ctx: RetProbeContext) -> u32 {
     let (_, tid) = current_ids();
+    // The forwarded call's own allocation has returned: no stack is taken
+    // inside it any more.
+    let _ = FORWARD_RA.remove(tid);
     // SAFETY: copied out before the entry is removed.
     let Some(p) = (unsafe { PENDING.get(tid) }).copied() else {
         return 0;

@@ -18,7 +18,7 @@ use pipelens_common::memory::{
 };
 use tokio::io::unix::AsyncFd;
 
-use super::allocator::AllocProbe;
+use super::allocator::{AllocProbe, Family};
 use crate::{
     objects::{self, Loader, ProbeError},
     tracefs::TracepointFormat,
@@ -156,7 +156,7 @@ impl MemoryProbes {
                 let p = self.uprobe(name);
                 let point = UProbeAttachPoint {
                     location: UProbeAttachLocation::AbsoluteOffset(probe.file_offset),
-                    cookie: Some(probe.call),
+                    cookie: Some(cookie(probe)),
                 };
                 p.attach(point, &probe.module, UProbeScope::OneProcess(pid))
                     .map_err(|source| ProbeError::Attach {
@@ -193,6 +193,25 @@ impl MemoryProbes {
             faults: get(MSTAT_FAULTS),
         }
     }
+}
+
+/// The attach cookie of `probe`: where its arguments are, and whether it
+/// hands some calls to its allocator's probed `malloc` (glibc 2.36:
+/// `realloc(NULL, n)` returns `malloc(n)`, and `_mid_memalign`, behind
+/// `posix_memalign`, `aligned_alloc` and `memalign`, returns `malloc(n)`
+/// when the alignment is no more than malloc's own).
+fn cookie(probe: &AllocProbe) -> u64 {
+    let forwards = probe.family == Family::Glibc
+        && matches!(
+            probe.call,
+            call::REALLOC | call::POSIX_MEMALIGN | call::SIZE_ARG1
+        );
+    probe.call
+        | if forwards {
+            call::FORWARDS_TO_MALLOC
+        } else {
+            0
+        }
 }
 
 /// Loads every program of the memory object (verifier included) without
