@@ -41,8 +41,9 @@ static MEMORY_CONFIG: Global<MemConfig> = Global::new(MemConfig {
     _pad: 0,
 });
 
+/// Sized by the agent at load (`SamplerSettings::ring_bytes`).
 #[map]
-static MEMORY_EVENTS: RingBuf = RingBuf::with_byte_size(64 << 20, 0);
+static MEMORY_EVENTS: RingBuf = RingBuf::with_byte_size(8 << 20, 0);
 
 /// Exponential draws with mean `DRAW_ONE`, written by the agent.
 #[map]

@@ -67,6 +67,9 @@ impl MemoryCollector {
                 growth_mean,
                 track_frees: true,
                 stack_bytes: 8192,
+                // Continuous and sampled sparsely: a few hundred samples
+                // of headroom, and an agent that stays small.
+                ring_bytes: 8 << 20,
             },
         )?;
         probes.attach_growth(syscall_hooks)?;

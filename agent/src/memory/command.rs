@@ -135,6 +135,8 @@ pub async fn run(args: MemoryArgs) -> anyhow::Result<()> {
         growth_mean: mean,
         track_frees,
         stack_bytes: args.stack_bytes,
+        // A time-boxed profile may sample every call: room for thousands.
+        ring_bytes: 64 << 20,
     };
     let mut probes = MemoryProbes::load(&loader, settings)?;
     let mut recorder = Recorder::new(args.pid, comm.clone(), args.mode, mean, track_frees)?;

@@ -35,6 +35,9 @@ pub struct SamplerSettings {
     pub track_frees: bool,
     /// User stack bytes copied per sample.
     pub stack_bytes: u32,
+    /// Size of the ring buffer (a power of two, in bytes): it must hold
+    /// the samples of a burst while the agent unwinds them.
+    pub ring_bytes: u32,
 }
 
 /// Counters the kernel keeps, summed over CPUs.
@@ -72,7 +75,8 @@ impl MemoryProbes {
             return Err(ProbeError::Layout("exceptions:page_fault_user".into()));
         }
         let mut ebpf = loader.load("memory", objects::MEMORY, |l| {
-            l.override_global("MEMORY_CONFIG", &config, true);
+            l.override_global("MEMORY_CONFIG", &config, true)
+                .set_max_entries("MEMORY_EVENTS", settings.ring_bytes);
         })?;
         let mut draws: Array<&mut MapData, u64> = Array::try_from(
             ebpf.map_mut("DRAW_TABLE")
@@ -222,6 +226,7 @@ pub fn verify(loader: &Loader) -> Result<(), String> {
         growth_mean: 64 * 1024,
         track_frees: true,
         stack_bytes: 8192,
+        ring_bytes: 1 << 20,
     };
     let mut probes = MemoryProbes::load(loader, settings).map_err(|e| e.to_string())?;
     for (name, prog) in probes.ebpf.programs_mut() {
