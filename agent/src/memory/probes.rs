@@ -76,7 +76,7 @@ impl MemoryProbes {
         }
         let mut ebpf = loader.load("memory", objects::MEMORY, |l| {
             l.override_global("MEMORY_CONFIG", &config, true)
-                .set_max_entries("MEMORY_EVENTS", settings.ring_bytes);
+                .map_max_entries("MEMORY_EVENTS", settings.ring_bytes);
         })?;
         let mut draws: Array<&mut MapData, u64> = Array::try_from(
             ebpf.map_mut("DRAW_TABLE")
