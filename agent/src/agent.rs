@@ -190,9 +190,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             Err(e) => log::error!("payload capture task panicked: {e}"),
         }
     }
+    let mut memory_summary = None;
     for task in memory_tasks {
         match tokio::task::spawn_blocking(move || task.join()).await {
-            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Ok(doc))) => memory_summary = Some(doc),
             Ok(Ok(Err(e))) => log::error!("memory collector failed: {e}"),
             Ok(Err(_)) => log::error!("memory collector thread panicked"),
             Err(e) => log::error!("memory collector task panicked: {e}"),
@@ -212,6 +213,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
         if let Some(w) = &web_summary {
             doc["websocket"] = websocket::analyser::summary(w);
+        }
+        if let Some(m) = memory_summary {
+            doc["memory"] = m;
         }
         summary::write(path, &doc)?;
         log::info!("summary written to {}", path.display());

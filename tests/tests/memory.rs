@@ -543,6 +543,20 @@ fn run_exports_top_sites_as_metrics() {
         "in use at alloc_block: {:.1} MiB, about 10 expected",
         in_use / MIB
     );
-    agent.stop();
+    // The summary names the same top sites.
+    let summary = agent.stop();
+    let entry = summary["memory"]
+        .as_array()
+        .expect("memory summary")
+        .iter()
+        .find(|e| e["pid"].as_u64() == Some(fixture.pid() as u64))
+        .expect("the fixture in the memory summary")
+        .clone();
+    assert_eq!(entry["growth"][0]["site"], site("map_region"), "{entry}");
+    assert_eq!(
+        entry["allocated"][0]["site"],
+        site("alloc_block"),
+        "{entry}"
+    );
     fixture.finish();
 }

@@ -49,6 +49,8 @@ struct State {
     growth: HashMap<u32, Recorder>,
     allocs: HashMap<u32, Recorder>,
     published: HashMap<(u32, &'static str), HashSet<String>>,
+    /// Top sites per process for `--summary-json`, kept after it exits.
+    summary: std::collections::BTreeMap<u32, serde_json::Value>,
     labels: HashMap<u32, (String, String)>,
 }
 
@@ -97,7 +99,7 @@ impl MemoryCollector {
     pub fn spawn(
         self,
         shutdown: CancellationToken,
-    ) -> std::thread::JoinHandle<Result<(), ProbeError>> {
+    ) -> std::thread::JoinHandle<Result<serde_json::Value, ProbeError>> {
         std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -106,12 +108,14 @@ impl MemoryCollector {
         })
     }
 
-    async fn run(mut self, shutdown: CancellationToken) -> Result<(), ProbeError> {
+    /// Runs until `shutdown`; returns the top sites of every process seen.
+    async fn run(mut self, shutdown: CancellationToken) -> Result<serde_json::Value, ProbeError> {
         let mut state = State {
             growth_mean: self.growth_mean,
             growth: HashMap::new(),
             allocs: HashMap::new(),
             published: HashMap::new(),
+            summary: Default::default(),
             labels: HashMap::new(),
         };
         for pid in &self.alloc_targets {
@@ -141,7 +145,7 @@ impl MemoryCollector {
         }
         state.drain(ring.get_mut());
         state.publish(&self.probes);
-        Ok(())
+        Ok(state.summary.into_values().collect())
     }
 }
 
@@ -196,7 +200,8 @@ impl State {
         for (tgid, r) in &self.growth {
             let p = r.profile(Vec::new());
             let labels = labels(&mut self.labels, *tgid, &r.process);
-            publish_sites(&mut self.published, *tgid, &labels, &p, 0, "growth");
+            let top = publish_sites(&mut self.published, *tgid, &labels, &p, 0, "growth");
+            summary_entry(&mut self.summary, *tgid, &r.process)["growth"] = top;
             if !process::exists(*tgid) {
                 gone.push(*tgid);
             }
@@ -204,13 +209,26 @@ impl State {
         for (tgid, r) in &self.allocs {
             let p = r.profile(Vec::new());
             let labels = labels(&mut self.labels, *tgid, &r.process);
-            publish_sites(&mut self.published, *tgid, &labels, &p, 0, "allocated");
-            publish_sites(&mut self.published, *tgid, &labels, &p, 2, "in_use");
+            let allocated = publish_sites(&mut self.published, *tgid, &labels, &p, 0, "allocated");
+            let in_use = publish_sites(&mut self.published, *tgid, &labels, &p, 2, "in_use");
+            let entry = summary_entry(&mut self.summary, *tgid, &r.process);
+            entry["allocated"] = allocated;
+            entry["in_use"] = in_use;
         }
         for tgid in gone {
             self.growth.remove(&tgid);
         }
     }
+}
+
+fn summary_entry<'a>(
+    summary: &'a mut std::collections::BTreeMap<u32, serde_json::Value>,
+    tgid: u32,
+    process: &str,
+) -> &'a mut serde_json::Value {
+    summary
+        .entry(tgid)
+        .or_insert_with(|| serde_json::json!({"pid": tgid, "process": process}))
 }
 
 fn labels(cache: &mut HashMap<u32, (String, String)>, tgid: u32, comm: &str) -> (String, String) {
@@ -220,7 +238,8 @@ fn labels(cache: &mut HashMap<u32, (String, String)>, tgid: u32, comm: &str) -> 
         .clone()
 }
 
-/// The top sites of column `col`, as `pipelens_memory_{what}` series.
+/// The top sites of column `col`, as `pipelens_memory_{what}` series;
+/// returns them for the summary (`[{"site", "bytes"}]`, largest first).
 fn publish_sites(
     published: &mut HashMap<(u32, &'static str), HashSet<String>>,
     tgid: u32,
@@ -228,7 +247,7 @@ fn publish_sites(
     profile: &Profile,
     col: usize,
     what: &'static str,
-) {
+) -> serde_json::Value {
     let mut by_site: HashMap<String, i64> = HashMap::new();
     for s in &profile.stacks {
         if s.frames.is_empty() {
@@ -259,4 +278,10 @@ fn publish_sites(
             _ => metrics::gauge!("pipelens_memory_in_use_bytes", &labels).set(*value as f64),
         }
     }
+    ranked
+        .iter()
+        .take(TOP_SITES)
+        .filter(|(_, v)| *v > 0)
+        .map(|(site, bytes)| serde_json::json!({"site": site, "bytes": bytes}))
+        .collect()
 }

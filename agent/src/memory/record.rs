@@ -58,6 +58,10 @@ const INUSE_N: usize = 3;
 const GROWTH_B: usize = 0;
 const MAPPED_B: usize = 1;
 
+/// Sampled calls awaiting their return note, and frees awaiting theirs, at
+/// most (far more than are ever in flight at once).
+const MAX_AWAITED: usize = 65_536;
+
 struct StackEntry {
     unwound: Unwound,
     values: [f64; 4],
@@ -201,6 +205,11 @@ impl Recorder {
                 if !self.track_frees {
                     return;
                 }
+                // A return whose note was lost (full ring) never comes:
+                // keep this map from growing without bound in a long run.
+                if self.pending.len() >= MAX_AWAITED {
+                    self.pending.clear();
+                }
                 self.pending.insert(
                     s.seq,
                     Weighed {
@@ -258,6 +267,9 @@ impl Recorder {
                     v[INUSE_N] -= w.count;
                 }
                 None => {
+                    if self.early_frees.len() >= MAX_AWAITED {
+                        self.early_frees.clear();
+                    }
                     self.early_frees.insert(n.addr);
                 }
             },
