@@ -311,6 +311,27 @@ fn print_summary(m: &Metrics, elapsed: Duration, round: u64) {
             labels.get("status").map(String::as_str).unwrap_or("")
         );
     }
+    let mut growth: Vec<(f64, String)> = m
+        .samples
+        .iter()
+        .filter(|(n, l, _)| {
+            n == "pipelens_memory_growth_bytes_total"
+                && l.get("process").map(String::as_str) == Some("pipeline")
+        })
+        .map(|(_, l, v)| (*v, l.get("site").cloned().unwrap_or_default()))
+        .collect();
+    growth.sort_by(|a, b| b.0.total_cmp(&a.0));
+    println!("memory growth by site (process `pipeline`, resident bytes, estimated):");
+    if growth.is_empty() {
+        println!("  (none yet)");
+    }
+    for (bytes, full) in growth.iter().take(5) {
+        let mut site: String = full.chars().take(90).collect();
+        if site.len() < full.len() {
+            site.push('…');
+        }
+        println!("  {:>9.1} MiB  {site}", bytes / (1024.0 * 1024.0));
+    }
     let errors = n("pipelens_db_query_errors_total", &[("process", "pipeline")]);
     let lost = n("pipelens_events_lost_total", &[]);
     println!("query errors: {errors}   agent events lost: {lost}");

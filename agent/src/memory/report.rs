@@ -107,6 +107,8 @@ const PLUMBING_FUNCTIONS: &[(&str, &[Rule])] = &[
             Starts("__rust_realloc"),
             Starts("__rdl_"),
             Starts("__rg_"),
+            // The same shims as recent rustc names them (v0 mangling).
+            Starts("__rustc::"),
         ],
     ),
     (

@@ -188,7 +188,12 @@ fn load_module(
     exec_start: u64,
     exec_offset: u64,
 ) -> anyhow::Result<(ModuleInfo, Module<Vec<u8>>)> {
-    let data = std::fs::read(host)?;
+    // Mapped, not read: only the unwind sections and `.text` are copied
+    // out, and a binary with debug information can be hundreds of MiB.
+    let mapped = std::fs::File::open(host)?;
+    // SAFETY: read-only private mapping of a file the process has mapped
+    // too; it is not expected to shrink while we copy from it.
+    let data = unsafe { memmap2::Mmap::map(&mapped) }?;
     let file = object::File::parse(&*data)?;
     // The executable segment holding the mapping gives the load bias. A
     // segment's file offset need not be page aligned (lld), while the
