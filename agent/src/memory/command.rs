@@ -176,6 +176,7 @@ pub async fn run(args: MemoryArgs) -> anyhow::Result<()> {
     );
 
     let started = Instant::now();
+    recorder.start_clock();
     let deadline = tokio::time::Instant::now() + args.duration;
     let mut tick = tokio::time::interval(Duration::from_millis(200));
     let mut last_progress = Instant::now();

@@ -299,6 +299,15 @@ impl Recorder {
         }
     }
 
+    /// Starts the profile's clock now (once the probes are attached).
+    pub fn start_clock(&mut self) {
+        self.started = Instant::now();
+        self.start_unix_nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos() as i64)
+            .unwrap_or(0);
+    }
+
     pub fn elapsed(&self) -> Duration {
         self.started.elapsed()
     }
