@@ -214,32 +214,30 @@ fn run_tool(cmd: &mut Command) {
     );
 }
 
-/// Compiles `tests/alloc-fixture/noalloc.c` into `dir`: a static program
-/// with no libc and no allocator that prints `ready <pid>` and sleeps.
-/// `forwards.c`: glibc allocation calls that end in another probed one,
-/// built optimised, without frame pointers, with line tables.
-pub fn build_forwards(dir: &Path) -> PathBuf {
-    let src = workspace_root().join("tests/alloc-fixture/forwards.c");
-    let out = dir.join("forwards");
+/// Compiles `tests/alloc-fixture/NAME.c` into `dir/NAME` with gcc and `flags`.
+fn build_c(dir: &Path, name: &str, flags: &[&str]) -> PathBuf {
+    let src = workspace_root().join(format!("tests/alloc-fixture/{name}.c"));
+    let out = dir.join(name);
     run_tool(
         Command::new("gcc")
-            .args(["-O2", "-g", "-fomit-frame-pointer", "-o"])
+            .args(flags)
+            .arg("-o")
             .arg(&out)
             .arg(&src),
     );
     out
 }
 
+/// `forwards.c`: glibc allocation calls that end in another probed one,
+/// built optimised, without frame pointers, with line tables.
+pub fn build_forwards(dir: &Path) -> PathBuf {
+    build_c(dir, "forwards", &["-O2", "-g", "-fomit-frame-pointer"])
+}
+
+/// `noalloc.c`: a static program with no libc and no allocator that prints
+/// `ready <pid>` and sleeps.
 pub fn build_noalloc(dir: &Path) -> PathBuf {
-    let src = workspace_root().join("tests/alloc-fixture/noalloc.c");
-    let out = dir.join("noalloc");
-    run_tool(
-        Command::new("gcc")
-            .args(["-static", "-nostdlib", "-O2", "-o"])
-            .arg(&out)
-            .arg(&src),
-    );
-    out
+    build_c(dir, "noalloc", &["-static", "-nostdlib", "-O2"])
 }
 
 /// A copy of `bin` in `dir` with every symbol stripped (`strip
