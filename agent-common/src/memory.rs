@@ -126,16 +126,24 @@ pub struct MemConfig {
     pub _pad: u32,
 }
 
-/// Per-thread state of the samplers and of the call in flight.
+/// The allocator or mapping call in flight on a thread.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Pending {
+    /// Sequence number of the sample taken at entry (0: not sampled).
     pub seq: u64,
     /// `posix_memalign`'s out-pointer, read at return.
     pub out_ptr: u64,
-    /// Mapping call in flight: its length (`mmap`) or the old break (`brk`).
+    /// Mapping call: its length (`mmap`).
     pub size: u64,
+    /// Its [`call`] kind (1 for a mapping).
     pub kind: u64,
+    /// A call handed on to the probed `malloc` (see
+    /// [`call::FORWARDS_TO_MALLOC`]): where its return address lies on the
+    /// stack, and what it is (the kernel swaps it for the uretprobe
+    /// trampoline once the entry probe has run). 0 otherwise.
+    pub ret_slot: u64,
+    pub ret_addr: u64,
 }
 
 /// `MEMORY_STATS` slots.

@@ -44,26 +44,40 @@ pub static KERNEL_OFFSETS: Global<KernelOffsets> = Global::new(KernelOffsets {
 #[map]
 pub static TARGETS: HashMap<u32, u32> = HashMap::with_max_entries(MAX_TARGETS, 0);
 
-/// Reads one field of `AGENT_CONFIG` without copying the whole struct onto
-/// the 512-byte BPF stack.
+/// Reads one field of a global set by the loader (`Global<$ty>`) without
+/// copying the whole struct onto the 512-byte BPF stack. A volatile read:
+/// the compiler would otherwise fold the global to its initial value.
 #[macro_export]
-macro_rules! config_field {
-    ($field:ident) => {{
-        let cfg = (&raw const $crate::AGENT_CONFIG).cast::<pipelens_common::config::AgentConfig>();
+macro_rules! global_field {
+    ($global:path, $ty:ty, $field:ident) => {{
+        let g = (&raw const $global).cast::<$ty>();
         // SAFETY: `Global<T>` is `repr(transparent)` over an initialised `T`.
-        unsafe { core::ptr::read_volatile(&raw const (*cfg).$field) }
+        unsafe { core::ptr::read_volatile(&raw const (*g).$field) }
     }};
 }
 
-/// Reads one field of `KERNEL_OFFSETS`, see [`config_field`].
+/// Reads one field of `AGENT_CONFIG`, see [`global_field`].
+#[macro_export]
+macro_rules! config_field {
+    ($field:ident) => {
+        $crate::global_field!(
+            $crate::AGENT_CONFIG,
+            pipelens_common::config::AgentConfig,
+            $field
+        )
+    };
+}
+
+/// Reads one field of `KERNEL_OFFSETS`, see [`global_field`].
 #[macro_export]
 macro_rules! kernel_offset {
-    ($field:ident) => {{
-        let off =
-            (&raw const $crate::KERNEL_OFFSETS).cast::<pipelens_common::config::KernelOffsets>();
-        // SAFETY: `Global<T>` is `repr(transparent)` over an initialised `T`.
-        unsafe { core::ptr::read_volatile(&raw const (*off).$field) }
-    }};
+    ($field:ident) => {
+        $crate::global_field!(
+            $crate::KERNEL_OFFSETS,
+            pipelens_common::config::KernelOffsets,
+            $field
+        )
+    };
 }
 
 /// `(tgid, tid)` of the current task.

@@ -75,7 +75,7 @@ pub struct RunArgs {
     /// Memory collector: mean bytes of growth between samples of the write
     /// faults (and, with `--syscall-hooks`, anonymous mappings) of targets;
     /// 0 samples every one.
-    #[arg(long, default_value_t = 65536, value_name = "BYTES")]
+    #[arg(long, default_value_t = crate::memory::sampling::DEFAULT_GROWTH_MEAN, value_name = "BYTES")]
     pub memory_sample_bytes: u64,
 
     /// Memory collector: also put uprobes on the allocator of each `--pid`

@@ -54,18 +54,14 @@ static DRAW_TABLE: Array<u64> = Array::with_max_entries(DRAWS, 0);
 #[map]
 static COUNTDOWN: PerCpuArray<u64> = PerCpuArray::with_max_entries(3, 0);
 
-/// Sampled allocator call in flight, per thread.
+/// Allocator call in flight per thread: a sampled one (its pointer is
+/// followed from its return) or one handed on to `malloc`.
 #[map]
 static PENDING: LruHashMap<u32, Pending> = LruHashMap::with_max_entries(MAX_PENDING, 0);
 
 /// Sampled pointers not freed yet → sequence number of their sample.
 #[map]
 static LIVE: HashMap<u64, u64> = HashMap::with_max_entries(MAX_LIVE, 0);
-
-/// The stack slot and the real return address of a forwarding call in
-/// flight (see `forwarded`), per thread.
-#[map]
-static FORWARD_RA: LruHashMap<u32, [u64; 2]> = LruHashMap::with_max_entries(MAX_PENDING, 0);
 
 /// Mapping call in flight (`mmap` length, `brk`), per thread.
 #[map]
@@ -91,11 +87,9 @@ const PF_WRITE: u64 = 2;
 const MAP_ANONYMOUS: u64 = 0x20;
 
 macro_rules! config {
-    ($field:ident) => {{
-        let cfg = (&raw const MEMORY_CONFIG).cast::<MemConfig>();
-        // SAFETY: `Global<T>` is `repr(transparent)` over an initialised `T`.
-        unsafe { core::ptr::read_volatile(&raw const (*cfg).$field) }
-    }};
+    ($field:ident) => {
+        pipelens_ebpf::global_field!(MEMORY_CONFIG, MemConfig, $field)
+    };
 }
 
 #[inline(always)]
@@ -200,11 +194,13 @@ fn emit_sample(kind: u32, seq: u64, size: u64, addr: u64, regs: &pt_regs) {
         // Inside a forwarding call, its return address on the stack is the
         // kernel's uretprobe trampoline, which no unwinder can walk past:
         // put the real one back in the copy.
-        if let Some(f) = FORWARD_RA.get(tid) {
-            let off = f[0].wrapping_sub(sp);
+        if let Some(p) = PENDING.get(tid)
+            && p.ret_slot != 0
+        {
+            let off = p.ret_slot.wrapping_sub(sp);
             if off + 8 <= len as u64 {
                 let at = (off as usize) & (STACK_WINDOW - 8);
-                core::ptr::write_unaligned(stack.as_mut_ptr().add(at).cast::<u64>(), f[1]);
+                core::ptr::write_unaligned(stack.as_mut_ptr().add(at).cast::<u64>(), p.ret_addr);
             }
         }
         (*s).head.stack_len = len as u32;
@@ -249,16 +245,22 @@ fn forget(ptr: u64) {
 /// A call handed on to the probed `malloc`, which counts it. When returns
 /// are probed, the kernel swaps this call's return address for its
 /// trampoline as soon as this program returns: remember the real one, and
-/// where it lies, for the stack copies taken inside the call.
+/// where it lies, for the stack copies taken inside the call. The next
+/// return seen on the thread (the inner `malloc`'s) clears it.
 #[inline(always)]
-fn forwarded(sp: u64) {
+fn handed_on(sp: u64) {
     if config!(track_frees) == 0 {
         return;
     }
     let (_, tid) = current_ids();
     // SAFETY: the helper validates the user address.
-    if let Ok(ra) = unsafe { bpf_probe_read_user(sp as *const u64) } {
-        let _ = FORWARD_RA.insert(tid, [sp, ra], 0);
+    if let Ok(ret_addr) = unsafe { bpf_probe_read_user(sp as *const u64) } {
+        let p = Pending {
+            ret_slot: sp,
+            ret_addr,
+            ..Pending::default()
+        };
+        let _ = PENDING.insert(tid, p, 0);
     }
 }
 
@@ -271,12 +273,19 @@ pub fn alloc_enter(ctx: ProbeContext) -> u32 {
     // SAFETY: the helper has no preconditions.
     let cookie = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) };
     let kind = cookie & 0xff;
-    let forwards = cookie & call::FORWARDS_TO_MALLOC != 0;
     let (a0, a1, a2) = (regs.rdi, regs.rsi, regs.rdx);
-    let skip = |ctx_sp: u64| {
-        forwarded(ctx_sp);
-        0
-    };
+    // glibc serves these with its own (probed) malloc.
+    let hands_on = cookie & call::FORWARDS_TO_MALLOC != 0
+        && match kind {
+            call::SIZE_ARG1 => a0 <= call::MALLOC_ALIGNMENT,
+            call::REALLOC => a0 == 0,
+            call::POSIX_MEMALIGN => a1 <= call::MALLOC_ALIGNMENT,
+            _ => false,
+        };
+    if hands_on {
+        handed_on(regs.rsp);
+        return 0;
+    }
     let (size, out_ptr) = match kind {
         call::FREE => {
             forget(a0);
@@ -284,17 +293,9 @@ pub fn alloc_enter(ctx: ProbeContext) -> u32 {
         }
         call::SIZE_ARG0 => (a0, 0),
         // memalign / aligned_alloc(align, size)
-        call::SIZE_ARG1 => {
-            if forwards && a0 <= call::MALLOC_ALIGNMENT {
-                return skip(regs.rsp);
-            }
-            (a1, 0)
-        }
+        call::SIZE_ARG1 => (a1, 0),
         call::CALLOC => (a0.wrapping_mul(a1), 0),
         call::REALLOC => {
-            if forwards && a0 == 0 {
-                return skip(regs.rsp);
-            }
             forget(a0);
             (a1, 0)
         }
@@ -302,12 +303,7 @@ pub fn alloc_enter(ctx: ProbeContext) -> u32 {
             forget(a0);
             (a1.wrapping_mul(a2), 0)
         }
-        call::POSIX_MEMALIGN => {
-            if forwards && a1 <= call::MALLOC_ALIGNMENT {
-                return skip(regs.rsp);
-            }
-            (a2, a0)
-        }
+        call::POSIX_MEMALIGN => (a2, a0),
         _ => return 0,
     };
     stat(MSTAT_CALLS);
@@ -321,8 +317,8 @@ pub fn alloc_enter(ctx: ProbeContext) -> u32 {
         let p = Pending {
             seq,
             out_ptr,
-            size,
             kind,
+            ..Pending::default()
         };
         let _ = PENDING.insert(tid, p, 0);
     }
@@ -334,14 +330,15 @@ pub fn alloc_enter(ctx: ProbeContext) -> u32 {
 #[uretprobe]
 pub fn alloc_exit(ctx: RetProbeContext) -> u32 {
     let (_, tid) = current_ids();
-    // The forwarded call's own allocation has returned: no stack is taken
-    // inside it any more.
-    let _ = FORWARD_RA.remove(tid);
     // SAFETY: copied out before the entry is removed.
     let Some(p) = (unsafe { PENDING.get(tid) }).copied() else {
         return 0;
     };
     let _ = PENDING.remove(tid);
+    if p.seq == 0 {
+        // A handed-on call: its inner malloc has returned.
+        return 0;
+    }
     // SAFETY: the context of a uretprobe is the user registers.
     let rax = unsafe { (*ctx.regs).rax };
     let ptr = if p.kind == call::POSIX_MEMALIGN {
@@ -419,10 +416,9 @@ pub fn mmap_enter(ctx: TracePointContext) -> u32 {
         return 0;
     }
     let p = Pending {
-        seq: 0,
-        out_ptr: 0,
         size: len,
         kind: 1,
+        ..Pending::default()
     };
     let _ = MAPPING.insert(tid, p, 0);
     0

@@ -15,8 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{
     allocator,
-    command::{Record, parse},
-    probes::{MemoryProbes, SamplerSettings},
+    probes::{MemoryProbes, Record, SamplerSettings, parse},
     profile::Profile,
     record::{Mode, Recorder},
     report,
@@ -51,7 +50,7 @@ struct State {
     published: HashMap<(u32, &'static str), HashSet<String>>,
     /// Top sites per process for `--summary-json`, kept after it exits.
     summary: std::collections::BTreeMap<u32, serde_json::Value>,
-    labels: HashMap<u32, (String, String)>,
+    names: process::ProcessNames,
 }
 
 impl MemoryCollector {
@@ -61,19 +60,12 @@ impl MemoryCollector {
         growth_mean: u64,
         alloc_pids: &[u32],
     ) -> Result<Self, ProbeError> {
-        let alloc_mean = 512 * 1024;
-        let mut probes = MemoryProbes::load(
-            loader,
-            SamplerSettings {
-                alloc_mean,
-                growth_mean,
-                track_frees: true,
-                stack_bytes: 8192,
-                // Continuous and sampled sparsely: a few hundred samples
-                // of headroom, and an agent that stays small.
-                ring_bytes: 8 << 20,
-            },
-        )?;
+        let settings = SamplerSettings {
+            growth_mean,
+            ..SamplerSettings::default()
+        };
+        let alloc_mean = settings.alloc_mean;
+        let mut probes = MemoryProbes::load(loader, settings)?;
         probes.attach_growth(syscall_hooks)?;
         let mut alloc_targets = Vec::new();
         for pid in alloc_pids {
@@ -116,7 +108,7 @@ impl MemoryCollector {
             allocs: HashMap::new(),
             published: HashMap::new(),
             summary: Default::default(),
-            labels: HashMap::new(),
+            names: process::ProcessNames::default(),
         };
         for pid in &self.alloc_targets {
             let comm = process::comm(*pid).unwrap_or_default();
@@ -199,7 +191,7 @@ impl State {
         let mut gone = Vec::new();
         for (tgid, r) in &self.growth {
             let p = r.profile(Vec::new());
-            let labels = labels(&mut self.labels, *tgid, &r.process);
+            let labels = self.names.labels(*tgid, r.process.as_bytes());
             let top = publish_sites(&mut self.published, *tgid, &labels, &p, 0, "growth");
             summary_entry(&mut self.summary, *tgid, &r.process)["growth"] = top;
             if !process::exists(*tgid) {
@@ -208,7 +200,7 @@ impl State {
         }
         for (tgid, r) in &self.allocs {
             let p = r.profile(Vec::new());
-            let labels = labels(&mut self.labels, *tgid, &r.process);
+            let labels = self.names.labels(*tgid, r.process.as_bytes());
             let allocated = publish_sites(&mut self.published, *tgid, &labels, &p, 0, "allocated");
             let in_use = publish_sites(&mut self.published, *tgid, &labels, &p, 2, "in_use");
             let entry = summary_entry(&mut self.summary, *tgid, &r.process);
@@ -229,13 +221,6 @@ fn summary_entry<'a>(
     summary
         .entry(tgid)
         .or_insert_with(|| serde_json::json!({"pid": tgid, "process": process}))
-}
-
-fn labels(cache: &mut HashMap<u32, (String, String)>, tgid: u32, comm: &str) -> (String, String) {
-    cache
-        .entry(tgid)
-        .or_insert_with(|| (comm.to_string(), process::container_id(tgid)))
-        .clone()
 }
 
 /// The top sites of column `col`, as `pipelens_memory_{what}` series;

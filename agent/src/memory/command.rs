@@ -9,13 +9,13 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use clap::{Args, ValueEnum};
-use pipelens_common::memory::{MemNote, MemSampleHeader, STACK_WINDOW};
+use pipelens_common::memory::STACK_WINDOW;
 
 use super::{
     allocator,
-    probes::{MemoryProbes, SamplerSettings},
+    probes::{MemoryProbes, Record, SamplerSettings, parse},
     record::{Mode, Recorder},
-    report,
+    report, sampling,
 };
 use crate::{btf, objects::Loader, privileges, process, targets, tracefs};
 
@@ -112,8 +112,8 @@ pub async fn run(args: MemoryArgs) -> anyhow::Result<()> {
     let comm = process::comm(args.pid).unwrap_or_default();
     let track_frees = args.mode == Mode::Allocs && !args.no_in_use;
     let mean = args.sample_bytes.unwrap_or(match args.mode {
-        Mode::Allocs => 512 * 1024,
-        Mode::Growth => 64 * 1024,
+        Mode::Allocs => sampling::DEFAULT_ALLOC_MEAN,
+        Mode::Growth => sampling::DEFAULT_GROWTH_MEAN,
     });
     let allocators = match args.mode {
         Mode::Allocs => Some(allocator::find(args.pid)?),
@@ -175,7 +175,6 @@ pub async fn run(args: MemoryArgs) -> anyhow::Result<()> {
         }
     );
 
-    let started = Instant::now();
     recorder.start_clock();
     let deadline = tokio::time::Instant::now() + args.duration;
     let mut tick = tokio::time::interval(Duration::from_millis(200));
@@ -195,7 +194,7 @@ pub async fn run(args: MemoryArgs) -> anyhow::Result<()> {
                     ended = Some(format!(
                         "process {} exited after {:.1} s: the profile covers its life until then",
                         args.pid,
-                        started.elapsed().as_secs_f64()
+                        recorder.elapsed().as_secs_f64()
                     ));
                     break;
                 }
@@ -208,7 +207,7 @@ pub async fn run(args: MemoryArgs) -> anyhow::Result<()> {
             () = tokio::time::sleep_until(deadline) => break,
             _ = interrupt.recv() => {
                 ended = Some(format!(
-                    "interrupted after {:.1} s", started.elapsed().as_secs_f64()
+                    "interrupted after {:.1} s", recorder.elapsed().as_secs_f64()
                 ));
                 break;
             }
@@ -290,28 +289,6 @@ fn drain(ring: &mut aya::maps::RingBuf<aya::maps::MapData>, recorder: &mut Recor
             None => {}
         }
     }
-}
-
-/// One ring record.
-pub enum Record<'a> {
-    Sample(MemSampleHeader, &'a [u8]),
-    Note(MemNote),
-}
-
-/// A sample (header and stack bytes) or a note, told apart by length.
-pub fn parse(bytes: &[u8]) -> Option<Record<'_>> {
-    if bytes.len() == size_of::<MemNote>() {
-        // SAFETY: MemNote is plain integers; the length matches.
-        let note = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<MemNote>()) };
-        return Some(Record::Note(note));
-    }
-    if bytes.len() < size_of::<MemSampleHeader>() {
-        return None;
-    }
-    // SAFETY: plain integers; the record holds at least the header.
-    let head = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<MemSampleHeader>()) };
-    let stack = &bytes[size_of::<MemSampleHeader>()..];
-    Some(Record::Sample(head, stack))
 }
 
 fn progress(recorder: &Recorder, args: &MemoryArgs, tty: bool) {

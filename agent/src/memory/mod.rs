@@ -1,8 +1,8 @@
 //! Allocation hotspots: where a process allocates, what it keeps, and what
 //! makes its resident set grow, by call stack.
 //!
-//! - `probes`: the kernel object and its attachment (allocator uprobes in
-//!   one process; write faults and mapping syscalls of targets).
+//! - `probes`: the kernel object, its attachment (allocator uprobes in one
+//!   process; write faults and mapping syscalls of targets) and its records.
 //! - `allocator`, `maps`: which allocator a process really uses, and where.
 //! - `unwind`, `symbols`: sampled stack windows into named call stacks.
 //! - `sampling`, `record`: byte sampling and the weighed profile.

@@ -14,11 +14,14 @@ use aya::{
 };
 use pipelens_common::memory::{
     DRAW_ONE, DRAWS, MSTAT_CALLS, MSTAT_FAULTS, MSTAT_LIVE_FULL, MSTAT_LOST, MSTAT_SAMPLES,
-    MSTAT_STACK_UNREADABLE, MemConfig, call,
+    MSTAT_STACK_UNREADABLE, MemConfig, MemNote, MemSampleHeader, call,
 };
 use tokio::io::unix::AsyncFd;
 
-use super::allocator::{AllocProbe, Family};
+use super::{
+    allocator::{AllocProbe, Family},
+    sampling,
+};
 use crate::{
     objects::{self, Loader, ProbeError},
     tracefs::TracepointFormat,
@@ -38,6 +41,42 @@ pub struct SamplerSettings {
     /// Size of the ring buffer (a power of two, in bytes): it must hold
     /// the samples of a burst while the agent unwinds them.
     pub ring_bytes: u32,
+}
+
+impl Default for SamplerSettings {
+    /// The defaults, with an 8 MiB ring (a few hundred samples of
+    /// headroom for a continuous, sparsely sampled collector).
+    fn default() -> Self {
+        Self {
+            alloc_mean: sampling::DEFAULT_ALLOC_MEAN,
+            growth_mean: sampling::DEFAULT_GROWTH_MEAN,
+            track_frees: true,
+            stack_bytes: 8192,
+            ring_bytes: 8 << 20,
+        }
+    }
+}
+
+/// One ring record.
+pub enum Record<'a> {
+    Sample(MemSampleHeader, &'a [u8]),
+    Note(MemNote),
+}
+
+/// A sample (header and stack bytes) or a note, told apart by length.
+pub fn parse(bytes: &[u8]) -> Option<Record<'_>> {
+    if bytes.len() == size_of::<MemNote>() {
+        // SAFETY: MemNote is plain integers; the length matches.
+        let note = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<MemNote>()) };
+        return Some(Record::Note(note));
+    }
+    if bytes.len() < size_of::<MemSampleHeader>() {
+        return None;
+    }
+    // SAFETY: plain integers; the record holds at least the header.
+    let head = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<MemSampleHeader>()) };
+    let stack = &bytes[size_of::<MemSampleHeader>()..];
+    Some(Record::Sample(head, stack))
 }
 
 /// Counters the kernel keeps, summed over CPUs.
@@ -82,7 +121,7 @@ impl MemoryProbes {
             ebpf.map_mut("DRAW_TABLE")
                 .ok_or(ProbeError::MissingMap("DRAW_TABLE"))?,
         )?;
-        for (i, d) in super::sampling::exponential_draws(DRAWS as usize, DRAW_ONE)
+        for (i, d) in sampling::exponential_draws(DRAWS as usize, DRAW_ONE)
             .into_iter()
             .enumerate()
         {
@@ -222,11 +261,8 @@ fn cookie(probe: &AllocProbe) -> u64 {
 /// attaching: what `pipelens check` reports.
 pub fn verify(loader: &Loader) -> Result<(), String> {
     let settings = SamplerSettings {
-        alloc_mean: 512 * 1024,
-        growth_mean: 64 * 1024,
-        track_frees: true,
-        stack_bytes: 8192,
         ring_bytes: 1 << 20,
+        ..SamplerSettings::default()
     };
     let mut probes = MemoryProbes::load(loader, settings).map_err(|e| e.to_string())?;
     for (name, prog) in probes.ebpf.programs_mut() {

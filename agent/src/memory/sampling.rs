@@ -2,6 +2,11 @@
 //! allocates or grows by): the table of exponential draws the kernel picks
 //! its next distance from, and the weight that makes totals unbiased.
 
+/// Mean bytes between allocation samples unless told otherwise.
+pub const DEFAULT_ALLOC_MEAN: u64 = 512 * 1024;
+/// Mean bytes between growth samples (faults, mappings) unless told otherwise.
+pub const DEFAULT_GROWTH_MEAN: u64 = 64 * 1024;
+
 /// `n` exponential draws of mean `one`, at evenly spaced quantiles so that
 /// the table's mean is the distribution's (to a tenth of a percent).
 pub fn exponential_draws(n: usize, one: u64) -> Vec<u64> {

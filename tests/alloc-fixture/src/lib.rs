@@ -93,6 +93,19 @@ pub enum Heard {
 }
 
 /// Reads stdin lines until `go`, `exit` or end of file.
+/// Waits for `go`; the exit code to leave with when `exit` or the end of
+/// input comes first.
+pub fn await_go() -> Result<(), ExitCode> {
+    match wait_stdin() {
+        Heard::Go => Ok(()),
+        Heard::Exit => Err(ExitCode::SUCCESS),
+        Heard::Eof => {
+            eprintln!("stdin closed before `go`");
+            Err(ExitCode::FAILURE)
+        }
+    }
+}
+
 pub fn wait_stdin() -> Heard {
     let stdin = std::io::stdin();
     let mut line = String::new();
@@ -161,15 +174,10 @@ pub fn fixture_main(allocator: &str) -> ExitCode {
         }
     };
     say(&format!("ready {}", std::process::id()));
-    if args.wait {
-        match wait_stdin() {
-            Heard::Go => {}
-            Heard::Exit => return ExitCode::SUCCESS,
-            Heard::Eof => {
-                eprintln!("stdin closed before `go`");
-                return ExitCode::FAILURE;
-            }
-        }
+    if args.wait
+        && let Err(code) = await_go()
+    {
+        return code;
     }
     let mut kept = Kept::new();
     let done = workload::run_phases(&args.phases, args.repeat, &mut kept);

@@ -19,7 +19,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use pipelens_alloc_fixture::{Heard, say, wait_stdin};
+use pipelens_alloc_fixture::{await_go, say};
 
 const USAGE: &str = "usage: malloc-loop [--iterations N | --seconds S] [--size BYTES] [--wait]";
 const CLOCK_EVERY: u64 = 4096;
@@ -86,13 +86,8 @@ fn main() -> ExitCode {
     }
     if wait {
         say(&format!("ready {}", std::process::id()));
-        match wait_stdin() {
-            Heard::Go => {}
-            Heard::Exit => return ExitCode::SUCCESS,
-            Heard::Eof => {
-                eprintln!("stdin closed before `go`");
-                return ExitCode::FAILURE;
-            }
+        if let Err(code) = await_go() {
+            return code;
         }
     }
     let start = Instant::now();
