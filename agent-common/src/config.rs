@@ -100,7 +100,8 @@ pub struct KernelOffsets {
     pub task_group_leader: u32,
     /// `task_struct.comm`
     pub task_comm: u32,
-    pub _pad: u32,
+    /// `task_struct.stack` (the kernel stack; user registers at its top)
+    pub task_stack: u32,
     pub _pad2: u32,
     /// Address of `socket_file_ops`, so that a file is known to be a socket
     /// before its `private_data` is read as one (0 when unknown).

@@ -125,6 +125,8 @@ pub struct ConnEvent {
 pub const STAT_RING_LOST: u32 = 0;
 pub const STAT_SOCK_UNTRACKED_CLOSE: u32 = 1;
 pub const STAT_SOCKS_FULL: u32 = 2;
+/// A kprobe found the in-flight call map full (kprobe tier only).
+pub const STAT_CALLS_FULL: u32 = 3;
 pub const STAT_COUNT: u32 = 4;
 
 /// Byte offsets of tracepoint fields used by the connections collector, read
@@ -200,4 +202,14 @@ pub struct PendingConnect {
     pub family: u16,
     pub rport: u16,
     pub _pad: u32,
+}
+
+/// A `tcp_sendmsg` / `tcp_recvmsg` call between its kprobe and kretprobe,
+/// keyed by tid in `TCP_CALLS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct TcpCall {
+    pub sk: u64,
+    pub flags: i32,
+    pub send: u32,
 }

@@ -123,8 +123,24 @@ pub struct MemConfig {
     pub sys_ret: u32,
     /// Bytes of user stack copied per sample (at most [`STACK_WINDOW`]).
     pub stack_bytes: u32,
-    pub _pad: u32,
+    /// `THREAD_SIZE` of this kernel: where a task's user registers sit at
+    /// the top of its kernel stack, for kernels without `bpf_task_pt_regs`.
+    pub thread_size: u32,
 }
+
+/// Key of `CALL_SITES`: a probed allocator function, by the address of its
+/// first instruction in one process. Kernels before 5.15 have no attach
+/// cookies; the uprobe's instruction pointer tells the functions apart.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct CallSite {
+    pub tgid: u32,
+    pub _pad: u32,
+    pub addr: u64,
+}
+
+/// Most allocator functions followed by address at once (all processes).
+pub const MAX_CALL_SITES: u32 = 4096;
 
 /// The allocator or mapping call in flight on a thread.
 #[repr(C)]
@@ -158,4 +174,7 @@ pub const MSTAT_STACK_UNREADABLE: u32 = 3;
 pub const MSTAT_CALLS: u32 = 4;
 /// Page faults of targets seen (sampled or not).
 pub const MSTAT_FAULTS: u32 = 5;
-pub const MSTAT_COUNT: u32 = 6;
+/// An allocator uprobe fired at an address `CALL_SITES` does not know
+/// (kernels without attach cookies only); the call is not counted.
+pub const MSTAT_UNKNOWN_SITE: u32 = 6;
+pub const MSTAT_COUNT: u32 = 7;

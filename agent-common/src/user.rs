@@ -6,6 +6,7 @@ use crate::{config, connections, memory, streams};
 // arrays, with no implicit padding, so every bit pattern is a valid value.
 unsafe impl aya::Pod for config::AgentConfig {}
 unsafe impl aya::Pod for config::KernelOffsets {}
+unsafe impl aya::Pod for memory::CallSite {}
 unsafe impl aya::Pod for connections::SockState {}
 unsafe impl aya::Pod for connections::SeedKey {}
 unsafe impl aya::Pod for connections::SeedValue {}

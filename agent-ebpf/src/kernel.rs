@@ -34,7 +34,7 @@ pub static KERNEL_OFFSETS: Global<KernelOffsets> = Global::new(KernelOffsets {
     inode_i_ino: 0,
     task_group_leader: 0,
     task_comm: 0,
-    _pad: 0,
+    task_stack: 0,
     _pad2: 0,
     socket_file_ops: 0,
 });
@@ -78,6 +78,17 @@ macro_rules! kernel_offset {
             $field
         )
     };
+}
+
+/// `v`, with everything the compiler knows about its range forgotten, so
+/// that a bound check or mask written after it stays in the program. LLVM
+/// otherwise drops checks it can prove redundant, or moves them onto a
+/// register the verifier tracks less well, and older verifiers (5.10, 6.1)
+/// then refuse the pointer arithmetic or helper size that follows.
+#[inline(always)]
+pub fn opaque<T: Copy>(v: T) -> T {
+    // SAFETY: reads a live local.
+    unsafe { core::ptr::read_volatile(&v) }
 }
 
 /// `(tgid, tid)` of the current task.

@@ -21,6 +21,8 @@ pub enum BtfError {
     NoStruct(String),
     #[error("kernel BTF: struct `{strukt}` has no member `{path}`")]
     NoMember { strukt: String, path: String },
+    #[error("kernel BTF has no function `{0}`")]
+    NoFunction(String),
     #[error("kernel BTF: {0}")]
     Parse(String),
 }
@@ -53,7 +55,7 @@ pub fn kernel_offsets() -> Result<KernelOffsets, BtfError> {
         inode_i_ino: r.offset_of("inode", "i_ino")?,
         task_group_leader: r.offset_of("task_struct", "group_leader")?,
         task_comm: r.offset_of("task_struct", "comm")?,
-        _pad: 0,
+        task_stack: r.offset_of("task_struct", "stack")?,
         _pad2: 0,
         socket_file_ops,
     })
@@ -150,6 +152,33 @@ impl Resolver<'_> {
     }
 }
 
+/// Parameter names of kernel function `name`, from its BTF prototype: the
+/// agent picks the program written for that shape (tracing programs read
+/// arguments at fixed slots, and signatures change between kernels).
+pub fn function_parameters(name: &str) -> Result<Vec<String>, BtfError> {
+    let btf = Btf::from_file(VMLINUX_BTF).map_err(|e| BtfError::Unavailable(e.to_string()))?;
+    let func = btf
+        .resolve_types_by_name(name)
+        .map_err(|_| BtfError::NoFunction(name.to_owned()))?
+        .into_iter()
+        .find_map(|t| match t {
+            Type::Func(f) => Some(f),
+            _ => None,
+        })
+        .ok_or_else(|| BtfError::NoFunction(name.to_owned()))?;
+    let Type::FuncProto(proto) = btf
+        .resolve_chained_type(&func)
+        .map_err(|e| BtfError::Parse(e.to_string()))?
+    else {
+        return Err(BtfError::Parse(format!("{name} has no prototype")));
+    };
+    Ok(proto
+        .parameters
+        .iter()
+        .map(|p| btf.resolve_name(p).unwrap_or_default())
+        .collect())
+}
+
 /// Address of a kernel symbol from `/proc/kallsyms` (readable with real
 /// addresses by root). `None` when hidden or absent: the kernel programs then
 /// skip the "is this file a socket" check, which only guards against a race
@@ -192,5 +221,23 @@ mod tests {
         assert!(off.sk_num > off.sk_rcv_saddr);
         assert!(off.sk_protocol > off.sk_v6_daddr);
         assert!(off.task_files > 0);
+    }
+
+    #[test]
+    fn reads_a_function_prototype() {
+        if !Path::new(VMLINUX_BTF).exists() {
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "{VMLINUX_BTF} missing under CI"
+            );
+            eprintln!("skipping test - {VMLINUX_BTF} absent");
+            return;
+        }
+        let params = function_parameters("tcp_sendmsg").expect("tcp_sendmsg in BTF");
+        assert_eq!(params, ["sk", "msg", "size"]);
+        assert!(matches!(
+            function_parameters("no_such_function_here"),
+            Err(BtfError::NoFunction(_))
+        ));
     }
 }

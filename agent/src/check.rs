@@ -7,6 +7,17 @@ use pipelens_common::config::AgentConfig;
 
 use crate::{btf, collector::CollectorKind, connections, objects, privileges, tracefs};
 
+/// The oldest kernel pipelens runs on, and the ones its kernel matrix
+/// tests (README, "Requirements").
+pub const MIN_KERNEL: (u32, u32) = (5, 10);
+pub const TESTED_KERNELS: &str = "5.10, 6.1, 6.12, 6.18";
+
+/// `(major, minor)` of a kernel release string such as `6.1.0-41-cloud-amd64`.
+fn kernel_version(release: &str) -> Option<(u32, u32)> {
+    let mut parts = release.split(|c: char| !c.is_ascii_digit());
+    Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
+}
+
 struct Line {
     item: String,
     ok: bool,
@@ -26,14 +37,20 @@ pub fn run() -> anyhow::Result<bool> {
     };
 
     let uname = nix::sys::utsname::uname()?;
+    let release = uname.release().to_string_lossy().into_owned();
+    let supported = kernel_version(&release).is_some_and(|v| v >= MIN_KERNEL);
     push(
         "kernel",
-        true,
-        format!(
-            "{} {}",
-            uname.sysname().to_string_lossy(),
-            uname.release().to_string_lossy()
-        ),
+        supported,
+        if supported {
+            format!("{} {release}", uname.sysname().to_string_lossy())
+        } else {
+            format!(
+                "{release} is older than {}.{}, the oldest kernel pipelens supports \
+                 (tested: {TESTED_KERNELS})",
+                MIN_KERNEL.0, MIN_KERNEL.1
+            )
+        },
     );
     let privileged = privileges::check();
     push(
@@ -92,7 +109,7 @@ pub fn run() -> anyhow::Result<bool> {
         if kprobes {
             "available".to_owned()
         } else {
-            "unavailable (kernel without CONFIG_KPROBES); not needed: pipelens uses tracepoints and uprobes".to_owned()
+            "unavailable (kernel without CONFIG_KPROBES); tracepoints are used instead".to_owned()
         },
     );
     let uprobes = Path::new(tracefs::TRACEFS).join("uprobe_events").exists();
@@ -125,19 +142,37 @@ pub fn run() -> anyhow::Result<bool> {
                         CollectorKind::Connections => {
                             let missing = connections::missing_hooks();
                             if missing.is_empty() {
-                                verify(&loader, "connections", objects::CONNECTIONS)
+                                // The very start `run` makes: same object,
+                                // same hook choice, attached, then dropped.
+                                connections::ConnectionsCollector::start(&loader, false)
+                                    .map(|c| describe_byte_hook(&c.byte_hook))
+                                    .map_err(|e| e.to_string())
                             } else {
                                 Err(format!("missing tracepoints: {}", missing.join(", ")))
                             }
                         }
-                        CollectorKind::Queries | CollectorKind::Websocket => st.clone(),
-                        CollectorKind::Memory => crate::memory::probes::verify(&loader),
+                        CollectorKind::Queries | CollectorKind::Websocket => {
+                            st.clone().map(|()| "usable".to_owned())
+                        }
+                        CollectorKind::Memory => {
+                            crate::memory::probes::verify(&loader).map(|hooks| {
+                                let parts: Vec<String> = hooks
+                                    .describe()
+                                    .iter()
+                                    .map(|(what, how)| format!("{what} by {how}"))
+                                    .collect();
+                                format!("usable; {}", parts.join(", "))
+                            })
+                        }
                     };
                     all_ok &= r.is_ok();
                     push(
                         &format!("collector {kind}"),
                         r.is_ok(),
-                        r.err().unwrap_or("usable".into()),
+                        match r {
+                            Ok(detail) => detail,
+                            Err(e) => e,
+                        },
                     );
                 }
             }
@@ -164,6 +199,18 @@ pub fn run() -> anyhow::Result<bool> {
     Ok(all_ok)
 }
 
+fn describe_byte_hook(choice: &connections::bytes::ByteHookChoice) -> String {
+    let mut s = format!(
+        "usable; bytes counted by {} on {}",
+        choice.hook.name(),
+        choice.hook.target()
+    );
+    for (hook, why) in &choice.passed_over {
+        s.push_str(&format!("; not {}: {why}", hook.name()));
+    }
+    s
+}
+
 /// Loads every program of an object (verifier included) without attaching.
 fn verify(loader: &objects::Loader, name: &'static str, bytes: &[u8]) -> Result<(), String> {
     let offsets = connections::tracepoint_offsets().unwrap_or_default();
@@ -176,7 +223,22 @@ fn verify(loader: &objects::Loader, name: &'static str, bytes: &[u8]) -> Result<
         let tp: &mut aya::programs::TracePoint =
             prog.try_into().map_err(|e| format!("{prog_name}: {e}"))?;
         tp.load()
-            .map_err(|e| format!("{prog_name}: verifier: {e}"))?;
+            .map_err(|e| format!("{prog_name}: {}", objects::verifier_reason(&e)))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernel_versions_compare_with_the_minimum() {
+        assert_eq!(kernel_version("5.10.0-32-cloud-amd64"), Some((5, 10)));
+        assert_eq!(kernel_version("6.18.44-fc-v1045"), Some((6, 18)));
+        assert_eq!(kernel_version("4.19.0-27-amd64"), Some((4, 19)));
+        assert!(kernel_version("4.19.0").unwrap() < MIN_KERNEL);
+        assert!(kernel_version("6.1.0").unwrap() >= MIN_KERNEL);
+        assert_eq!(kernel_version("garbage"), None);
+    }
 }

@@ -60,7 +60,7 @@ pub enum ProbeError {
     Tracefs(#[from] TracefsError),
     #[error(transparent)]
     Load(#[from] LoadError),
-    #[error("attaching {category}:{name}: {source}")]
+    #[error("attaching {category}:{name}: {}", verifier_reason(source))]
     Attach {
         category: &'static str,
         name: &'static str,
@@ -74,6 +74,37 @@ pub enum ProbeError {
     Io(#[from] std::io::Error),
     #[error("unexpected layout of {0}: its arguments are not where the other syscalls have them")]
     Layout(String),
+    #[error("{0}")]
+    NoHook(String),
+}
+
+/// A program load failure in a few words: the error and, when the verifier
+/// refused the program, the last lines of its log (where it says why).
+pub fn verifier_reason(e: &aya::programs::ProgramError) -> String {
+    match e {
+        aya::programs::ProgramError::LoadError {
+            io_error,
+            verifier_log,
+        } => {
+            let log = verifier_log.to_string();
+            let lines: Vec<&str> = log
+                .lines()
+                .map(str::trim)
+                .filter(|l| {
+                    !l.is_empty()
+                        && !l.starts_with("processed ")
+                        && !l.starts_with("verification time")
+                })
+                .collect();
+            let tail = lines[lines.len().saturating_sub(3)..].join(" | ");
+            if tail.is_empty() {
+                format!("load refused: {io_error}")
+            } else {
+                format!("verifier: {io_error}: {tail}")
+            }
+        }
+        other => other.to_string(),
+    }
 }
 
 /// Loads each program once and attaches it to every tracepoint listed for
@@ -90,8 +121,14 @@ pub fn attach_tracepoints<'a>(
             .try_into()
             .expect("program is a tracepoint");
         let result = if loaded.insert(*prog) {
-            tp.load()
-                .and_then(|()| tp.attach(category, name).map(|_| ()))
+            // A collector may have loaded it already, to choose between
+            // variants by what this kernel's verifier accepts.
+            match tp.load() {
+                Ok(()) | Err(aya::programs::ProgramError::AlreadyLoaded) => {
+                    tp.attach(category, name).map(|_| ())
+                }
+                Err(e) => Err(e),
+            }
         } else {
             tp.attach(category, name).map(|_| ())
         };

@@ -175,6 +175,10 @@ fn describe() {
         "pipelens_collector_up",
         "1 when every probe of the collector is attached"
     );
+    describe_gauge!(
+        "pipelens_collector_hook_info",
+        "1 for each way a collector hooks this kernel, chosen at startup best first (kind: fexit, kprobe, tracepoint, ...)"
+    );
     describe_counter!(
         "pipelens_map_evictions_total",
         "Entries a kernel map lost to LRU eviction before they completed"

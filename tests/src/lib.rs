@@ -37,6 +37,19 @@ pub fn probes_available(test: &str) -> bool {
     }
 }
 
+/// True inside the kernel-matrix guests, whose CPUs are emulated (qemu
+/// TCG, tens of times slower than the host): what a test counts must still
+/// be exact there, but how long things take is not what it is on hardware,
+/// so timing assertions are left to the host and waits are longer.
+pub fn emulated() -> bool {
+    std::env::var_os("PIPELENS_EMULATED").is_some()
+}
+
+/// `timeout`, stretched under emulation.
+pub fn patience(timeout: Duration) -> Duration {
+    if emulated() { timeout * 4 } else { timeout }
+}
+
 pub fn workspace_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .parent()
@@ -88,7 +101,7 @@ impl Agent {
             summary_path,
             _dir: dir,
         };
-        agent.wait_healthy(Duration::from_secs(30));
+        agent.wait_healthy(patience(Duration::from_secs(30)));
         agent
     }
 
@@ -131,6 +144,7 @@ impl Agent {
         timeout: Duration,
         cond: impl Fn(&Metrics) -> bool,
     ) -> Metrics {
+        let timeout = patience(timeout);
         let start = Instant::now();
         loop {
             let m = self.metrics();

@@ -157,12 +157,16 @@ fn churn(host: &str, extra: &[&str]) {
                 &[("le", le)],
             )
         };
-        assert_eq!(bucket("0.01"), 0.0, "nothing shorter than the 10 ms hold");
-        assert_eq!(
-            bucket("0.1"),
-            100.0,
-            "the 10 ms half, and only it, under 100 ms"
-        );
+        // Under emulation a 10 ms hold lasts what the emulated CPU makes of
+        // it; the split is a property of the host, the count of both.
+        if !pipelens_tests::emulated() {
+            assert_eq!(bucket("0.01"), 0.0, "nothing shorter than the 10 ms hold");
+            assert_eq!(
+                bucket("0.1"),
+                100.0,
+                "the 10 ms half, and only it, under 100 ms"
+            );
+        }
         assert_eq!(bucket("+Inf"), N as f64);
     }
     assert_eq!(

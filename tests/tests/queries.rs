@@ -71,7 +71,9 @@ fn pgbench_counts_are_exact() {
     for unix in [false, true] {
         for mode in ["simple", "extended", "prepared"] {
             let n = pgbench(&pg, mode, unix, &["-T", "2"]);
-            assert!(n > 100, "pgbench ran only {n} transactions");
+            // An emulated CPU (kernel matrix) runs a few hundred a second.
+            let least = if pipelens_tests::emulated() { 10 } else { 100 };
+            assert!(n > least, "pgbench ran only {n} transactions");
             expected += n;
             let m = agent.wait_for(
                 &format!("{expected} statements after {mode} unix={unix}"),

@@ -5,6 +5,7 @@
 
 mod bench;
 mod demo;
+mod matrix;
 mod setup;
 
 use std::{
@@ -47,9 +48,27 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Everything: formatting, clippy (host and kernel crates), unit tests
-    /// and the root-only probe tests, one at a time.
-    Test,
+    /// Everything: formatting, clippy (host and kernel crates), unit tests,
+    /// the root-only probe tests one at a time, and the kernel matrix.
+    Test {
+        /// Skip the kernel matrix (for a quick local run; CI never does).
+        #[arg(long)]
+        no_matrix: bool,
+    },
+    /// The kernel matrix alone: the agent and probe tests inside Debian's
+    /// 5.10, 6.1 and 6.12 cloud kernels under qemu.
+    Matrix {
+        /// Only this kernel (repeatable): 5.10, 6.1, 6.12.
+        #[arg(long = "kernel")]
+        kernels: Vec<String>,
+        /// Guests booted at once.
+        #[arg(long, default_value_t = 3)]
+        jobs: usize,
+        /// Only these probe-test binaries (repeatable): cli, connections,
+        /// queries, websocket, memory.
+        #[arg(long = "tests")]
+        tests: Vec<String>,
+    },
     /// Side-by-side benchmarks, with and without the agent.
     Bench {
         /// Which workload.
@@ -89,9 +108,31 @@ fn main() -> anyhow::Result<()> {
                 interval,
             })
         }
-        Task::Test => {
+        Task::Test { no_matrix } => {
             setup::run()?;
-            test()
+            if no_matrix && std::env::var("CI").as_deref() == Ok("true") {
+                bail!("--no-matrix is for local runs: CI runs the whole suite");
+            }
+            test(!no_matrix)
+        }
+        Task::Matrix {
+            kernels,
+            jobs,
+            tests,
+        } => {
+            setup::run()?;
+            build_release()?;
+            let mut tally = Tally::default();
+            let r = matrix::run(
+                &matrix::Options {
+                    kernels,
+                    tests,
+                    jobs,
+                },
+                &mut tally,
+            );
+            println!("{} passed, {} failed", tally.passed, tally.failed);
+            r
         }
         Task::Bench {
             workload,
@@ -130,7 +171,7 @@ pub fn run_cmd(cmd: &mut Command) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn cargo() -> Command {
+pub fn cargo() -> Command {
     let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     c.current_dir(root());
     c
@@ -161,7 +202,7 @@ fn run_agent(args: &[String]) -> anyhow::Result<()> {
 }
 
 /// Host crates are linted together; the kernel crate for its own target.
-fn test() -> anyhow::Result<()> {
+fn test(with_matrix: bool) -> anyhow::Result<()> {
     run_cmd(cargo().args(["fmt", "--all", "--check"]))?;
     run_cmd(cargo().args([
         "clippy",
@@ -217,6 +258,17 @@ fn test() -> anyhow::Result<()> {
     };
     probe.args(["--", "--test-threads=1"]);
     tally.run(&mut probe)?;
+    if with_matrix {
+        let opts = matrix::Options {
+            kernels: Vec::new(),
+            tests: Vec::new(),
+            jobs: 3,
+        };
+        if let Err(e) = matrix::run(&opts, &mut tally) {
+            println!("{} passed, {} failed", tally.passed, tally.failed.max(1));
+            return Err(e);
+        }
+    }
     // One closing line for the whole run, whatever the last binary was.
     println!("{} passed, {} failed", tally.passed, tally.failed);
     Ok(())
@@ -224,12 +276,26 @@ fn test() -> anyhow::Result<()> {
 
 /// Adds up the `test result:` lines of every test binary of a run.
 #[derive(Default)]
-struct Tally {
-    passed: u64,
-    failed: u64,
+pub struct Tally {
+    pub passed: u64,
+    pub failed: u64,
 }
 
 impl Tally {
+    /// Counts a libtest `test result:` line.
+    pub fn count(&mut self, line: &str) {
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            let count = |word: &str| -> u64 {
+                rest.split(';')
+                    .find_map(|part| part.trim().strip_suffix(word))
+                    .and_then(|n| n.trim().rsplit(' ').next()?.parse().ok())
+                    .unwrap_or(0)
+            };
+            self.passed += count(" passed");
+            self.failed += count(" failed");
+        }
+    }
+
     fn run(&mut self, cmd: &mut Command) -> anyhow::Result<()> {
         use std::io::{BufRead as _, BufReader};
         let shown = format!("{cmd:?}");
@@ -242,16 +308,7 @@ impl Tally {
         for line in out.lines() {
             let line = line?;
             println!("{line}");
-            if let Some(rest) = line.strip_prefix("test result: ") {
-                let count = |word: &str| -> u64 {
-                    rest.split(';')
-                        .find_map(|part| part.trim().strip_suffix(word))
-                        .and_then(|n| n.trim().rsplit(' ').next()?.parse().ok())
-                        .unwrap_or(0)
-                };
-                self.passed += count(" passed");
-                self.failed += count(" failed");
-            }
+            self.count(&line);
         }
         let status = child.wait()?;
         if !status.success() {

@@ -10,7 +10,8 @@ use crate::{is_root, run_cmd};
 /// PostgreSQL (server, psql, pgbench), Prometheus (promtool), curl and
 /// Python for the tests; gcc, make and binutils for the allocation fixtures
 /// (jemalloc is built from source, the no-allocator program with gcc, the
-/// stripped copy with strip); Go for `go tool pprof`, which reads our pprof
+/// stripped copy with strip); qemu, busybox and cpio for the kernel
+/// matrix's guests; Go for `go tool pprof`, which reads our pprof
 /// output in a test; bpftrace, the baseline of the memory benchmark.
 const PACKAGES: &[&str] = &[
     "llvm-22-dev",
@@ -27,6 +28,10 @@ const PACKAGES: &[&str] = &[
     "binutils",
     "golang-go",
     "bpftrace",
+    // The kernel matrix: guests under emulation, their initramfs.
+    "qemu-system-x86",
+    "busybox-static",
+    "cpio",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

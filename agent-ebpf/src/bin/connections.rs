@@ -20,9 +20,9 @@ use aya_ebpf::{
     Global,
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{bpf_ktime_get_ns, bpf_probe_read_user},
-    macros::{map, tracepoint},
+    macros::{fexit, kprobe, kretprobe, map, tracepoint},
     maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
-    programs::TracePointContext,
+    programs::{FExitContext, ProbeContext, RetProbeContext, TracePointContext},
 };
 use pipelens_common::connections::*;
 use pipelens_ebpf::{
@@ -84,6 +84,11 @@ static CONNECTING: LruHashMap<u32, PendingConnect> = LruHashMap::with_max_entrie
 
 #[map]
 static CONN_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STAT_COUNT, 0);
+
+/// The `tcp_sendmsg` / `tcp_recvmsg` call in flight per thread, between a
+/// kprobe and its kretprobe (kernels without fexit).
+#[map]
+static TCP_CALLS: LruHashMap<u32, TcpCall> = LruHashMap::with_max_entries(16_384, 0);
 
 const MSG_PEEK: i32 = 2;
 /// Pending bytes in the ring past which the reader is woken at once.
@@ -570,6 +575,12 @@ fn try_exit_connect(ctx: &TracePointContext) -> Result<(), i32> {
     Ok(())
 }
 
+// Byte counts. Three ways to the same numbers, chosen by the agent per
+// kernel, best first: fexit on `tcp_sendmsg`/`tcp_recvmsg` (one trampoline
+// call, arguments and return value together), kprobe + kretprobe on the same
+// functions, or the `sock:sock_{send,recv}_length` tracepoints (6.3 and
+// newer). All three run in the caller's context, after the call.
+
 /// `sock:sock_send_length(sk, family, protocol, ret, flags)`, process context.
 #[tracepoint]
 pub fn sock_send_length(ctx: TracePointContext) -> u32 {
@@ -598,18 +609,20 @@ fn try_length(ctx: &TracePointContext, send: bool) -> Result<(), i32> {
         return Ok(());
     }
     let ret: i32 = tp(ctx, off.len_ret)?;
-    if ret <= 0 {
-        return Ok(());
-    }
-    if !send {
-        let flags: i32 = tp(ctx, off.len_flags)?;
-        if flags & MSG_PEEK != 0 {
-            return Ok(());
-        }
-    }
+    let flags: i32 = if send { 0 } else { tp(ctx, off.len_flags)? };
     let sk: u64 = tp(ctx, off.len_sk)?;
+    count_bytes(tgid, sk, ret as i64, flags, send);
+    Ok(())
+}
+
+/// Adds `ret` bytes (a send or receive's result) to the socket's counts.
+#[inline(always)]
+fn count_bytes(tgid: u32, sk: u64, ret: i64, flags: i32, send: bool) {
+    if ret <= 0 || (!send && flags & MSG_PEEK != 0) {
+        return;
+    }
     let Some(p) = sock_entry(sk, Some(tgid)) else {
-        return Ok(());
+        return;
     };
     // SAFETY: `p` points into a live SOCKS value.
     unsafe {
@@ -619,7 +632,112 @@ fn try_length(ctx: &TracePointContext, send: bool) -> Result<(), i32> {
             add(&raw mut (*p).bytes_received, ret as u64);
         }
     }
-    Ok(())
+}
+
+/// fexit `int tcp_sendmsg(struct sock *sk, struct msghdr *msg, size_t size)`
+#[fexit(function = "tcp_sendmsg")]
+pub fn fexit_tcp_sendmsg(ctx: FExitContext) -> u32 {
+    let (tgid, _) = current_ids();
+    if is_target(tgid) {
+        let ret: i64 = ctx.arg::<i32>(3) as i64;
+        count_bytes(tgid, ctx.arg(0), ret, 0, true);
+    }
+    0
+}
+
+/// fexit `int tcp_recvmsg(...)`, in each of its shapes: `nonblock` went in
+/// 5.19 and `addr_len` later, and a tracing program reads its arguments
+/// and result at fixed slots.
+macro_rules! fexit_recvmsg {
+    ($name:ident, $flags:literal, $ret:literal, $doc:literal) => {
+        #[doc = $doc]
+        #[fexit(function = "tcp_recvmsg")]
+        pub fn $name(ctx: FExitContext) -> u32 {
+            let (tgid, _) = current_ids();
+            if is_target(tgid) {
+                let ret: i64 = ctx.arg::<i32>($ret) as i64;
+                count_bytes(tgid, ctx.arg(0), ret, ctx.arg($flags), false);
+            }
+            0
+        }
+    };
+}
+
+fexit_recvmsg!(
+    fexit_tcp_recvmsg,
+    3,
+    4,
+    "`int tcp_recvmsg(struct sock *sk, struct msghdr *msg, size_t len, int flags)` (6.16 and newer)"
+);
+fexit_recvmsg!(
+    fexit_tcp_recvmsg_al,
+    3,
+    5,
+    "`int tcp_recvmsg(struct sock *sk, struct msghdr *msg, size_t len, int flags, int *addr_len)` (5.19 to 6.15)"
+);
+fexit_recvmsg!(
+    fexit_tcp_recvmsg_nb,
+    4,
+    6,
+    "`int tcp_recvmsg(struct sock *sk, struct msghdr *msg, size_t len, int nonblock, int flags, int *addr_len)` (before 5.19)"
+);
+
+#[inline(always)]
+fn call_enter(sk: u64, flags: i32, send: bool) {
+    let (tgid, tid) = current_ids();
+    if !is_target(tgid) {
+        return;
+    }
+    let call = TcpCall {
+        sk,
+        flags,
+        send: send as u32,
+    };
+    if TCP_CALLS.insert(tid, call, 0).is_err() {
+        bump(STAT_CALLS_FULL);
+    }
+}
+
+#[inline(always)]
+fn call_exit(ret: i64) {
+    let (tgid, tid) = current_ids();
+    if !is_target(tgid) {
+        return;
+    }
+    // SAFETY: copied out before removal.
+    let Some(call) = (unsafe { TCP_CALLS.get(tid) }).copied() else {
+        return;
+    };
+    let _ = TCP_CALLS.remove(tid);
+    count_bytes(tgid, call.sk, ret, call.flags, call.send != 0);
+}
+
+/// kprobe `tcp_sendmsg(sk, msg, size)`
+#[kprobe]
+pub fn kprobe_tcp_sendmsg(ctx: ProbeContext) -> u32 {
+    call_enter(ctx.arg(0).unwrap_or(0), 0, true);
+    0
+}
+
+/// kprobe `tcp_recvmsg(sk, msg, len, flags[, addr_len])` (5.19 and newer)
+#[kprobe]
+pub fn kprobe_tcp_recvmsg(ctx: ProbeContext) -> u32 {
+    call_enter(ctx.arg(0).unwrap_or(0), ctx.arg(3).unwrap_or(0), false);
+    0
+}
+
+/// kprobe `tcp_recvmsg(sk, msg, len, nonblock, flags, addr_len)` (before 5.19)
+#[kprobe]
+pub fn kprobe_tcp_recvmsg_nb(ctx: ProbeContext) -> u32 {
+    call_enter(ctx.arg(0).unwrap_or(0), ctx.arg(4).unwrap_or(0), false);
+    0
+}
+
+/// kretprobe of `tcp_sendmsg` and `tcp_recvmsg`: the call's result.
+#[kretprobe]
+pub fn kretprobe_tcp_io(ctx: RetProbeContext) -> u32 {
+    call_exit(ctx.ret::<i32>() as i64);
+    0
 }
 
 /// `tcp:tcp_retransmit_skb(skbaddr, skaddr, ...)`, softirq or timer context.

@@ -18,7 +18,7 @@ use aya_ebpf::{
     EbpfContext as _, Global,
     bindings::pt_regs,
     helpers::{
-        bpf_get_attach_cookie, bpf_get_current_task_btf, bpf_get_prandom_u32,
+        bpf_get_attach_cookie, bpf_get_current_task, bpf_get_current_task_btf, bpf_get_prandom_u32,
         bpf_get_smp_processor_id, bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_user,
         bpf_probe_read_user_buf, bpf_task_pt_regs,
     },
@@ -38,7 +38,7 @@ static MEMORY_CONFIG: Global<MemConfig> = Global::new(MemConfig {
     sys_arg0: 16,
     sys_ret: 16,
     stack_bytes: STACK_WINDOW as u32,
-    _pad: 0,
+    thread_size: 16384,
 });
 
 /// Sized by the agent at load (`SamplerSettings::ring_bytes`).
@@ -77,6 +77,11 @@ static SCRATCH: PerCpuArray<MemSample> = PerCpuArray::with_max_entries(1, 0);
 
 #[map]
 static MEMORY_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(MSTAT_COUNT, 0);
+
+/// Probed function → its [`call`] kind, for kernels without attach cookies
+/// (written by the agent as it attaches, see [`alloc_enter_by_address`]).
+#[map]
+static CALL_SITES: HashMap<CallSite, u64> = HashMap::with_max_entries(MAX_CALL_SITES, 0);
 
 const SLOT_ALLOC: u32 = 0;
 const SLOT_GROWTH: u32 = 1;
@@ -204,7 +209,10 @@ fn emit_sample(kind: u32, seq: u64, size: u64, addr: u64, regs: &pt_regs) {
             }
         }
         (*s).head.stack_len = len as u32;
-        let total = (size_of::<MemSampleHeader>() + len).min(size_of::<MemSample>());
+        let mut total = pipelens_ebpf::opaque(size_of::<MemSampleHeader>() + len);
+        if total > size_of::<MemSample>() {
+            total = size_of::<MemSample>();
+        }
         let bytes = core::slice::from_raw_parts(s.cast::<u8>(), total);
         if MEMORY_EVENTS.output::<[u8]>(bytes, 0).is_err() {
             stat(MSTAT_LOST);
@@ -265,13 +273,39 @@ fn handed_on(sp: u64) {
 }
 
 /// Entry of every allocator function; the attach cookie says where its
-/// arguments are ([`call`]).
+/// arguments are ([`call`]). Cookies need 5.15.
 #[uprobe]
 pub fn alloc_enter(ctx: ProbeContext) -> u32 {
-    // SAFETY: the context of a uprobe is the user registers.
-    let regs = unsafe { &*ctx.regs };
     // SAFETY: the helper has no preconditions.
     let cookie = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) };
+    // SAFETY: the context of a uprobe is the user registers.
+    on_alloc_enter(unsafe { &*ctx.regs }, cookie);
+    0
+}
+
+/// [`alloc_enter`] for kernels without attach cookies: the call kind is
+/// looked up by the probed address, which is the instruction pointer a
+/// uprobe handler sees (the kernel rewinds it to the breakpoint).
+#[uprobe]
+pub fn alloc_enter_by_address(ctx: ProbeContext) -> u32 {
+    // SAFETY: the context of a uprobe is the user registers.
+    let regs = unsafe { &*ctx.regs };
+    let (tgid, _) = current_ids();
+    let site = CallSite {
+        tgid,
+        _pad: 0,
+        addr: regs.rip,
+    };
+    // SAFETY: copied out.
+    match unsafe { CALL_SITES.get(site) }.copied() {
+        Some(cookie) => on_alloc_enter(regs, cookie),
+        None => stat(MSTAT_UNKNOWN_SITE),
+    }
+    0
+}
+
+#[inline(always)]
+fn on_alloc_enter(regs: &pt_regs, cookie: u64) {
     let kind = cookie & 0xff;
     let (a0, a1, a2) = (regs.rdi, regs.rsi, regs.rdx);
     // glibc serves these with its own (probed) malloc.
@@ -284,12 +318,12 @@ pub fn alloc_enter(ctx: ProbeContext) -> u32 {
         };
     if hands_on {
         handed_on(regs.rsp);
-        return 0;
+        return;
     }
     let (size, out_ptr) = match kind {
         call::FREE => {
             forget(a0);
-            return 0;
+            return;
         }
         call::SIZE_ARG0 => (a0, 0),
         // memalign / aligned_alloc(align, size)
@@ -304,11 +338,11 @@ pub fn alloc_enter(ctx: ProbeContext) -> u32 {
             (a1.wrapping_mul(a2), 0)
         }
         call::POSIX_MEMALIGN => (a2, a0),
-        _ => return 0,
+        _ => return,
     };
     stat(MSTAT_CALLS);
     if size == 0 || !sampled(SLOT_ALLOC, size, config!(alloc_mean)) {
-        return 0;
+        return;
     }
     let seq = next_seq();
     emit_sample(SAMPLE_ALLOC, seq, size, 0, regs);
@@ -322,7 +356,6 @@ pub fn alloc_enter(ctx: ProbeContext) -> u32 {
         };
         let _ = PENDING.insert(tid, p, 0);
     }
-    0
 }
 
 /// Return of every allocation function (attached only when pointers are
@@ -365,9 +398,10 @@ pub fn alloc_exit(ctx: RetProbeContext) -> u32 {
 }
 
 /// The user registers of the current task, from a tracepoint (whose
-/// context holds only the tracepoint's fields).
+/// context holds only the tracepoint's fields): `bpf_task_pt_regs`, 5.15
+/// and newer.
 #[inline(always)]
-fn user_regs() -> Option<pt_regs> {
+fn user_regs_helper() -> Option<pt_regs> {
     // SAFETY: the helpers take the current task, always valid here.
     unsafe {
         let task = bpf_get_current_task_btf();
@@ -376,11 +410,26 @@ fn user_regs() -> Option<pt_regs> {
     }
 }
 
+/// The same for older kernels: x86-64 keeps a task's user registers at the
+/// top of its kernel stack (`task_pt_regs`: `stack + THREAD_SIZE` minus one
+/// `struct pt_regs`). Checked to be a user frame before use.
+#[inline(always)]
+fn user_regs_from_stack() -> Option<pt_regs> {
+    // SAFETY: the helper has no preconditions.
+    let task = unsafe { bpf_get_current_task() };
+    let stack: u64 =
+        pipelens_ebpf::read_kernel(task + pipelens_ebpf::kernel_offset!(task_stack) as u64).ok()?;
+    let top = stack + config!(thread_size) as u64 - size_of::<pt_regs>() as u64;
+    let regs: pt_regs = pipelens_ebpf::read_kernel(top).ok()?;
+    // The code segment's privilege level: 3 for user mode.
+    (regs.cs & 3 == 3).then_some(regs)
+}
+
 /// `exceptions:page_fault_user`: a write fault grows the resident set by a
 /// page (first touch of anonymous memory, or copy-on-write). Read faults
 /// of anonymous memory map the shared zero page and grow nothing.
-#[tracepoint]
-pub fn page_fault(ctx: TracePointContext) -> u32 {
+#[inline(always)]
+fn on_page_fault(ctx: &TracePointContext, user_regs: impl Fn() -> Option<pt_regs>) -> u32 {
     let (tgid, _) = current_ids();
     if !is_target(tgid) {
         return 0;
@@ -425,8 +474,8 @@ pub fn mmap_enter(ctx: TracePointContext) -> u32 {
 }
 
 /// `syscalls:sys_exit_mmap`: a sampled anonymous mapping, with its stack.
-#[tracepoint]
-pub fn mmap_exit(ctx: TracePointContext) -> u32 {
+#[inline(always)]
+fn on_mmap_exit(ctx: &TracePointContext, user_regs: impl Fn() -> Option<pt_regs>) -> u32 {
     let (tgid, tid) = current_ids();
     if !is_target(tgid) {
         return 0;
@@ -465,8 +514,8 @@ pub fn munmap_enter(ctx: TracePointContext) -> u32 {
 
 /// `syscalls:sys_exit_brk`: the new break; growth since the last one seen
 /// is sampled like a mapping, shrinking is noted like an unmap.
-#[tracepoint]
-pub fn brk_exit(ctx: TracePointContext) -> u32 {
+#[inline(always)]
+fn on_brk_exit(ctx: &TracePointContext, user_regs: impl Fn() -> Option<pt_regs>) -> u32 {
     let (tgid, _) = current_ids();
     if !is_target(tgid) {
         return 0;
@@ -493,5 +542,37 @@ pub fn brk_exit(ctx: TracePointContext) -> u32 {
     }
     0
 }
+
+/// The growth programs, once per way of reading user registers; the agent
+/// loads the first pair this kernel's verifier accepts.
+macro_rules! growth_programs {
+    ($regs:ident, $fault:ident, $mmap_exit:ident, $brk_exit:ident) => {
+        /// See `on_page_fault`.
+        #[tracepoint]
+        pub fn $fault(ctx: TracePointContext) -> u32 {
+            on_page_fault(&ctx, $regs)
+        }
+
+        /// See `on_mmap_exit`.
+        #[tracepoint]
+        pub fn $mmap_exit(ctx: TracePointContext) -> u32 {
+            on_mmap_exit(&ctx, $regs)
+        }
+
+        /// See `on_brk_exit`.
+        #[tracepoint]
+        pub fn $brk_exit(ctx: TracePointContext) -> u32 {
+            on_brk_exit(&ctx, $regs)
+        }
+    };
+}
+
+growth_programs!(user_regs_helper, page_fault, mmap_exit, brk_exit);
+growth_programs!(
+    user_regs_from_stack,
+    page_fault_stack,
+    mmap_exit_stack,
+    brk_exit_stack
+);
 
 pipelens_ebpf::kernel_object!();

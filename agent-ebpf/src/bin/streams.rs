@@ -368,7 +368,7 @@ fn read_user<T>(addr: u64) -> Result<T, i32> {
 /// returns the count copied, 0 on a fault.
 #[inline(always)]
 fn copy_user(dst: *mut u8, src: u64, n: u64) -> u64 {
-    let n = (n as usize) & MASK;
+    let n = (pipelens_ebpf::opaque(n) as usize) & MASK;
     if n == 0 {
         return 0;
     }
@@ -413,7 +413,7 @@ fn copy_iovecs(data: &mut [u8; 2 * MAX_CAPTURE], iov: u64, iovcnt: u64, want: u6
         };
         let rest = want - done;
         let second = if len1 < rest { len1 } else { rest };
-        let at = (done as usize) & MASK;
+        let at = (pipelens_ebpf::opaque(done) as usize) & MASK;
         // SAFETY: `at` < MAX_CAPTURE and the copy is < MAX_CAPTURE, inside
         // the 2 × MAX_CAPTURE data area.
         done += copy_user(unsafe { data.as_mut_ptr().add(at) }, base1, second);
@@ -424,6 +424,7 @@ fn copy_iovecs(data: &mut [u8; 2 * MAX_CAPTURE], iov: u64, iovcnt: u64, want: u6
 #[inline(always)]
 fn submit(rec: &StreamRecord, size: u64, wake: bool) {
     let max = core::mem::size_of::<StreamHeader>() + MAX_CAPTURE;
+    let size = pipelens_ebpf::opaque(size);
     let size = if size as usize > max {
         max
     } else {

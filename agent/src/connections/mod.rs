@@ -4,6 +4,7 @@
 //! attaching it, reading its ring buffer, polling per-socket counters, and
 //! seeding connections that predate the agent.
 
+pub mod bytes;
 mod seed;
 mod tracker;
 
@@ -28,14 +29,20 @@ use crate::{
     tracefs::{self, TracefsError, TracepointFormat},
 };
 
-/// Tracepoints this collector attaches: (program, category, name).
+/// Tracepoints this collector attaches on every kernel: (program,
+/// category, name). Byte counts have hooks of their own, see [`bytes`].
 pub const HOOKS: &[(&str, &str, &str)] = &[
     ("inet_sock_set_state", "sock", "inet_sock_set_state"),
-    ("sock_send_length", "sock", "sock_send_length"),
-    ("sock_recv_length", "sock", "sock_recv_length"),
     ("tcp_retransmit_skb", "tcp", "tcp_retransmit_skb"),
     ("tcp_send_reset", "tcp", "tcp_send_reset"),
     ("tcp_receive_reset", "tcp", "tcp_receive_reset"),
+];
+
+/// The byte-count tracepoints (6.3 and newer), the last choice of
+/// [`bytes::attach`].
+pub const LENGTH_HOOKS: &[(&str, &str, &str)] = &[
+    ("sock_send_length", "sock", "sock_send_length"),
+    ("sock_recv_length", "sock", "sock_recv_length"),
 ];
 
 /// Optional syscall hooks (`--syscall-hooks`). Enabling any syscall
@@ -55,25 +62,33 @@ pub const SYSCALL_HOOKS: &[(&str, &str, &str)] = &[
 /// Tracepoint field offsets for this kernel, from tracefs.
 pub fn tracepoint_offsets() -> Result<ConnTracepointOffsets, TracefsError> {
     let iss = TracepointFormat::load("sock", "inet_sock_set_state")?;
-    let send = TracepointFormat::load("sock", "sock_send_length")?;
-    let recv = TracepointFormat::load("sock", "sock_recv_length")?;
     let retrans = TracepointFormat::load("tcp", "tcp_retransmit_skb")?;
     let send_reset = TracepointFormat::load("tcp", "tcp_send_reset")?;
     let recv_reset = TracepointFormat::load("tcp", "tcp_receive_reset")?;
     let connect = TracepointFormat::load("syscalls", "sys_enter_connect")?;
     let exit = TracepointFormat::load("syscalls", "sys_exit_connect")?;
-    for (a, b) in [
-        ("sk", "sk"),
-        ("protocol", "protocol"),
-        ("ret", "ret"),
-        ("flags", "flags"),
-    ] {
-        if send.offset(a)? != recv.offset(b)? {
-            return Err(TracefsError::Format {
-                path: "sock_send_length / sock_recv_length".into(),
-                reason: format!("field `{a}` differs between the two; they must share a layout"),
-            });
+    // Kernels before 6.3 have no length tracepoints: their fields stay 0
+    // and another hook counts bytes.
+    let (mut len_sk, mut len_protocol, mut len_ret, mut len_flags) = (0, 0, 0, 0);
+    if tracefs::exists("sock", "sock_send_length") {
+        let send = TracepointFormat::load("sock", "sock_send_length")?;
+        let recv = TracepointFormat::load("sock", "sock_recv_length")?;
+        for field in ["sk", "protocol", "ret", "flags"] {
+            if send.offset(field)? != recv.offset(field)? {
+                return Err(TracefsError::Format {
+                    path: "sock_send_length / sock_recv_length".into(),
+                    reason: format!(
+                        "field `{field}` differs between the two; they must share a layout"
+                    ),
+                });
+            }
         }
+        (len_sk, len_protocol, len_ret, len_flags) = (
+            send.offset("sk")?,
+            send.offset("protocol")?,
+            send.offset("ret")?,
+            send.offset("flags")?,
+        );
     }
     Ok(ConnTracepointOffsets {
         iss_skaddr: iss.offset("skaddr")?,
@@ -87,10 +102,10 @@ pub fn tracepoint_offsets() -> Result<ConnTracepointOffsets, TracefsError> {
         iss_daddr: iss.offset("daddr")?,
         iss_saddr_v6: iss.offset("saddr_v6")?,
         iss_daddr_v6: iss.offset("daddr_v6")?,
-        len_sk: send.offset("sk")?,
-        len_protocol: send.offset("protocol")?,
-        len_ret: send.offset("ret")?,
-        len_flags: send.offset("flags")?,
+        len_sk,
+        len_protocol,
+        len_ret,
+        len_flags,
         retrans_skaddr: retrans.offset("skaddr")?,
         send_reset_skaddr: send_reset.offset("skaddr")?,
         recv_reset_skaddr: recv_reset.offset("skaddr")?,
@@ -114,6 +129,7 @@ pub fn missing_hooks() -> Vec<String> {
 pub struct ConnectionsCollector {
     ebpf: Ebpf,
     tracker: Arc<Mutex<ConnectionTracker>>,
+    pub byte_hook: bytes::ByteHookChoice,
 }
 
 impl ConnectionsCollector {
@@ -124,9 +140,19 @@ impl ConnectionsCollector {
         })?;
         let optional: &[_] = if syscall_hooks { SYSCALL_HOOKS } else { &[] };
         objects::attach_tracepoints(&mut ebpf, HOOKS.iter().chain(optional))?;
+        let byte_hook = bytes::attach(&mut ebpf).map_err(ProbeError::NoHook)?;
+        metrics::gauge!(
+            "pipelens_collector_hook_info",
+            "collector" => "connections",
+            "hook" => "bytes",
+            "kind" => byte_hook.hook.name(),
+            "target" => byte_hook.hook.target(),
+        )
+        .set(1.0);
         Ok(Self {
             ebpf,
             tracker: Arc::new(Mutex::new(ConnectionTracker::new())),
+            byte_hook,
         })
     }
 

@@ -79,6 +79,18 @@ impl MemoryCollector {
             probes.attach_allocator(*pid, &found, true)?;
             alloc_targets.push(*pid);
         }
+        // The allocator's hook is only chosen once uprobes are attached.
+        let chosen = if alloc_targets.is_empty() { 1 } else { 2 };
+        for (hook, kind) in probes.hooks.describe().into_iter().take(chosen) {
+            metrics::gauge!(
+                "pipelens_collector_hook_info",
+                "collector" => "memory",
+                "hook" => hook,
+                "kind" => kind,
+                "target" => "",
+            )
+            .set(1.0);
+        }
         Ok(Self {
             probes,
             alloc_targets,

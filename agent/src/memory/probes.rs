@@ -13,13 +13,14 @@ use aya::{
     },
 };
 use pipelens_common::memory::{
-    DRAW_ONE, DRAWS, MSTAT_CALLS, MSTAT_FAULTS, MSTAT_LIVE_FULL, MSTAT_LOST, MSTAT_SAMPLES,
-    MSTAT_STACK_UNREADABLE, MemConfig, MemNote, MemSampleHeader, call,
+    CallSite, DRAW_ONE, DRAWS, MSTAT_CALLS, MSTAT_FAULTS, MSTAT_LIVE_FULL, MSTAT_LOST,
+    MSTAT_SAMPLES, MSTAT_STACK_UNREADABLE, MemConfig, MemNote, MemSampleHeader, call,
 };
 use tokio::io::unix::AsyncFd;
 
 use super::{
     allocator::{AllocProbe, Family},
+    maps::ProcessMaps,
     sampling,
 };
 use crate::{
@@ -90,10 +91,51 @@ pub struct KernelCounts {
     pub faults: u64,
 }
 
+/// How the memory programs get what an older kernel does not hand them,
+/// chosen per kernel when they load, best first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MemoryHooks {
+    /// User registers in tracepoints: `bpf_task_pt_regs` (5.15+), else
+    /// read from the top of the task's kernel stack.
+    pub regs_from_stack: bool,
+    /// Allocator call kinds: attach cookies (5.15+), else a map by the
+    /// probed address.
+    pub calls_by_address: bool,
+}
+
+impl MemoryHooks {
+    /// For `pipelens check` and `pipelens_collector_hook_info`.
+    pub fn describe(&self) -> [(&'static str, &'static str); 2] {
+        [
+            (
+                "user_regs",
+                if self.regs_from_stack {
+                    "task_stack"
+                } else {
+                    "bpf_task_pt_regs"
+                },
+            ),
+            (
+                "alloc_calls",
+                if self.calls_by_address {
+                    "address_map"
+                } else {
+                    "attach_cookie"
+                },
+            ),
+        ]
+    }
+}
+
 pub struct MemoryProbes {
     ebpf: Ebpf,
     uprobes_loaded: bool,
+    pub hooks: MemoryHooks,
 }
+
+/// The growth programs, per way of reading user registers.
+const GROWTH_HELPER: [&str; 3] = ["page_fault", "mmap_exit", "brk_exit"];
+const GROWTH_STACK: [&str; 3] = ["page_fault_stack", "mmap_exit_stack", "brk_exit_stack"];
 
 impl MemoryProbes {
     pub fn load(loader: &Loader, settings: SamplerSettings) -> Result<Self, ProbeError> {
@@ -108,7 +150,7 @@ impl MemoryProbes {
             sys_arg0: mmap.offset("addr")?,
             sys_ret: exit.offset("ret")?,
             stack_bytes: settings.stack_bytes,
-            _pad: 0,
+            thread_size: thread_size(),
         };
         if fault.offset("error_code")? != config.fault_address + 16 {
             return Err(ProbeError::Layout("exceptions:page_fault_user".into()));
@@ -127,23 +169,60 @@ impl MemoryProbes {
         {
             draws.set(i as u32, d, 0)?;
         }
-        Ok(Self {
+        let hooks = MemoryHooks {
+            regs_from_stack: false,
+            calls_by_address: false,
+        };
+        let mut probes = Self {
             ebpf,
             uprobes_loaded: false,
-        })
+            hooks,
+        };
+        probes.load_growth()?;
+        Ok(probes)
+    }
+
+    /// Loads the growth programs this kernel accepts: with
+    /// `bpf_task_pt_regs`, or reading the registers off the kernel stack.
+    fn load_growth(&mut self) -> Result<(), ProbeError> {
+        let first = load_all(&mut self.ebpf, &GROWTH_HELPER);
+        if first.is_ok() {
+            return Ok(());
+        }
+        load_all(&mut self.ebpf, &GROWTH_STACK).map_err(|(name, source)| ProbeError::Attach {
+            category: "tracepoint",
+            name,
+            source,
+        })?;
+        self.hooks.regs_from_stack = true;
+        if let Err((name, e)) = first {
+            log::info!(
+                "memory: user registers read from the kernel stack ({name}: {})",
+                objects::verifier_reason(&e)
+            );
+        }
+        Ok(())
+    }
+
+    fn growth_program(&self, index: usize) -> &'static str {
+        if self.hooks.regs_from_stack {
+            GROWTH_STACK[index]
+        } else {
+            GROWTH_HELPER[index]
+        }
     }
 
     /// Write faults of targets (always) and, with `syscalls`, their
     /// `mmap`, `munmap` and `brk` calls (which cost every syscall on the
     /// host the tracing slow path while attached).
     pub fn attach_growth(&mut self, syscalls: bool) -> Result<(), ProbeError> {
-        let mut hooks = vec![("page_fault", "exceptions", "page_fault_user")];
+        let mut hooks = vec![(self.growth_program(0), "exceptions", "page_fault_user")];
         if syscalls {
             hooks.extend([
                 ("mmap_enter", "syscalls", "sys_enter_mmap"),
-                ("mmap_exit", "syscalls", "sys_exit_mmap"),
+                (self.growth_program(1), "syscalls", "sys_exit_mmap"),
                 ("munmap_enter", "syscalls", "sys_enter_munmap"),
-                ("brk_exit", "syscalls", "sys_exit_brk"),
+                (self.growth_program(2), "syscalls", "sys_exit_brk"),
             ]);
         }
         objects::attach_tracepoints(&mut self.ebpf, &hooks)
@@ -171,7 +250,21 @@ impl MemoryProbes {
     ) -> Result<usize, ProbeError> {
         let pid = NonZeroU32::new(pid).ok_or_else(|| ProbeError::Layout("pid 0".into()))?;
         if !self.uprobes_loaded {
-            for name in ["alloc_enter", "alloc_exit"] {
+            // Attach cookies need 5.15; before, the call kind is found by
+            // the probed address.
+            if let Err(e) = self.uprobe("alloc_enter").load() {
+                log::info!(
+                    "memory: allocator calls told apart by address ({})",
+                    objects::verifier_reason(&e)
+                );
+                self.hooks.calls_by_address = true;
+            }
+            let names: &[&'static str] = if self.hooks.calls_by_address {
+                &["alloc_enter_by_address", "alloc_exit"]
+            } else {
+                &["alloc_exit"]
+            };
+            for &name in names {
                 self.uprobe(name)
                     .load()
                     .map_err(|source| ProbeError::Attach {
@@ -182,24 +275,33 @@ impl MemoryProbes {
             }
             self.uprobes_loaded = true;
         }
+        let enter = if self.hooks.calls_by_address {
+            "alloc_enter_by_address"
+        } else {
+            "alloc_enter"
+        };
+        if self.hooks.calls_by_address {
+            self.note_call_sites(pid.get(), probes)?;
+        }
         let mut attached = 0;
         for probe in probes {
-            let wanted: &[&'static str] = if !track_frees {
+            let wanted: Vec<&'static str> = if !track_frees {
                 if probe.call == call::FREE {
-                    &[]
+                    vec![]
                 } else {
-                    &["alloc_enter"]
+                    vec![enter]
                 }
             } else if probe.call == call::FREE {
-                &["alloc_enter"]
+                vec![enter]
             } else {
-                &["alloc_enter", "alloc_exit"]
+                vec![enter, "alloc_exit"]
             };
             for name in wanted {
                 let p = self.uprobe(name);
                 let point = UProbeAttachPoint {
                     location: UProbeAttachLocation::AbsoluteOffset(probe.file_offset),
-                    cookie: Some(cookie(probe)),
+                    // Kernels without cookies refuse one; CALL_SITES has it.
+                    cookie: (!self.hooks.calls_by_address).then(|| cookie(probe)),
                 };
                 p.attach(point, &probe.module, UProbeScope::OneProcess(pid))
                     .map_err(|source| ProbeError::Attach {
@@ -211,6 +313,36 @@ impl MemoryProbes {
             }
         }
         Ok(attached)
+    }
+
+    /// Writes where each probed function lies in process `pid`, for
+    /// `alloc_enter_by_address`: the module's mapping that holds the
+    /// function's file offset gives its address.
+    fn note_call_sites(&mut self, pid: u32, probes: &[AllocProbe]) -> Result<(), ProbeError> {
+        let maps = ProcessMaps::read(pid)
+            .map_err(|e| ProbeError::Layout(format!("maps of process {pid}: {e}")))?;
+        let mut sites: BpfHashMap<&mut MapData, CallSite, u64> = BpfHashMap::try_from(
+            self.ebpf
+                .map_mut("CALL_SITES")
+                .ok_or(ProbeError::MissingMap("CALL_SITES"))?,
+        )?;
+        for probe in probes {
+            let Some(addr) = address_in(&maps, probe) else {
+                log::warn!(
+                    "memory: {} of {} is not mapped in process {pid}",
+                    probe.symbol,
+                    probe.module.display()
+                );
+                continue;
+            };
+            let site = CallSite {
+                tgid: pid,
+                _pad: 0,
+                addr,
+            };
+            sites.insert(site, cookie(probe), 0)?;
+        }
+        Ok(())
     }
 
     fn uprobe(&mut self, name: &str) -> &mut UProbe {
@@ -238,6 +370,45 @@ impl MemoryProbes {
     }
 }
 
+/// The address of `probe`'s first instruction in the process of `maps`: in the
+/// mapping of its module (compared by inode, so a path seen through
+/// `/proc/<pid>/root` still matches) that covers its file offset.
+fn address_in(maps: &ProcessMaps, probe: &AllocProbe) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt as _;
+    let inode = std::fs::metadata(&probe.module).ok()?.ino();
+    maps.mappings.iter().find_map(|m| {
+        let covers = m.inode == inode
+            && m.offset <= probe.file_offset
+            && probe.file_offset < m.offset + (m.end - m.start);
+        covers.then(|| m.start + (probe.file_offset - m.offset))
+    })
+}
+
+/// Loads every program of `names`; the first refused and why.
+fn load_all(
+    ebpf: &mut Ebpf,
+    names: &[&'static str],
+) -> Result<(), (&'static str, aya::programs::ProgramError)> {
+    for &name in names {
+        let p: &mut aya::programs::TracePoint = ebpf
+            .program_mut(name)
+            .expect("program defined in the object")
+            .try_into()
+            .expect("program is a tracepoint");
+        p.load().map_err(|e| (name, e))?;
+    }
+    Ok(())
+}
+
+/// `THREAD_SIZE` on x86-64: 16 KiB, doubled by KASAN.
+fn thread_size() -> u32 {
+    if crate::btf::kallsyms_address("__asan_load8").is_some() {
+        32 << 10
+    } else {
+        16 << 10
+    }
+}
+
 /// The attach cookie of `probe`: where its arguments are, and whether it
 /// hands some calls to its allocator's probed `malloc` (glibc 2.36:
 /// `realloc(NULL, n)` returns `malloc(n)`, and `_mid_memalign`, behind
@@ -257,21 +428,38 @@ fn cookie(probe: &AllocProbe) -> u64 {
         }
 }
 
-/// Loads every program of the memory object (verifier included) without
+/// Loads the memory object as `run` and `pipelens memory` would (growth
+/// programs and allocator uprobes, with the same per-kernel choices), without
 /// attaching: what `pipelens check` reports.
-pub fn verify(loader: &Loader) -> Result<(), String> {
+pub fn verify(loader: &Loader) -> Result<MemoryHooks, String> {
     let settings = SamplerSettings {
         ring_bytes: 1 << 20,
         ..SamplerSettings::default()
     };
     let mut probes = MemoryProbes::load(loader, settings).map_err(|e| e.to_string())?;
-    for (name, prog) in probes.ebpf.programs_mut() {
-        let loaded = match prog {
-            aya::programs::Program::TracePoint(p) => p.load(),
-            aya::programs::Program::UProbe(p) => p.load(),
-            _ => continue,
-        };
-        loaded.map_err(|e| format!("{name}: verifier: {e}"))?;
+    for name in ["mmap_enter", "munmap_enter"] {
+        let p: &mut aya::programs::TracePoint = probes
+            .ebpf
+            .program_mut(name)
+            .expect("program defined in the object")
+            .try_into()
+            .expect("program is a tracepoint");
+        p.load()
+            .map_err(|e| format!("{name}: {}", objects::verifier_reason(&e)))?;
     }
-    Ok(())
+    if probes.uprobe("alloc_enter").load().is_err() {
+        probes.hooks.calls_by_address = true;
+    }
+    let names: &[&str] = if probes.hooks.calls_by_address {
+        &["alloc_enter_by_address", "alloc_exit"]
+    } else {
+        &["alloc_exit"]
+    };
+    for &name in names {
+        probes
+            .uprobe(name)
+            .load()
+            .map_err(|e| format!("{name}: {}", objects::verifier_reason(&e)))?;
+    }
+    Ok(probes.hooks)
 }
