@@ -187,7 +187,7 @@ pub struct PendingInbound {
     pub family: u16,
     pub lport: u16,
     pub rport: u16,
-    pub _pad: u16,
+    pub flags: u16,
 }
 
 /// In-flight `connect` of one thread, keyed by tid in `CONNECTING`.
@@ -203,6 +203,9 @@ pub struct PendingConnect {
     pub rport: u16,
     pub _pad: u32,
 }
+
+/// `PendingInbound::flags`: a reset was received before any claim.
+pub const PENDING_RST_RECEIVED: u16 = 1;
 
 /// A `tcp_sendmsg` / `tcp_recvmsg` call between its kprobe and kretprobe,
 /// keyed by tid in `TCP_CALLS`.

@@ -145,7 +145,7 @@ pub fn run() -> anyhow::Result<bool> {
                                 // The very start `run` makes: same object,
                                 // same hook choice, attached, then dropped.
                                 connections::ConnectionsCollector::start(&loader, false)
-                                    .map(|c| describe_byte_hook(&c.byte_hook))
+                                    .map(|c| describe_hooks(&c))
                                     .map_err(|e| e.to_string())
                             } else {
                                 Err(format!("missing tracepoints: {}", missing.join(", ")))
@@ -199,9 +199,11 @@ pub fn run() -> anyhow::Result<bool> {
     Ok(all_ok)
 }
 
-fn describe_byte_hook(choice: &connections::bytes::ByteHookChoice) -> String {
+fn describe_hooks(c: &connections::ConnectionsCollector) -> String {
+    let choice = &c.byte_hook;
     let mut s = format!(
-        "usable; bytes counted by {} on {}",
+        "usable; state changes by {}; bytes by {} on {}",
+        c.state_hook,
         choice.hook.name(),
         choice.hook.target()
     );

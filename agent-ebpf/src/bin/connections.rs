@@ -20,9 +20,11 @@ use aya_ebpf::{
     Global,
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{bpf_ktime_get_ns, bpf_probe_read_user},
-    macros::{fexit, kprobe, kretprobe, map, tracepoint},
+    macros::{fexit, kprobe, kretprobe, map, raw_tracepoint, tracepoint},
     maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
-    programs::{FExitContext, ProbeContext, RetProbeContext, TracePointContext},
+    programs::{
+        FExitContext, ProbeContext, RawTracePointContext, RetProbeContext, TracePointContext,
+    },
 };
 use pipelens_common::connections::*;
 use pipelens_ebpf::{
@@ -261,24 +263,142 @@ fn sock_entry(sk: u64, claimant: Option<u32>) -> Option<*mut SockState> {
     SOCKS.get_ptr_mut(sk)
 }
 
+// State changes, resets and retransmits, hooked two ways, best first:
+//
+// - raw tracepoints (`raw_tp/<name>`, 4.17+), which read the tracepoint's
+//   arguments (the `struct sock *`) and the socket's fields by BTF offsets.
+//   These are never skipped because another BPF program is running on the
+//   CPU: most of these events fire in softirq context, which can interrupt
+//   any process-context program (a payload copy, a page-fault sample), and
+//   a perf-event tracepoint program is dropped, uncounted, when it nests in
+//   another (`bpf_prog_active`). Under load that lost opens and closes;
+// - the perf-event tracepoints, reading the fields from the record, as a
+//   fallback.
+
+/// Where a state change's fields come from.
+#[derive(Clone, Copy)]
+enum StateSource<'a> {
+    Record(&'a TracePointContext),
+    Sock,
+}
+
+/// One `inet_sock_set_state`, from either hook.
+struct StateChange<'a> {
+    sk: u64,
+    old: i32,
+    new: i32,
+    src: StateSource<'a>,
+}
+
+impl StateChange<'_> {
+    #[inline(always)]
+    fn sport(&self) -> Result<u16, i32> {
+        match self.src {
+            StateSource::Record(ctx) => tp(ctx, CONN_TP_OFFSETS.load().iss_sport),
+            StateSource::Sock => Ok(sock_tuple(self.sk)?.lport),
+        }
+    }
+
+    #[inline(always)]
+    fn dport(&self) -> Result<u16, i32> {
+        match self.src {
+            StateSource::Record(ctx) => tp(ctx, CONN_TP_OFFSETS.load().iss_dport),
+            StateSource::Sock => Ok(sock_tuple(self.sk)?.rport),
+        }
+    }
+
+    #[inline(always)]
+    fn family(&self) -> Result<u16, i32> {
+        match self.src {
+            StateSource::Record(ctx) => tp(ctx, CONN_TP_OFFSETS.load().iss_family),
+            StateSource::Sock => Ok(sock_tuple(self.sk)?.family),
+        }
+    }
+
+    /// Local and remote address, IPv4 in the first four bytes.
+    #[inline(always)]
+    fn addrs(&self, family: u16) -> Result<([u8; 16], [u8; 16]), i32> {
+        match self.src {
+            StateSource::Record(ctx) => {
+                let off = CONN_TP_OFFSETS.load();
+                let (mut s, mut d) = ([0u8; 16], [0u8; 16]);
+                if family == AF_INET {
+                    let a: [u8; 4] = tp(ctx, off.iss_saddr)?;
+                    let b: [u8; 4] = tp(ctx, off.iss_daddr)?;
+                    s[..4].copy_from_slice(&a);
+                    d[..4].copy_from_slice(&b);
+                } else {
+                    s = tp(ctx, off.iss_saddr_v6)?;
+                    d = tp(ctx, off.iss_daddr_v6)?;
+                }
+                Ok((s, d))
+            }
+            StateSource::Sock => {
+                let t = sock_tuple(self.sk)?;
+                Ok((t.saddr, t.daddr))
+            }
+        }
+    }
+
+    /// Whether the change runs in the context of the task that caused it,
+    /// for a local close to claim an inbound connection never touched.
+    /// The record's flags say so; a raw tracepoint has none, so there the
+    /// transitions only a syscall makes (FIN_WAIT1, LAST_ACK) count, and an
+    /// abortive close (to CLOSE) counts unless a reset was received on the
+    /// socket, which is the softirq's way there.
+    #[inline(always)]
+    fn by_local_task(&self, reset_received: bool) -> bool {
+        match self.src {
+            StateSource::Record(ctx) => in_task_context(ctx),
+            StateSource::Sock => self.new != TCP_CLOSE || !reset_received,
+        }
+    }
+}
+
 /// `sock:inet_sock_set_state(skaddr, oldstate, newstate, sport, dport, family,
 /// protocol, saddr, daddr, saddr_v6, daddr_v6)`
 #[tracepoint]
 pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
-    match try_set_state(&ctx) {
+    let change = || -> Result<StateChange<'_>, i32> {
+        let off = CONN_TP_OFFSETS.load();
+        let protocol: u16 = tp(&ctx, off.iss_protocol)?;
+        if protocol != IPPROTO_TCP {
+            return Err(0);
+        }
+        Ok(StateChange {
+            sk: tp(&ctx, off.iss_skaddr)?,
+            old: tp(&ctx, off.iss_oldstate)?,
+            new: tp(&ctx, off.iss_newstate)?,
+            src: StateSource::Record(&ctx),
+        })
+    };
+    match change().and_then(|c| try_set_state(&c)) {
         Ok(()) | Err(_) => 0,
     }
 }
 
-fn try_set_state(ctx: &TracePointContext) -> Result<(), i32> {
-    let off = CONN_TP_OFFSETS.load();
-    let protocol: u16 = tp(ctx, off.iss_protocol)?;
-    if protocol != IPPROTO_TCP {
-        return Ok(());
+/// raw `inet_sock_set_state(const struct sock *sk, const int oldstate,
+/// const int newstate)`
+#[raw_tracepoint(tracepoint = "inet_sock_set_state")]
+pub fn raw_inet_sock_set_state(ctx: RawTracePointContext) -> u32 {
+    let sk: u64 = ctx.arg(0);
+    if sock_protocol(sk) != Ok(IPPROTO_TCP) {
+        return 0;
     }
-    let sk: u64 = tp(ctx, off.iss_skaddr)?;
-    let old: i32 = tp(ctx, off.iss_oldstate)?;
-    let new: i32 = tp(ctx, off.iss_newstate)?;
+    let change = StateChange {
+        sk,
+        old: ctx.arg::<u64>(1) as i32,
+        new: ctx.arg::<u64>(2) as i32,
+        src: StateSource::Sock,
+    };
+    match try_set_state(&change) {
+        Ok(()) | Err(_) => 0,
+    }
+}
+
+#[inline(always)]
+fn try_set_state(c: &StateChange<'_>) -> Result<(), i32> {
+    let (sk, old, new) = (c.sk, c.old, c.new);
     let now = unsafe { bpf_ktime_get_ns() };
 
     if old == TCP_CLOSE && new == TCP_SYN_SENT {
@@ -302,8 +422,7 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i32> {
         // listen(): process context of the caller.
         let (tgid, _) = current_ids();
         if is_target(tgid) {
-            let port: u16 = tp(ctx, off.iss_sport)?;
-            TARGET_LISTENERS.insert(port, tgid, 0)?;
+            TARGET_LISTENERS.insert(c.sport()?, tgid, 0)?;
         }
         return Ok(());
     }
@@ -311,40 +430,31 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i32> {
         // LISTEN → CLOSE is the listener going away; LISTEN → SYN_RECV is a
         // child socket cloned from it (it inherits the listener's state).
         if new == TCP_CLOSE {
-            let port: u16 = tp(ctx, off.iss_sport)?;
-            let _ = TARGET_LISTENERS.remove(port);
+            let _ = TARGET_LISTENERS.remove(c.sport()?);
         }
         return Ok(());
     }
     if old == TCP_SYN_RECV && new == TCP_ESTABLISHED {
         // Handshake completed, softirq context: remember it if a target
         // listens on the port, for the process that accepts it to claim.
-        let lport: u16 = tp(ctx, off.iss_sport)?;
+        let lport = c.sport()?;
         // SAFETY: presence test only.
         let ours = config_field!(mode) == pipelens_common::config::MODE_ALL
             || unsafe { TARGET_LISTENERS.get(lport) }.is_some();
         if !ours {
             return Ok(());
         }
-        let family: u16 = tp(ctx, off.iss_family)?;
-        let mut p = PendingInbound {
+        let family = c.family()?;
+        let (saddr, daddr) = c.addrs(family)?;
+        let p = PendingInbound {
             ts_ns: now,
-            saddr: [0; 16],
-            daddr: [0; 16],
+            saddr,
+            daddr,
             family,
             lport,
-            rport: tp(ctx, off.iss_dport)?,
-            _pad: 0,
+            rport: c.dport()?,
+            flags: 0,
         };
-        if family == AF_INET {
-            let a: [u8; 4] = tp(ctx, off.iss_saddr)?;
-            let b: [u8; 4] = tp(ctx, off.iss_daddr)?;
-            p.saddr[..4].copy_from_slice(&a);
-            p.daddr[..4].copy_from_slice(&b);
-        } else {
-            p.saddr = tp(ctx, off.iss_saddr_v6)?;
-            p.daddr = tp(ctx, off.iss_daddr_v6)?;
-        }
         PENDING_INBOUND.insert(sk, p, 0)?;
         return Ok(());
     }
@@ -354,7 +464,10 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i32> {
     // to be claimed by its owner.
     let local_close = (old == TCP_ESTABLISHED && (new == TCP_FIN_WAIT1 || new == TCP_CLOSE))
         || (old == TCP_CLOSE_WAIT && (new == TCP_LAST_ACK || new == TCP_CLOSE));
-    let claimant = if local_close && in_task_context(ctx) {
+    // SAFETY: copied out.
+    let pending_reset =
+        unsafe { PENDING_INBOUND.get(sk) }.is_some_and(|p| p.flags & PENDING_RST_RECEIVED != 0);
+    let claimant = if local_close && c.by_local_task(pending_reset) {
         let (tgid, _) = current_ids();
         is_target(tgid).then_some(tgid)
     } else {
@@ -371,19 +484,11 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i32> {
 
     if old == TCP_SYN_SENT && new == TCP_ESTABLISHED {
         // The local port is bound after SYN_SENT is entered: take the tuple now.
-        let family: u16 = tp(ctx, off.iss_family)?;
+        let family = c.family()?;
         s.family = family;
-        s.lport = tp(ctx, off.iss_sport)?;
-        s.rport = tp(ctx, off.iss_dport)?;
-        if family == AF_INET {
-            let a: [u8; 4] = tp(ctx, off.iss_saddr)?;
-            let b: [u8; 4] = tp(ctx, off.iss_daddr)?;
-            s.saddr[..4].copy_from_slice(&a);
-            s.daddr[..4].copy_from_slice(&b);
-        } else {
-            s.saddr = tp(ctx, off.iss_saddr_v6)?;
-            s.daddr = tp(ctx, off.iss_daddr_v6)?;
-        }
+        s.lport = c.sport()?;
+        s.rport = c.dport()?;
+        (s.saddr, s.daddr) = c.addrs(family)?;
         s.flags |= SOCK_ESTABLISHED;
         s.start_ns = now;
         emit(EV_OPEN, sk, s, 0, now);
@@ -415,13 +520,15 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i32> {
                 // tcp_v4_connect enters SYN_SENT before it binds a local
                 // port; when no port is free it goes back to CLOSE with the
                 // port still 0 and returns EADDRNOTAVAIL without sk_err.
-                let sport: u16 = tp(ctx, off.iss_sport)?;
-                err = if sport == 0 { EADDRNOTAVAIL } else { ECANCELED };
+                err = if c.sport()? == 0 {
+                    EADDRNOTAVAIL
+                } else {
+                    ECANCELED
+                };
             }
             let mut snapshot = *s;
-            let family: u16 = tp(ctx, off.iss_family)?;
-            snapshot.family = family;
-            snapshot.rport = tp(ctx, off.iss_dport)?;
+            snapshot.family = c.family()?;
+            snapshot.rport = c.dport()?;
             emit(EV_CONNECT_FAILED, sk, &snapshot, err, now);
         } else {
             // Going straight to CLOSE from ESTABLISHED or CLOSE_WAIT, with no
@@ -749,11 +856,7 @@ pub fn tcp_retransmit_skb(ctx: TracePointContext) -> u32 {
 }
 
 fn try_retransmit(ctx: &TracePointContext) -> Result<(), i32> {
-    let sk: u64 = tp(ctx, CONN_TP_OFFSETS.load().retrans_skaddr)?;
-    if let Some(p) = SOCKS.get_ptr_mut(sk) {
-        // SAFETY: `p` points into a live SOCKS value.
-        unsafe { add(&raw mut (*p).retransmits, 1) };
-    }
+    mark_retransmit(tp(ctx, CONN_TP_OFFSETS.load().retrans_skaddr)?);
     Ok(())
 }
 
@@ -782,15 +885,54 @@ pub fn tcp_receive_reset(ctx: TracePointContext) -> u32 {
 }
 
 fn try_reset(ctx: &TracePointContext, offset: u32, flag: u32) -> Result<(), i32> {
-    let sk: u64 = tp(ctx, offset)?;
+    mark_reset(tp(ctx, offset)?, flag);
+    Ok(())
+}
+
+#[inline(always)]
+fn mark_reset(sk: u64, flag: u32) {
     if sk == 0 {
-        return Ok(());
+        return;
     }
     if let Some(p) = SOCKS.get_ptr_mut(sk) {
         // SAFETY: `p` points into a live SOCKS value.
         unsafe { (*p).flags |= flag };
+    } else if flag == SOCK_RST_RECEIVED
+        && let Some(p) = PENDING_INBOUND.get_ptr_mut(sk)
+    {
+        // Not claimed yet: its coming CLOSE is the reset's, not its owner's.
+        // SAFETY: live map value.
+        unsafe { (*p).flags |= PENDING_RST_RECEIVED };
     }
-    Ok(())
+}
+
+#[inline(always)]
+fn mark_retransmit(sk: u64) {
+    if let Some(p) = SOCKS.get_ptr_mut(sk) {
+        // SAFETY: `p` points into a live SOCKS value.
+        unsafe { add(&raw mut (*p).retransmits, 1) };
+    }
+}
+
+/// raw `tcp_retransmit_skb(const struct sock *sk, const struct sk_buff *skb)`
+#[raw_tracepoint(tracepoint = "tcp_retransmit_skb")]
+pub fn raw_tcp_retransmit_skb(ctx: RawTracePointContext) -> u32 {
+    mark_retransmit(ctx.arg(0));
+    0
+}
+
+/// raw `tcp_send_reset(const struct sock *sk, const struct sk_buff *skb, ...)`
+#[raw_tracepoint(tracepoint = "tcp_send_reset")]
+pub fn raw_tcp_send_reset(ctx: RawTracePointContext) -> u32 {
+    mark_reset(ctx.arg(0), SOCK_RST_SENT);
+    0
+}
+
+/// raw `tcp_receive_reset(struct sock *sk)`
+#[raw_tracepoint(tracepoint = "tcp_receive_reset")]
+pub fn raw_tcp_receive_reset(ctx: RawTracePointContext) -> u32 {
+    mark_reset(ctx.arg(0), SOCK_RST_RECEIVED);
+    0
 }
 
 pipelens_ebpf::kernel_object!();

@@ -436,7 +436,7 @@ fn on_page_fault(ctx: &TracePointContext, user_regs: impl Fn() -> Option<pt_regs
     }
     // error_code follows address and ip.
     let off = config!(fault_address);
-    let error: u64 = tp_field(&ctx, off + 16).unwrap_or(0);
+    let error: u64 = tp_field(ctx, off + 16).unwrap_or(0);
     if error & PF_WRITE == 0 {
         return 0;
     }
@@ -444,7 +444,7 @@ fn on_page_fault(ctx: &TracePointContext, user_regs: impl Fn() -> Option<pt_regs
     if !sampled(SLOT_GROWTH, PAGE, config!(growth_mean)) {
         return 0;
     }
-    let addr: u64 = tp_field(&ctx, off).unwrap_or(0);
+    let addr: u64 = tp_field(ctx, off).unwrap_or(0);
     if let Some(regs) = user_regs() {
         emit_sample(SAMPLE_FAULT, 0, PAGE, addr, &regs);
     }
@@ -485,7 +485,7 @@ fn on_mmap_exit(ctx: &TracePointContext, user_regs: impl Fn() -> Option<pt_regs>
         return 0;
     };
     let _ = MAPPING.remove(tid);
-    let ret: i64 = tp_field(&ctx, config!(sys_ret)).unwrap_or(-1);
+    let ret: i64 = tp_field(ctx, config!(sys_ret)).unwrap_or(-1);
     if ret < 0 || p.kind != 1 {
         return 0;
     }
@@ -520,7 +520,7 @@ fn on_brk_exit(ctx: &TracePointContext, user_regs: impl Fn() -> Option<pt_regs>)
     if !is_target(tgid) {
         return 0;
     }
-    let new: u64 = tp_field(&ctx, config!(sys_ret)).unwrap_or(0);
+    let new: u64 = tp_field(ctx, config!(sys_ret)).unwrap_or(0);
     if new == 0 {
         return 0;
     }

@@ -58,7 +58,11 @@ pub struct ByteHookChoice {
 fn recvmsg_shape() -> Result<RecvShape, String> {
     let params = btf::function_parameters("tcp_recvmsg").map_err(|e| e.to_string())?;
     let names: Vec<&str> = params.iter().map(String::as_str).collect();
-    match names.as_slice() {
+    shape_of(&names)
+}
+
+fn shape_of(names: &[&str]) -> Result<RecvShape, String> {
+    match names {
         [_, _, _, "flags"] => Ok(RecvShape::Flags),
         [_, _, _, "flags", _] => Ok(RecvShape::FlagsAddrLen),
         [_, _, _, "nonblock", "flags", _] => Ok(RecvShape::Nonblock),
@@ -69,7 +73,7 @@ fn recvmsg_shape() -> Result<RecvShape, String> {
 /// `tcp_recvmsg`'s signatures: `(sk, msg, len, flags)` (6.16+),
 /// `(sk, msg, len, flags, addr_len)` (5.19–6.15),
 /// `(sk, msg, len, nonblock, flags, addr_len)` (before 5.19).
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum RecvShape {
     Flags,
     FlagsAddrLen,
@@ -182,4 +186,28 @@ where
         .ok_or_else(|| format!("program {name} missing from the object"))?
         .try_into()
         .map_err(|e| format!("{name}: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The three signatures `tcp_recvmsg` has had, as BTF names them.
+    #[test]
+    fn recvmsg_shapes_are_told_apart() {
+        assert_eq!(
+            shape_of(&["sk", "msg", "len", "nonblock", "flags", "addr_len"]),
+            Ok(RecvShape::Nonblock)
+        );
+        assert_eq!(
+            shape_of(&["sk", "msg", "len", "flags", "addr_len"]),
+            Ok(RecvShape::FlagsAddrLen)
+        );
+        assert_eq!(
+            shape_of(&["sk", "msg", "len", "flags"]),
+            Ok(RecvShape::Flags)
+        );
+        assert!(shape_of(&["sk", "msg", "len", "nonblock", "flags"]).is_err());
+        assert!(shape_of(&[]).is_err());
+    }
 }

@@ -16,6 +16,7 @@ use std::{
 use aya::{
     Ebpf,
     maps::{HashMap, MapData, PerCpuArray, PerCpuValues, RingBuf},
+    programs::RawTracePoint,
 };
 use pipelens_common::connections::{
     ConnEvent, ConnTracepointOffsets, STAT_RING_LOST, SeedKey, SeedValue, SockState,
@@ -36,6 +37,14 @@ pub const HOOKS: &[(&str, &str, &str)] = &[
     ("tcp_retransmit_skb", "tcp", "tcp_retransmit_skb"),
     ("tcp_send_reset", "tcp", "tcp_send_reset"),
     ("tcp_receive_reset", "tcp", "tcp_receive_reset"),
+];
+
+/// [`HOOKS`] as raw tracepoints, the first choice: (program, tracepoint).
+const RAW_HOOKS: &[(&str, &str)] = &[
+    ("raw_inet_sock_set_state", "inet_sock_set_state"),
+    ("raw_tcp_retransmit_skb", "tcp_retransmit_skb"),
+    ("raw_tcp_send_reset", "tcp_send_reset"),
+    ("raw_tcp_receive_reset", "tcp_receive_reset"),
 ];
 
 /// The byte-count tracepoints (6.3 and newer), the last choice of
@@ -130,6 +139,39 @@ pub struct ConnectionsCollector {
     ebpf: Ebpf,
     tracker: Arc<Mutex<ConnectionTracker>>,
     pub byte_hook: bytes::ByteHookChoice,
+    /// `raw_tracepoint` or `tracepoint`, see [`attach_state_hooks`].
+    pub state_hook: &'static str,
+}
+
+/// The state, reset and retransmit hooks as raw tracepoints: unlike a
+/// perf-event tracepoint program, a raw tracepoint program is not skipped
+/// when the softirq that runs it interrupts another BPF program (see
+/// `agent-ebpf/src/bin/connections.rs`). The tracepoints are the fallback.
+fn attach_state_hooks(ebpf: &mut Ebpf) -> Result<&'static str, ProbeError> {
+    let raw = RAW_HOOKS.iter().try_for_each(|(prog, name)| {
+        let p: &mut RawTracePoint = ebpf
+            .program_mut(prog)
+            .expect("program defined in the object")
+            .try_into()
+            .expect("program is a raw tracepoint");
+        p.load().and_then(|()| p.attach(name).map(|_| ()))
+    });
+    match raw {
+        Ok(()) => Ok("raw_tracepoint"),
+        Err(e) => {
+            log::info!(
+                "connections: raw tracepoints refused ({}); using tracepoints",
+                objects::verifier_reason(&e)
+            );
+            for (prog, _) in RAW_HOOKS {
+                if let Some(Ok(p)) = ebpf.program_mut(prog).map(<&mut RawTracePoint>::try_from) {
+                    let _ = p.unload();
+                }
+            }
+            objects::attach_tracepoints(ebpf, HOOKS)?;
+            Ok("tracepoint")
+        }
+    }
 }
 
 impl ConnectionsCollector {
@@ -139,7 +181,16 @@ impl ConnectionsCollector {
             l.override_global("CONN_TP_OFFSETS", &offsets, true);
         })?;
         let optional: &[_] = if syscall_hooks { SYSCALL_HOOKS } else { &[] };
-        objects::attach_tracepoints(&mut ebpf, HOOKS.iter().chain(optional))?;
+        objects::attach_tracepoints(&mut ebpf, optional)?;
+        let state_hook = attach_state_hooks(&mut ebpf)?;
+        metrics::gauge!(
+            "pipelens_collector_hook_info",
+            "collector" => "connections",
+            "hook" => "state",
+            "kind" => state_hook,
+            "target" => "inet_sock_set_state,tcp_retransmit_skb,tcp_send_reset,tcp_receive_reset",
+        )
+        .set(1.0);
         let byte_hook = bytes::attach(&mut ebpf).map_err(ProbeError::NoHook)?;
         metrics::gauge!(
             "pipelens_collector_hook_info",
@@ -153,6 +204,7 @@ impl ConnectionsCollector {
             ebpf,
             tracker: Arc::new(Mutex::new(ConnectionTracker::new())),
             byte_hook,
+            state_hook,
         })
     }
 

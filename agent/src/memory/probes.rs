@@ -275,6 +275,7 @@ impl MemoryProbes {
             }
             self.uprobes_loaded = true;
         }
+        let with_cookie = !self.hooks.calls_by_address;
         let enter = if self.hooks.calls_by_address {
             "alloc_enter_by_address"
         } else {
@@ -301,7 +302,7 @@ impl MemoryProbes {
                 let point = UProbeAttachPoint {
                     location: UProbeAttachLocation::AbsoluteOffset(probe.file_offset),
                     // Kernels without cookies refuse one; CALL_SITES has it.
-                    cookie: (!self.hooks.calls_by_address).then(|| cookie(probe)),
+                    cookie: with_cookie.then(|| cookie(probe)),
                 };
                 p.attach(point, &probe.module, UProbeScope::OneProcess(pid))
                     .map_err(|source| ProbeError::Attach {

@@ -28,6 +28,7 @@ pub struct Guest {
     pub lines: Vec<String>,
     timeout: Duration,
     pub timed_out: bool,
+    finished: Option<Duration>,
 }
 
 impl Guest {
@@ -73,6 +74,7 @@ impl Guest {
             lines: Vec::new(),
             timeout,
             timed_out: false,
+            finished: None,
         })
     }
 
@@ -97,6 +99,7 @@ impl Guest {
         }
         self.lines.extend(new.iter().cloned());
         if exited {
+            self.finished.get_or_insert(self.started.elapsed());
             if !self.partial.is_empty() {
                 let rest = std::mem::take(&mut self.partial);
                 self.lines.push(rest.clone());
@@ -112,8 +115,9 @@ impl Guest {
         Some(new)
     }
 
+    /// From boot to power-off (or to now, while it runs).
     pub fn elapsed(&self) -> Duration {
-        self.started.elapsed()
+        self.finished.unwrap_or_else(|| self.started.elapsed())
     }
 
     /// The last `n` lines the kernel printed, for a failure report.
