@@ -59,6 +59,27 @@ fn cache_dir() -> PathBuf {
 /// files and the one-line `sources.list`): the archive, and the security
 /// archive when there is one.
 fn debian_mirrors() -> anyhow::Result<(String, Option<String>)> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir("/etc/apt/sources.list.d")
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    files.sort();
+    let deb822: Vec<String> = files
+        .iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "sources"))
+        .filter_map(|p| std::fs::read_to_string(p).ok())
+        .collect();
+    let list = std::fs::read_to_string("/etc/apt/sources.list").unwrap_or_default();
+    match mirrors_in(&deb822, &list) {
+        (Some(a), security) => Ok((a, security)),
+        (None, _) => {
+            bail!("no Debian mirror in /etc/apt: the kernel matrix fetches Debian's kernels")
+        }
+    }
+}
+
+/// The archive and security mirrors named in apt sources: `deb822` files'
+/// texts and a one-line `sources.list`.
+fn mirrors_in(deb822: &[String], list: &str) -> (Option<String>, Option<String>) {
     let mut archive = None;
     let mut security = None;
     let mut note = |uri: &str, suites: &str| {
@@ -69,15 +90,7 @@ fn debian_mirrors() -> anyhow::Result<(String, Option<String>)> {
             archive.get_or_insert(uri);
         }
     };
-    let mut files: Vec<PathBuf> = std::fs::read_dir("/etc/apt/sources.list.d")
-        .map(|d| d.flatten().map(|e| e.path()).collect())
-        .unwrap_or_default();
-    files.sort();
-    for path in &files {
-        if path.extension().is_none_or(|e| e != "sources") {
-            continue;
-        }
-        let text = std::fs::read_to_string(path).unwrap_or_default();
+    for text in deb822 {
         for stanza in text.split("\n\n") {
             let field = |name: &str| {
                 stanza.lines().find_map(|l| {
@@ -86,14 +99,17 @@ fn debian_mirrors() -> anyhow::Result<(String, Option<String>)> {
                         .map(str::trim)
                 })
             };
-            if let (Some(uris), Some(suites)) = (field("URIs"), field("Suites")) {
+            let enabled = field("Enabled").is_none_or(|v| v != "no");
+            let debs = field("Types").is_none_or(|t| t.split_whitespace().any(|t| t == "deb"));
+            if let (true, true, Some(uris), Some(suites)) =
+                (enabled, debs, field("URIs"), field("Suites"))
+            {
                 for uri in uris.split_whitespace() {
                     note(uri, suites);
                 }
             }
         }
     }
-    let list = std::fs::read_to_string("/etc/apt/sources.list").unwrap_or_default();
     for line in list.lines() {
         let words: Vec<&str> = line
             .split_whitespace()
@@ -103,10 +119,7 @@ fn debian_mirrors() -> anyhow::Result<(String, Option<String>)> {
             note(uri, suite);
         }
     }
-    match archive {
-        Some(a) => Ok((a, security)),
-        None => bail!("no Debian mirror in /etc/apt: the kernel matrix fetches Debian's kernels"),
-    }
+    (archive, security)
 }
 
 /// apt options that keep every list, cache and source of the matrix in
@@ -255,4 +268,35 @@ fn resolve_and_download(spec: &KernelSpec, dir: &Path) -> anyhow::Result<Kernel>
         package,
         vmlinuz,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mirrors_come_from_both_source_formats() {
+        let deb822 = vec![
+            "Types: deb\nURIs: http://mirror.example/debian/\nSuites: bookworm bookworm-updates\nComponents: main\n\n\
+             Types: deb\nURIs: http://mirror.example/debian-security\nSuites: bookworm-security\nComponents: main\n"
+                .to_owned(),
+            // A disabled stanza and a source-only one name no mirror.
+            "Types: deb\nEnabled: no\nURIs: http://other.example/debian\nSuites: trixie\n\n\
+             Types: deb-src\nURIs: http://src.example/debian\nSuites: trixie\n"
+                .to_owned(),
+        ];
+        assert_eq!(
+            mirrors_in(&deb822, ""),
+            (
+                Some("http://mirror.example/debian".to_owned()),
+                Some("http://mirror.example/debian-security".to_owned())
+            )
+        );
+        let list = "# comment\ndeb [arch=amd64] http://list.example/debian bullseye main\n";
+        assert_eq!(
+            mirrors_in(&[], list),
+            (Some("http://list.example/debian".to_owned()), None)
+        );
+        assert_eq!(mirrors_in(&[], ""), (None, None));
+    }
 }

@@ -169,11 +169,18 @@ pub fn run(opts: &Options, tally: &mut Tally) -> anyhow::Result<()> {
 
 /// Adds a guest's test counts to `tally` and says what went wrong in it.
 fn judge(g: &guest::Guest, tally: &mut Tally) -> anyhow::Result<()> {
+    judge_lines(&g.lines, g.timed_out, tally)
+}
+
+/// [`judge`] on the results port's lines: every step must end with 0, the
+/// script must reach `done`, and each test binary's `test result:` lines
+/// are counted (a bare step, like the check, counts as one test).
+fn judge_lines(lines: &[String], timed_out: bool, tally: &mut Tally) -> anyhow::Result<()> {
     let mut problems = Vec::new();
     let mut step_lines: Vec<&str> = Vec::new();
     let mut begun = None;
     let mut done = false;
-    for line in &g.lines {
+    for line in lines {
         tally.count(line);
         if let Some(m) = line.strip_prefix(guest::MARK) {
             let words: Vec<&str> = m.split_whitespace().collect();
@@ -205,7 +212,7 @@ fn judge(g: &guest::Guest, tally: &mut Tally) -> anyhow::Result<()> {
     }
     if !done {
         tally.failed += 1;
-        let cause = if g.timed_out {
+        let cause = if timed_out {
             format!("stopped after {GUEST_TIMEOUT:?}")
         } else {
             "powered off early (kernel panic or crash?)".to_owned()
@@ -304,4 +311,47 @@ step check {agent} check
     }
     s.push_str(&format!("echo \"{}done\"\npoweroff -f\n", guest::MARK));
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lines(text: &str) -> Vec<String> {
+        text.lines().map(str::to_owned).collect()
+    }
+
+    #[test]
+    fn a_clean_guest_counts_its_tests() {
+        let mut tally = Tally::default();
+        let out = lines(
+            "@@@ kernel 6.1.0\n@@@ begin check\ncollector memory ok\n@@@ end check 0\n\
+             @@@ begin test:connections\ntest result: ok. 3 passed; 0 failed; 0 ignored\n\
+             @@@ end test:connections 0\n@@@ done",
+        );
+        judge_lines(&out, false, &mut tally).expect("clean");
+        assert_eq!((tally.passed, tally.failed), (4, 0));
+    }
+
+    #[test]
+    fn failures_and_early_ends_fail_with_their_output() {
+        let mut tally = Tally::default();
+        let out = lines(
+            "@@@ begin check\ncollector streams FAIL verifier\n@@@ end check 1\n\
+             @@@ begin test:queries\ntest result: FAILED. 1 passed; 1 failed;\n\
+             @@@ end test:queries 101\n@@@ begin test:memory\npanicked here",
+        );
+        let err = judge_lines(&out, true, &mut tally).unwrap_err().to_string();
+        assert!(
+            err.contains("check exited 1") && err.contains("FAIL verifier"),
+            "{err}"
+        );
+        assert!(err.contains("test:queries exited 101"), "{err}");
+        assert!(
+            err.contains("during test:memory") && err.contains("panicked here"),
+            "{err}"
+        );
+        // check (1) + queries (1) + the unfinished guest (1); queries' pass.
+        assert_eq!((tally.passed, tally.failed), (1, 3));
+    }
 }
