@@ -41,6 +41,7 @@ pub fn run() -> anyhow::Result<()> {
     debian_packages()?;
     bpf_linker()?;
     tracefs();
+    crate::matrix::kernels::ensure_cached();
     Ok(())
 }
 

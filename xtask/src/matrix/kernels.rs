@@ -138,6 +138,26 @@ fn apt_options(dir: &Path) -> Vec<String> {
     ]
 }
 
+/// Called by `cargo xtask setup`: fetches each kernel of the matrix that
+/// is not cached yet. Not fatal: the demo does not need them, and the
+/// matrix says what is missing when it runs.
+pub fn ensure_cached() {
+    for spec in KERNELS {
+        let dir = cache_dir().join(spec.suite);
+        let cached = std::fs::read_to_string(dir.join("current"))
+            .is_ok_and(|p| dir.join(p.trim()).join("vmlinuz").exists());
+        if cached {
+            continue;
+        }
+        if let Err(e) = fetch(spec) {
+            eprintln!(
+                "xtask: setup: kernel {} for the matrix not cached: {e:#}",
+                spec.name
+            );
+        }
+    }
+}
+
 /// The cached kernel of `spec` when there is one, else fetched now.
 pub fn fetch(spec: &KernelSpec) -> anyhow::Result<Kernel> {
     let dir = cache_dir().join(spec.suite);

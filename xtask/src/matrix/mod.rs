@@ -24,7 +24,12 @@ const GUEST_TESTS: &[(&str, &[&str])] = &[
     ("cli", &["check_reports_usable_collectors"]),
     (
         "connections",
-        &["churn_ipv4", "churn_ipv6", "refused_and_reset"],
+        &[
+            "churn_ipv4",
+            "churn_ipv6",
+            "churn_ipv4_with_syscall_hooks",
+            "refused_and_reset",
+        ],
     ),
     (
         "queries",
