@@ -201,17 +201,25 @@ pub fn kallsyms_address(symbol: &str) -> Option<u64> {
 mod tests {
     use super::*;
 
+    /// Whether this kernel has BTF; a test without it skips, but not under CI.
+    fn kernel_btf_present() -> bool {
+        if Path::new(VMLINUX_BTF).exists() {
+            return true;
+        }
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "{VMLINUX_BTF} missing under CI"
+        );
+        eprintln!("skipping test - {VMLINUX_BTF} absent");
+        false
+    }
+
     /// Reads the running kernel's BTF: every offset must resolve, and the
     /// ones whose layout is fixed by the C standard (first members) are
     /// known exactly.
     #[test]
     fn resolves_on_this_kernel() {
-        if !Path::new(VMLINUX_BTF).exists() {
-            assert!(
-                std::env::var("CI").as_deref() != Ok("true"),
-                "{VMLINUX_BTF} missing under CI"
-            );
-            eprintln!("skipping test - {VMLINUX_BTF} absent");
+        if !kernel_btf_present() {
             return;
         }
         let off = kernel_offsets().expect("offsets resolve");
@@ -225,12 +233,7 @@ mod tests {
 
     #[test]
     fn reads_a_function_prototype() {
-        if !Path::new(VMLINUX_BTF).exists() {
-            assert!(
-                std::env::var("CI").as_deref() != Ok("true"),
-                "{VMLINUX_BTF} missing under CI"
-            );
-            eprintln!("skipping test - {VMLINUX_BTF} absent");
+        if !kernel_btf_present() {
             return;
         }
         let params = function_parameters("tcp_sendmsg").expect("tcp_sendmsg in BTF");

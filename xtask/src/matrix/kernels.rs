@@ -247,38 +247,17 @@ fn resolve_and_download(spec: &KernelSpec, dir: &Path) -> anyhow::Result<Kernel>
             .current_dir(&debs),
     )
     .with_context(|| format!("downloading {package}"))?;
-    let deb = std::fs::read_dir(&debs)?
-        .flatten()
-        .map(|e| e.path())
-        .find(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with(&format!("{package}_")))
-        })
+    let deb = entry_starting(&debs, &format!("{package}_"))
         .with_context(|| format!("{package}: no .deb after apt-get download"))?;
     let tmp = dir.join("extract");
     let _ = std::fs::remove_dir_all(&tmp);
     run_cmd(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&tmp))?;
-    let image = std::fs::read_dir(tmp.join("boot"))?
-        .flatten()
-        .map(|e| e.path())
-        .find(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with("vmlinuz-"))
-        })
+    let boot = tmp.join("boot");
+    let image = entry_starting(&boot, "vmlinuz-")
         .with_context(|| format!("{package}: no /boot/vmlinuz-*"))?;
     std::fs::create_dir_all(&unpacked)?;
     std::fs::copy(&image, &vmlinuz)?;
-    if let Some(config) = std::fs::read_dir(tmp.join("boot"))?
-        .flatten()
-        .map(|e| e.path())
-        .find(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with("config-"))
-        })
-    {
+    if let Some(config) = entry_starting(&boot, "config-") {
         std::fs::copy(config, unpacked.join("config"))?;
     }
     let _ = std::fs::remove_dir_all(&tmp);
@@ -288,6 +267,19 @@ fn resolve_and_download(spec: &KernelSpec, dir: &Path) -> anyhow::Result<Kernel>
         package,
         vmlinuz,
     })
+}
+
+/// The first entry of `dir` whose name starts with `prefix`.
+fn entry_starting(dir: &Path, prefix: &str) -> Option<PathBuf> {
+    std::fs::read_dir(dir)
+        .ok()?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with(prefix))
+        })
 }
 
 #[cfg(test)]
