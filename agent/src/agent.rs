@@ -104,6 +104,15 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             Ok(collector) => {
                 for kind in &analyser_kinds {
                     health.set(*kind, Status::Up);
+                    // One way on every kernel so far: the syscall tracepoints.
+                    metrics::gauge!(
+                        "pipelens_collector_hook_info",
+                        "collector" => kind.to_string(),
+                        "hook" => "payload",
+                        "kind" => "tracepoint",
+                        "target" => "syscalls:sys_{enter,exit}_{read,write,readv,writev,recvfrom,sendto,recvmsg,sendmsg}",
+                    )
+                    .set(1.0);
                 }
                 stream_tasks.push(tokio::spawn(collector.run(shutdown.clone())));
             }

@@ -146,6 +146,10 @@ fn demo_pipeline_sessions_are_exact() {
         ws(&m, "pipelens_websocket_sessions_active", app.port, &[]),
         0.0
     );
+    // The server's own count of what it read agrees with the client's.
+    let (_, stats) = http_get(app.port, "/stats").expect("GET /stats");
+    let stats: serde_json::Value = serde_json::from_str(&stats).expect("stats JSON");
+    assert_eq!(stats["messages_received"].as_u64(), Some(sent), "{stats}");
     assert_eq!(
         ws(
             &m,
@@ -153,7 +157,9 @@ fn demo_pipeline_sessions_are_exact() {
             app.port,
             &[("direction", "received")]
         ),
-        sent as f64
+        sent as f64,
+        "{}",
+        m.dump()
     );
     assert_eq!(
         ws(

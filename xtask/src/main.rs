@@ -61,8 +61,9 @@ enum Task {
         /// Only this kernel (repeatable): 5.10, 6.1, 6.12.
         #[arg(long = "kernel")]
         kernels: Vec<String>,
-        /// Guests booted at once.
-        #[arg(long, default_value_t = 3)]
+        /// Guests booted at once (one vCPU each; more guests than host
+        /// cores starve them).
+        #[arg(long, default_value_t = 2)]
         jobs: usize,
         /// Only these probe-test binaries (repeatable): cli, connections,
         /// queries, websocket, memory.
@@ -262,7 +263,7 @@ fn test(with_matrix: bool) -> anyhow::Result<()> {
         let opts = matrix::Options {
             kernels: Vec::new(),
             tests: Vec::new(),
-            jobs: 3,
+            jobs: 2,
         };
         if let Err(e) = matrix::run(&opts, &mut tally) {
             println!("{} passed, {} failed", tally.passed, tally.failed.max(1));
