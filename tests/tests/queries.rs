@@ -91,7 +91,8 @@ fn pgbench_counts_are_exact() {
             assert_eq!(
                 count(&m2, "postgres", SELECT_TEMPLATE),
                 expected as f64,
-                "server side, mode {mode}, unix socket {unix}"
+                "server side, mode {mode}, unix socket {unix}:\n{}",
+                m2.dump()
             );
         }
     }
