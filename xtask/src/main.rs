@@ -61,9 +61,8 @@ enum Task {
         /// Only this kernel (repeatable): 5.10, 6.1, 6.12.
         #[arg(long = "kernel")]
         kernels: Vec<String>,
-        /// Guests booted at once (one vCPU each; more guests than host
-        /// cores starve them).
-        #[arg(long, default_value_t = 2)]
+        /// Guests booted at once, sharing the host's cores as vCPUs.
+        #[arg(long, default_value_t = 1)]
         jobs: usize,
         /// Only these probe-test binaries (repeatable): cli, connections,
         /// queries, websocket, memory.
@@ -263,7 +262,7 @@ fn test(with_matrix: bool) -> anyhow::Result<()> {
         let opts = matrix::Options {
             kernels: Vec::new(),
             tests: Vec::new(),
-            jobs: 2,
+            jobs: 1,
         };
         if let Err(e) = matrix::run(&opts, &mut tally) {
             println!("{} passed, {} failed", tally.passed, tally.failed.max(1));
