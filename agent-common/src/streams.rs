@@ -46,6 +46,12 @@ pub const MAX_STREAM_SOCKS: u32 = 65_536;
 pub struct CaptureState {
     pub state: u32,
     pub undecided_seen: u32,
+    /// The process that first read or wrote the socket: only its close
+    /// ends the stream. Another holder's close (a forking server's parent
+    /// dropping its copy of an accepted socket, as the PostgreSQL
+    /// postmaster does right after forking the backend) leaves it going.
+    pub tgid: u32,
+    pub _pad: u32,
 }
 
 /// Syscall in flight on a thread, from its enter to its exit.

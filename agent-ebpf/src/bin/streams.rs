@@ -204,6 +204,8 @@ fn try_exit(ctx: &TracePointContext) -> Result<(), i32> {
                     CAPTURE_OFF
                 },
                 undecided_seen: 1,
+                tgid,
+                _pad: 0,
             };
             CAPTURE_STATE.insert(ino, fresh, 0)?;
             if !wanted {
@@ -489,6 +491,10 @@ fn try_close(ctx: &TracePointContext) -> Result<(), i32> {
     let Some(state) = (unsafe { CAPTURE_STATE.get(ino) }).copied() else {
         return Ok(());
     };
+    if state.tgid != 0 && state.tgid != tgid {
+        // Not the last holder's close, most likely: the stream goes on.
+        return Ok(());
+    }
     let _ = CAPTURE_STATE.remove(ino);
     if state.state == CAPTURE_ON {
         emit_closed(sk, ino);

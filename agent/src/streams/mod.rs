@@ -323,11 +323,15 @@ impl StreamsCollector {
             return;
         };
         for (sk, state) in self.decided.drain(..) {
+            // The kernel's record of who owns the socket stays.
+            let tgid = map.get(&sk, 0).map_or(0, |c| c.tgid);
             let _ = map.insert(
                 sk,
                 CaptureState {
                     state,
                     undecided_seen: 0,
+                    tgid,
+                    _pad: 0,
                 },
                 0,
             );
