@@ -347,10 +347,15 @@ impl StateChange<'_> {
     /// abortive close (to CLOSE) counts unless a reset was received on the
     /// socket, which is the softirq's way there.
     #[inline(always)]
-    fn by_local_task(&self, reset_received: bool) -> bool {
+    fn by_local_task(&self) -> bool {
         match self.src {
             StateSource::Record(ctx) => in_task_context(ctx),
-            StateSource::Sock => self.new != TCP_CLOSE || !reset_received,
+            // SAFETY: copied out.
+            StateSource::Sock => {
+                self.new != TCP_CLOSE
+                    || unsafe { PENDING_INBOUND.get(self.sk) }
+                        .is_none_or(|p| p.flags & PENDING_RST_RECEIVED == 0)
+            }
         }
     }
 }
@@ -464,10 +469,7 @@ fn try_set_state(c: &StateChange<'_>) -> Result<(), i32> {
     // to be claimed by its owner.
     let local_close = (old == TCP_ESTABLISHED && (new == TCP_FIN_WAIT1 || new == TCP_CLOSE))
         || (old == TCP_CLOSE_WAIT && (new == TCP_LAST_ACK || new == TCP_CLOSE));
-    // SAFETY: copied out.
-    let pending_reset =
-        unsafe { PENDING_INBOUND.get(sk) }.is_some_and(|p| p.flags & PENDING_RST_RECEIVED != 0);
-    let claimant = if local_close && c.by_local_task(pending_reset) {
+    let claimant = if local_close && c.by_local_task() {
         let (tgid, _) = current_ids();
         is_target(tgid).then_some(tgid)
     } else {

@@ -249,32 +249,7 @@ impl MemoryProbes {
         track_frees: bool,
     ) -> Result<usize, ProbeError> {
         let pid = NonZeroU32::new(pid).ok_or_else(|| ProbeError::Layout("pid 0".into()))?;
-        if !self.uprobes_loaded {
-            // Attach cookies need 5.15; before, the call kind is found by
-            // the probed address.
-            if let Err(e) = self.uprobe("alloc_enter").load() {
-                log::info!(
-                    "memory: allocator calls told apart by address ({})",
-                    objects::verifier_reason(&e)
-                );
-                self.hooks.calls_by_address = true;
-            }
-            let names: &[&'static str] = if self.hooks.calls_by_address {
-                &["alloc_enter_by_address", "alloc_exit"]
-            } else {
-                &["alloc_exit"]
-            };
-            for &name in names {
-                self.uprobe(name)
-                    .load()
-                    .map_err(|source| ProbeError::Attach {
-                        category: "uprobe",
-                        name,
-                        source,
-                    })?;
-            }
-            self.uprobes_loaded = true;
-        }
+        self.load_allocator()?;
         let with_cookie = !self.hooks.calls_by_address;
         let enter = if self.hooks.calls_by_address {
             "alloc_enter_by_address"
@@ -314,6 +289,37 @@ impl MemoryProbes {
             }
         }
         Ok(attached)
+    }
+
+    /// Loads the allocator uprobes once, with the call-kind hook this kernel
+    /// accepts: attach cookies (5.15+), else the probed address.
+    fn load_allocator(&mut self) -> Result<(), ProbeError> {
+        if self.uprobes_loaded {
+            return Ok(());
+        }
+        if let Err(e) = self.uprobe("alloc_enter").load() {
+            log::info!(
+                "memory: allocator calls told apart by address ({})",
+                objects::verifier_reason(&e)
+            );
+            self.hooks.calls_by_address = true;
+        }
+        let names: &[&'static str] = if self.hooks.calls_by_address {
+            &["alloc_enter_by_address", "alloc_exit"]
+        } else {
+            &["alloc_exit"]
+        };
+        for &name in names {
+            self.uprobe(name)
+                .load()
+                .map_err(|source| ProbeError::Attach {
+                    category: "uprobe",
+                    name,
+                    source,
+                })?;
+        }
+        self.uprobes_loaded = true;
+        Ok(())
     }
 
     /// Writes where each probed function lies in process `pid`, for
@@ -448,19 +454,6 @@ pub fn verify(loader: &Loader) -> Result<MemoryHooks, String> {
         p.load()
             .map_err(|e| format!("{name}: {}", objects::verifier_reason(&e)))?;
     }
-    if probes.uprobe("alloc_enter").load().is_err() {
-        probes.hooks.calls_by_address = true;
-    }
-    let names: &[&str] = if probes.hooks.calls_by_address {
-        &["alloc_enter_by_address", "alloc_exit"]
-    } else {
-        &["alloc_exit"]
-    };
-    for &name in names {
-        probes
-            .uprobe(name)
-            .load()
-            .map_err(|e| format!("{name}: {}", objects::verifier_reason(&e)))?;
-    }
+    probes.load_allocator().map_err(|e| e.to_string())?;
     Ok(probes.hooks)
 }
