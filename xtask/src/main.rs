@@ -61,7 +61,7 @@ enum Task {
         /// Only this kernel (repeatable): 5.10, 6.1, 6.12.
         #[arg(long = "kernel")]
         kernels: Vec<String>,
-        /// Guests booted at once, sharing the host's cores as vCPUs.
+        /// Guests booted at once (one vCPU each).
         #[arg(long, default_value_t = 1)]
         jobs: usize,
         /// Only these probe-test binaries (repeatable): cli, connections,
