@@ -375,3 +375,102 @@ s = upgraded(); s.sendall(bytes([0x81, 0xFE, 0x01])); time.sleep(0.2); s.close()
     assert_eq!(s["publishers"]["messages_sent"], 6);
     agent.stop();
 }
+
+/// A peer that writes one byte per syscall (Python, `TCP_NODELAY`, a pause
+/// between bytes so that the server reads them one by one): request heads,
+/// the upgrade and every frame arrive in pieces, from the first byte on.
+/// Requests, messages and the close are counted as when they come whole.
+#[test]
+fn a_peer_writing_byte_by_byte_is_followed() {
+    if !probes_available("a_peer_writing_byte_by_byte_is_followed") {
+        return;
+    }
+    let pg = TestPostgres::start();
+    let agent = Agent::start(&["--comm", "pipeline", "--collectors", "websocket"]);
+    let app = Pipeline::start(&pg);
+    let health = |m: &Metrics| {
+        ws(
+            m,
+            "pipelens_http_server_request_duration_seconds_count",
+            app.port,
+            &[("method", "GET"), ("status_code", "200")],
+        )
+    };
+    let before = health(&agent.wait_for("the readiness probe", WAIT, |m| health(m) >= 1.0));
+    let script = format!(
+        r#"
+import os, socket, struct, time
+def slowly(s, data):
+    for b in data:
+        s.send(bytes([b]))
+        time.sleep(0.002)
+def head(s):
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        got = s.recv(4096)
+        assert got, buf
+        buf += got
+    return buf
+s = socket.create_connection(("127.0.0.1", {port}))
+s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+for _ in range(3):
+    slowly(s, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+    buf = head(s)
+    h, body = buf.split(b"\r\n\r\n", 1)
+    assert b" 200 " in h, h
+    n = int([l.split(b":")[1] for l in h.split(b"\r\n") if l.lower().startswith(b"content-length")][0])
+    while len(body) < n:
+        body += s.recv(4096)
+s.close()
+def frame(opcode, payload):
+    mask = os.urandom(4)
+    return bytes([0x80 | opcode, 0x80 | len(payload)]) + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+s = socket.create_connection(("127.0.0.1", {port}))
+s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+slowly(s, b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+          b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+assert b" 101 " in head(s)
+for i in range(4):
+    slowly(s, frame(1, b'{{"kind":"click","payload":%d}}' % i))
+slowly(s, frame(8, struct.pack("!H", 1000)))
+while s.recv(4096):
+    pass
+s.close()
+"#,
+        port = app.port
+    );
+    let status = Command::new("/usr/bin/python3")
+        .args(["-c", &script])
+        .status()
+        .expect("python3");
+    assert!(status.success());
+    let m = agent.wait_for("the slow session's close", WAIT, |m| {
+        ws(m, "pipelens_websocket_closes_total", app.port, &[]) >= 1.0 && health(m) >= before + 3.0
+    });
+    assert_eq!(health(&m), before + 3.0, "{}", m.dump());
+    assert_eq!(
+        ws(
+            &m,
+            "pipelens_websocket_messages_total",
+            app.port,
+            &[("direction", "received")]
+        ),
+        4.0,
+        "{}",
+        m.dump()
+    );
+    assert_eq!(
+        ws(
+            &m,
+            "pipelens_websocket_closes_total",
+            app.port,
+            &[("code", "1000")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        ws(&m, "pipelens_http_parse_errors_total", app.port, &[]),
+        0.0
+    );
+    agent.stop();
+}

@@ -10,13 +10,13 @@ use super::{
     wire::{Segment, Side},
 };
 
-struct Chunk {
-    conn: u32,
-    side: Side,
-    ts: u64,
-    len: u64,
-    head: Vec<u8>,
-    tail: Vec<u8>,
+pub(crate) struct Chunk {
+    pub(crate) conn: u32,
+    pub(crate) side: Side,
+    pub(crate) ts: u64,
+    pub(crate) len: u64,
+    pub(crate) head: Vec<u8>,
+    pub(crate) tail: Vec<u8>,
 }
 
 fn hex(s: &str) -> Vec<u8> {
@@ -25,7 +25,7 @@ fn hex(s: &str) -> Vec<u8> {
         .collect()
 }
 
-fn load(name: &str) -> Vec<Chunk> {
+pub(crate) fn load(name: &str) -> Vec<Chunk> {
     let path = format!("{}/src/queries/fixtures/{name}", env!("CARGO_MANIFEST_DIR"));
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
     text.lines()

@@ -11,7 +11,7 @@ pub mod sql;
 pub mod wire;
 
 #[cfg(test)]
-mod fixture_tests;
+pub(crate) mod fixture_tests;
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},

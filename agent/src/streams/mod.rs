@@ -4,25 +4,22 @@
 //! Kernel side: `agent-ebpf/src/bin/streams.rs`. Which protocols exist is
 //! not known here: analysers register through [`Analyser`].
 
-use std::{
-    collections::{HashMap, HashSet},
-    time::Duration,
-};
+use std::{collections::HashMap, time::Duration};
 
 use aya::{
     Ebpf,
     maps::{HashMap as BpfHashMap, MapData, RingBuf},
 };
 use pipelens_common::streams::{
-    CAPTURE_OFF, CAPTURE_ON, CaptureState, MAX_CAPTURE, MAX_PIECES, PIECE_LAST, STREAM_CLOSED,
-    STREAM_RECEIVED, STREAM_STAT_RING_LOST, StreamHeader, StreamTracepointOffsets,
+    CaptureState, MAX_CAPTURE, MAX_PIECES, PIECE_LAST, STREAM_CLOSED, STREAM_RECEIVED,
+    STREAM_STAT_RING_LOST, StreamHeader, StreamTracepointOffsets,
 };
-
-/// Streams followed at once, at most.
-const MAX_STREAMS: usize = 100_000;
 
 /// Syscalls whose data is being reassembled from several records, at most.
 const MAX_ASSEMBLIES: usize = 4096;
+
+mod router;
+use router::Router;
 
 /// The records of one syscall, in arrival order.
 struct Assembly {
@@ -159,9 +156,7 @@ pub trait Analyser: Send {
 /// The attached capture object and the analysers it feeds.
 pub struct StreamsCollector {
     ebpf: Ebpf,
-    analysers: Vec<Box<dyn Analyser>>,
-    owner: HashMap<u64, usize>,
-    decided: Vec<(u64, u32)>,
+    router: Router,
     assemblies: HashMap<(u32, u64), Assembly>,
 }
 
@@ -179,9 +174,7 @@ impl StreamsCollector {
         objects::attach_tracepoints(&mut ebpf, &hooks)?;
         Ok(Self {
             ebpf,
-            analysers,
-            owner: HashMap::new(),
-            decided: Vec::new(),
+            router: Router::new(analysers),
             assemblies: HashMap::new(),
         })
     }
@@ -201,18 +194,14 @@ impl StreamsCollector {
                 _ = drain_tick.tick() => self.drain(ring.get_mut()),
                 _ = tick.tick() => {
                     self.drain(ring.get_mut());
-                    for a in &mut self.analysers {
-                        a.tick();
-                    }
+                    self.router.tick();
                     self.count_lost(&mut lost_seen)?;
                 }
                 () = shutdown.cancelled() => break,
             }
         }
         self.drain(ring.get_mut());
-        for a in &mut self.analysers {
-            a.tick();
-        }
+        self.router.tick();
         Ok(self)
     }
 
@@ -231,9 +220,7 @@ impl StreamsCollector {
         // SAFETY: length checked; read_unaligned makes no alignment assumption.
         let h: StreamHeader = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
         if h.kind == STREAM_CLOSED {
-            if let Some(i) = self.owner.remove(&h.ino) {
-                self.analysers[i].closed(h.ino, h.ts_exit);
-            }
+            self.router.closed(h.ino, h.ts_exit);
             return;
         }
         let captured = (h.captured as usize).min(bytes.len() - hsize);
@@ -282,38 +269,11 @@ impl StreamsCollector {
             lport: h.lport,
             rport: h.rport,
         };
-        if let Some(&i) = self.owner.get(&h.ino) {
-            self.analysers[i].feed(&chunk);
-            return;
-        }
-        if self.owner.len() >= MAX_STREAMS {
-            // Streams whose end went unseen (a process killed outright)
-            // must not accumulate: start over, the live ones are re-offered.
-            for i in self.owner.drain().map(|(_, i)| i).collect::<HashSet<_>>() {
-                self.analysers[i].forget_all();
-            }
-        }
-        let mut unsure = false;
-        for (i, a) in self.analysers.iter_mut().enumerate() {
-            match a.offer(&chunk) {
-                Claim::Mine => {
-                    log::debug!("socket {} of {} is {}", h.ino, h.tgid, a.name());
-                    self.owner.insert(h.ino, i);
-                    a.feed(&chunk);
-                    self.decided.push((h.ino, CAPTURE_ON));
-                    return;
-                }
-                Claim::Unsure => unsure = true,
-                Claim::NotMine => {}
-            }
-        }
-        if !unsure {
-            self.decided.push((h.ino, CAPTURE_OFF));
-        }
+        self.router.deliver(&chunk);
     }
 
     fn apply_decisions(&mut self) {
-        if self.decided.is_empty() {
+        if self.router.decided.is_empty() {
             return;
         }
         let Some(map) = self.ebpf.map_mut("CAPTURE_STATE") else {
@@ -322,7 +282,7 @@ impl StreamsCollector {
         let Ok(mut map) = BpfHashMap::<_, u64, CaptureState>::try_from(map) else {
             return;
         };
-        for (sk, state) in self.decided.drain(..) {
+        for (sk, state) in self.router.decided.drain(..) {
             // The kernel's record of who owns the socket stays.
             let tgid = map.get(&sk, 0).map_or(0, |c| c.tgid);
             let _ = map.insert(

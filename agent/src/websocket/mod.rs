@@ -32,7 +32,7 @@ pub mod frame;
 pub mod http;
 pub mod stream;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 use thiserror::Error;
 

@@ -15,7 +15,7 @@ use super::{
 
 /// One captured read or write, or the connection's end.
 #[derive(Clone, Debug)]
-enum Record {
+pub(crate) enum Record {
     Data {
         conn: u32,
         from_client: bool,
@@ -30,9 +30,9 @@ enum Record {
     },
 }
 
-struct Capture {
-    records: Vec<Record>,
-    truth: Value,
+pub(crate) struct Capture {
+    pub(crate) records: Vec<Record>,
+    pub(crate) truth: Value,
 }
 
 fn unhex(hex: &str) -> Vec<u8> {
@@ -42,7 +42,7 @@ fn unhex(hex: &str) -> Vec<u8> {
         .collect()
 }
 
-fn load(text: &str) -> Capture {
+pub(crate) fn load(text: &str) -> Capture {
     let mut truth = Value::Null;
     let mut records = Vec::new();
     for line in text.lines() {
