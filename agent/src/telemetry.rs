@@ -39,6 +39,10 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
             QUERY_DURATION_BUCKETS,
         )?
         .set_buckets_for_metric(
+            Matcher::Full("pipelens_db_query_service_seconds".to_owned()),
+            QUERY_DURATION_BUCKETS,
+        )?
+        .set_buckets_for_metric(
             Matcher::Full("pipelens_http_server_request_duration_seconds".to_owned()),
             QUERY_DURATION_BUCKETS,
         )?
@@ -100,6 +104,11 @@ fn describe() {
         "pipelens_db_query_duration_seconds",
         Unit::Seconds,
         "PostgreSQL statement latency, request's first byte to the reply that completes it"
+    );
+    describe_histogram!(
+        "pipelens_db_query_service_seconds",
+        Unit::Seconds,
+        "PostgreSQL statement latency net of queueing behind earlier statements of its connection: from the later of its request and the previous reply's completion, to its own completion"
     );
     describe_counter!(
         "pipelens_db_query_errors_total",

@@ -35,6 +35,11 @@ pub struct Completed {
     pub sql: Arc<str>,
     pub start_ns: u64,
     pub end_ns: u64,
+    /// Of `end_ns - start_ns`, the time spent queued behind earlier
+    /// statements of the connection (pipelines, batches): from the write
+    /// that carried it to the previous reply's completion, 0 when nothing
+    /// was in flight before it.
+    pub queued_ns: u64,
     /// SQLSTATE when the server answered with an ErrorResponse.
     pub error: Option<String>,
 }
@@ -90,6 +95,8 @@ pub struct PgConnection {
     /// everything up to the next Sync.
     skipping_to_sync: bool,
     pub dropped_requests: u64,
+    /// When the last statement completed.
+    last_end: u64,
 }
 
 impl PgConnection {
@@ -109,6 +116,7 @@ impl PgConnection {
             queue: VecDeque::new(),
             skipping_to_sync: false,
             dropped_requests: 0,
+            last_end: 0,
         }
     }
 
@@ -120,6 +128,21 @@ impl PgConnection {
     /// Feeds the pieces of one syscall's data written by `side`, observed
     /// at `ts`; completed operations are appended to `done`.
     pub fn feed(
+        &mut self,
+        side: Side,
+        segments: &[Segment<'_>],
+        ts: u64,
+        done: &mut Vec<Completed>,
+    ) {
+        let first_new = done.len();
+        self.feed_messages(side, segments, ts, done);
+        for d in &mut done[first_new..] {
+            d.queued_ns = self.last_end.clamp(d.start_ns, d.end_ns.max(d.start_ns)) - d.start_ns;
+            self.last_end = self.last_end.max(d.end_ns);
+        }
+    }
+
+    fn feed_messages(
         &mut self,
         side: Side,
         segments: &[Segment<'_>],
@@ -287,6 +310,7 @@ impl PgConnection {
                         sql: Arc::from("/* function call */"),
                         start_ns: start,
                         end_ns: ts,
+                        queued_ns: 0,
                         error: None,
                     });
                 }
@@ -300,6 +324,7 @@ impl PgConnection {
                         sql,
                         start_ns: start,
                         end_ns: ts,
+                        queued_ns: 0,
                         error: None,
                     });
                 }
@@ -329,6 +354,7 @@ impl PgConnection {
                                 sql,
                                 start_ns: start,
                                 end_ns: ts,
+                                queued_ns: 0,
                                 error: Some(state),
                             });
                         }
@@ -351,6 +377,7 @@ impl PgConnection {
                                 sql,
                                 start_ns: start,
                                 end_ns: ts,
+                                queued_ns: 0,
                                 error,
                             });
                         }

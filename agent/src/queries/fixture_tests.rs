@@ -247,3 +247,28 @@ fn hand_written_frontend_corner_cases() {
             .any(|c| c.database.as_deref() == c.user.as_deref())
     );
 }
+
+#[test]
+fn pipelined_statements_split_their_wait_from_their_service() {
+    // psql waits for each reply: nothing is ever queued.
+    let serial = replay("psql_simple.pgw", Cut::AsRecorded);
+    assert!(serial.done.iter().all(|d| d.queued_ns == 0));
+    // psycopg's pipeline sends the batch before the first reply: the later
+    // statements of it wait for the earlier ones, and what is left of each
+    // (its service) follows the previous completion, never overlapping it.
+    let piped = replay("pipeline.pgw", Cut::AsRecorded);
+    assert!(piped.done.iter().filter(|d| d.queued_ns > 0).count() >= 10);
+    let mut last_end = 0;
+    for d in &piped.done {
+        assert!(d.queued_ns <= d.end_ns - d.start_ns, "{d:?}");
+        let served_from = d.start_ns + d.queued_ns;
+        assert!(
+            served_from >= last_end.min(d.end_ns),
+            "{d:?} after {last_end}"
+        );
+        if d.queued_ns > 0 {
+            assert_eq!(served_from, last_end, "{d:?}");
+        }
+        last_end = last_end.max(d.end_ns);
+    }
+}

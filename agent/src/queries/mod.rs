@@ -60,6 +60,9 @@ struct Series {
     key: QueryKey,
     ok: Option<metrics::Histogram>,
     error: Option<metrics::Histogram>,
+    /// `pipelens_db_query_service_seconds`, by status like the above.
+    ok_service: Option<metrics::Histogram>,
+    error_service: Option<metrics::Histogram>,
     errors: HashMap<String, metrics::Counter>,
 }
 
@@ -154,6 +157,8 @@ impl QueriesAnalyser {
             key,
             ok: None,
             error: None,
+            ok_service: None,
+            error_service: None,
             errors: HashMap::new(),
         });
         i
@@ -161,6 +166,7 @@ impl QueriesAnalyser {
 
     fn record(&mut self, i: usize, c: Completed) {
         let secs = c.end_ns.saturating_sub(c.start_ns) as f64 / 1e9;
+        let service = c.end_ns.saturating_sub(c.start_ns + c.queued_ns) as f64 / 1e9;
         let series = &mut self.series[i];
         let key = &series.key;
         let labels = |status: &str| {
@@ -174,6 +180,17 @@ impl QueriesAnalyser {
                 metrics::Label::new("status", status.to_owned()),
             ]
         };
+        let status = if c.error.is_some() { "error" } else { "ok" };
+        let service_slot = if c.error.is_some() {
+            &mut series.error_service
+        } else {
+            &mut series.ok_service
+        };
+        service_slot
+            .get_or_insert_with(|| {
+                metrics::histogram!("pipelens_db_query_service_seconds", labels(status))
+            })
+            .record(service);
         match &c.error {
             None => series
                 .ok
