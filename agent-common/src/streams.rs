@@ -11,6 +11,20 @@ pub const MAX_CAPTURE: usize = 4096;
 pub const MAX_PIECES: usize = 16;
 /// `StreamHeader::flags`: this record ends the syscall's data.
 pub const PIECE_LAST: u32 = 1;
+/// `StreamHeader::flags` (on the last record): the iovecs of a vectored
+/// call were not all walked, so the tail is unknown; the call's length and
+/// the prefix captured are still exact. Counted in `STREAM_STAT_UNWALKED`.
+pub const PIECE_UNWALKED: u32 = 2;
+
+/// Steps of the iovec walk per program; the walk goes on in a tail call of
+/// the same program, at most [`IOV_WALK_CALLS`] times. A step ends an
+/// iovec, fills a record or reaches the capture limit, so a call needs at
+/// most `UIO_MAXIOV` (1,024) + [`MAX_PIECES`] + 2 steps.
+pub const IOV_STEPS: usize = 48;
+/// Programs in a walk's chain: the kernel allows 33 (32 tail calls on 5.10).
+pub const IOV_WALK_CALLS: usize = 33;
+/// The iovec count the kernel accepts in one call (`UIO_MAXIOV`).
+pub const UIO_MAXIOV: u64 = 1024;
 /// Bytes kept from the end of a syscall's data when it is longer than the
 /// prefix: replies usually end with the message that completes them
 /// (PostgreSQL's ReadyForQuery), which is what latency needs.
@@ -140,6 +154,35 @@ pub struct StreamTracepointOffsets {
     pub _pad: u32,
 }
 
+/// A vectored call being walked, iovec by iovec, across tail calls. The
+/// record under construction is the per-CPU `StreamRecord`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct IovWalk {
+    /// User address of the `struct iovec` array, and its length.
+    pub iov: u64,
+    pub iovcnt: u64,
+    /// The iovec being walked, and the bytes of it already walked.
+    pub idx: u64,
+    pub in_iov: u64,
+    /// Bytes of the call's data walked so far, and in all (its return value).
+    pub pos: u64,
+    pub total: u64,
+    /// Bytes to capture (the prefix): `min(total, --capture-bytes)`.
+    pub want: u64,
+    /// Bytes in the record under construction.
+    pub fill: u64,
+    /// Where the tail starts (`total - tail_len`), when there is one.
+    pub tail_from: u64,
+    pub tail_len: u64,
+    /// Wake userspace with the first record (a socket's first sight).
+    pub wake: u32,
+    /// A piece of the tail could not be read: the tail is not sent.
+    pub tail_fault: u32,
+}
+
 /// Indices of the per-CPU `STREAM_STATS` array.
 pub const STREAM_STAT_RING_LOST: u32 = 0;
+/// Bytes of vectored calls whose iovecs could not all be walked.
+pub const STREAM_STAT_UNWALKED: u32 = 1;
 pub const STREAM_STAT_COUNT: u32 = 2;

@@ -258,7 +258,8 @@ fn errors_by_sqlstate() {
 }
 
 /// 100 statements of 3 templates in one pipeline (pgbench's
-/// \startpipeline, one Sync for all): each template's count is exact.
+/// \startpipeline, one Sync for all): each template's count is exact, and
+/// the statements' service times leave out their wait in the queue.
 #[test]
 fn pipelined_batch_is_paired_in_order() {
     if !probes_available("pipelined_batch_is_paired_in_order") {
@@ -307,6 +308,24 @@ fn pipelined_batch_is_paired_in_order() {
         66.0
     );
     assert_eq!(m.sum("pipelens_db_query_errors_total", &[]), 0.0);
+    // Every statement also has its service time: the batch's statements
+    // follow one another on the server, so their services tile the batch
+    // (a sum near one batch's span each time), while their latencies each
+    // include the wait behind the earlier ones.
+    let pgbench = [("process", "pgbench")];
+    let total = |name: &str| m.sum(name, &pgbench);
+    assert_eq!(
+        total("pipelens_db_query_service_seconds_count"),
+        total("pipelens_db_query_duration_seconds_count")
+    );
+    let (service, latency) = (
+        total("pipelens_db_query_service_seconds_sum"),
+        total("pipelens_db_query_duration_seconds_sum"),
+    );
+    assert!(
+        service > 0.0 && service < latency / 2.0,
+        "service {service} s, latency {latency} s"
+    );
 }
 
 /// A connection opened before the agent starts (a pooled connection):
@@ -494,5 +513,92 @@ fn backend_killed_mid_pipeline() {
     );
     let (code, _) = pipelens_tests::http_get(agent.port, "/healthz").expect("healthz");
     assert_eq!(code, 200);
+    agent.stop();
+}
+
+const VECTORED: &str = env!("CARGO_BIN_EXE_pg-vectored");
+const VEC_INSERT: &str = "INSERT INTO vec_t (id, note) VALUES (?)";
+const VEC_SELECT: &str = "SELECT note FROM vec_t WHERE id = ?";
+
+/// Statements sent as many iovecs of one `writev`/`sendmsg`, the way
+/// corking drivers send them: one statement's messages per call (4 and 5
+/// iovecs), and 2, 5, 64 and 1,000 iovecs per call across statements, with
+/// empty iovecs, with every message header cut across two iovecs, over
+/// TCP and over a Unix socket, and with the replies read by `readv`/
+/// `recvmsg` into many 7-byte buffers. Counts per template exact on the
+/// client and on the server, no parse error: the peer's own count of what
+/// it sent and what was answered is the truth.
+#[test]
+fn vectored_statements_are_exact() {
+    if !probes_available("vectored_statements_are_exact") {
+        return;
+    }
+    let pg = TestPostgres::start();
+    let agent = Agent::start(&[
+        "--comm",
+        "pg-vectored",
+        "--comm",
+        "postgres",
+        "--collectors",
+        "queries",
+        "--capture-bytes",
+        "65536",
+    ]);
+    let tcp = format!("127.0.0.1:{}", pg.port);
+    let unix = pg
+        .socket_dir()
+        .join(format!(".s.PGSQL.{}", pg.port))
+        .display()
+        .to_string();
+    let runs: &[(&str, usize, &[&str])] = &[
+        (&tcp, 20, &[]),
+        (&tcp, 20, &["iovecs=2"]),
+        (&tcp, 20, &["iovecs=5", "empty"]),
+        (&tcp, 20, &["iovecs=64", "split-headers"]),
+        (&tcp, 120, &["iovecs=1000", "empty"]),
+        (&tcp, 20, &["iovecs=64", "read-iovecs=64"]),
+        (&unix, 20, &["sendmsg", "iovecs=64", "empty"]),
+        (&unix, 20, &["sendmsg", "split-headers", "read-iovecs=16"]),
+    ];
+    let mut expected = 0.0;
+    for (addr, rounds, opts) in runs {
+        let out = std::process::Command::new(VECTORED)
+            .arg(addr)
+            .arg(rounds.to_string())
+            .args(*opts)
+            .output()
+            .expect("pg-vectored");
+        assert!(
+            out.status.success(),
+            "{opts:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let sent: serde_json::Value = serde_json::from_slice(&out.stdout).expect("peer JSON");
+        if opts.contains(&"iovecs=1000") {
+            assert_eq!(sent["max_iovecs"], 1000, "{sent}");
+        }
+        expected += *rounds as f64;
+        let m = agent.wait_for(&format!("{expected} of each after {opts:?}"), WAIT, |m| {
+            [VEC_INSERT, VEC_SELECT].iter().all(|q| {
+                count(m, "pg-vectored", q) >= expected && count(m, "postgres", q) >= expected
+            })
+        });
+        for process in ["pg-vectored", "postgres"] {
+            for q in [VEC_INSERT, VEC_SELECT] {
+                assert_eq!(
+                    count(&m, process, q),
+                    expected,
+                    "{process} {q} after {opts:?}:\n{}",
+                    m.dump()
+                );
+            }
+        }
+        assert_eq!(
+            m.sum("pipelens_db_parse_errors_total", &[]),
+            0.0,
+            "after {opts:?}:\n{}",
+            m.dump()
+        );
+    }
     agent.stop();
 }

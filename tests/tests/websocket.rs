@@ -474,3 +474,158 @@ s.close()
     );
     agent.stop();
 }
+
+/// Peers whose every write is vectored, traced themselves (Python,
+/// `sendmsg`/`os.writev`): an HTTP/1.1 server writing status line, each
+/// header, the blank line and the body as separate iovecs (and a chunked
+/// body with one iovec per chunk part), and a WebSocket client writing
+/// each frame's header, mask and payload as separate iovecs. Requests and
+/// messages are counted as the peers count them, with no parse error.
+#[test]
+fn vectored_http_and_websocket_writes_are_exact() {
+    if !probes_available("vectored_http_and_websocket_writes_are_exact") {
+        return;
+    }
+    const PEERS: &str = r#"
+import os, socket, struct, sys
+mode = sys.argv[1]
+if mode == "server":
+    n = int(sys.argv[2])
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(64)
+    print(srv.getsockname()[1], flush=True)
+    sys.stdin.readline()
+    for i in range(n):
+        c, _ = srv.accept()
+        buf = b""
+        while b"\r\n\r\n" not in buf:
+            buf += c.recv(4096)
+        body = b"x" * (50 + i)
+        if i % 2:
+            parts = [b"HTTP/1.1 200 OK\r\n", b"Content-Type: text/plain\r\n",
+                     b"Content-Length: %d\r\n" % len(body), b"Connection: close\r\n", b"\r\n", body]
+        else:
+            parts = [b"HTTP/1.1 200 OK\r\n", b"Transfer-Encoding: chunked\r\n", b"Connection: close\r\n", b"\r\n"]
+            for piece in (body[:20], body[20:]):
+                parts += [b"%x\r\n" % len(piece), piece, b"\r\n"]
+            parts.append(b"0\r\n\r\n")
+        if i % 3:
+            c.sendmsg(parts)
+        else:
+            os.writev(c.fileno(), parts)
+        c.close()
+    print(n, flush=True)
+else:
+    port, n = int(sys.argv[2]), int(sys.argv[3])
+    sys.stdin.readline()
+    s = socket.create_connection(("127.0.0.1", port))
+    s.sendmsg([b"GET /ws HTTP/1.1\r\n", b"Host: x\r\n", b"Upgrade: websocket\r\n", b"Connection: Upgrade\r\n",
+               b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n", b"Sec-WebSocket-Version: 13\r\n", b"\r\n"])
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        buf += s.recv(4096)
+    assert b" 101 " in buf, buf
+    def frame(opcode, payload):
+        mask = os.urandom(4)
+        n = len(payload)
+        head = bytes([0x80 | opcode, 0x80 | n]) if n < 126 else bytes([0x80 | opcode, 0x80 | 126]) + struct.pack("!H", n)
+        return [head, mask, bytes(b ^ mask[i % 4] for i, b in enumerate(payload))]
+    sent = 0
+    for i in range(n):
+        pad = "y" * (300 if i % 4 == 0 else 10)
+        s.sendmsg(frame(1, b'{"kind":"click","payload":"%s"}' % pad.encode()))
+        sent += 1
+    s.sendmsg(frame(8, struct.pack("!H", 1000)))
+    while s.recv(4096):
+        pass
+    print(sent, flush=True)
+"#;
+    let spawn = |args: &[&str]| {
+        Command::new("/usr/bin/python3")
+            .args(["-c", PEERS])
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("python3")
+    };
+    let pg = TestPostgres::start();
+    let app = Pipeline::start(&pg);
+    const REQUESTS: usize = 24;
+    const MESSAGES: usize = 12;
+    let mut server = spawn(&["server", &REQUESTS.to_string()]);
+    let mut server_out = std::io::BufReader::new(server.stdout.take().expect("stdout"));
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut server_out, &mut line).expect("port");
+    let server_port: u16 = line.trim().parse().expect("port");
+    let mut client = spawn(&["client", &app.port.to_string(), &MESSAGES.to_string()]);
+    let (sp, cp) = (server.id().to_string(), client.id().to_string());
+    let agent = Agent::start(&[
+        "--pid",
+        &sp,
+        "--pid",
+        &cp,
+        "--comm",
+        "pipeline",
+        "--collectors",
+        "websocket",
+    ]);
+    for child in [&mut server, &mut client] {
+        std::io::Write::write_all(child.stdin.as_mut().expect("stdin"), b"go\n").expect("go");
+    }
+    for _ in 0..REQUESTS {
+        let (code, body) = http_get(server_port, "/").expect("GET the python server");
+        assert_eq!(code, 200);
+        assert!(body.contains("xxxxx"), "{body}");
+    }
+    let client_out = client.wait_with_output().expect("client");
+    assert!(client_out.status.success());
+    let sent: usize = String::from_utf8_lossy(&client_out.stdout)
+        .trim()
+        .parse()
+        .expect("client count");
+    assert_eq!(sent, MESSAGES);
+    assert!(server.wait().expect("server").success());
+    let requests = |m: &Metrics| {
+        m.sum(
+            "pipelens_http_server_request_duration_seconds_count",
+            &[
+                ("process", "python3"),
+                ("port", &server_port.to_string()),
+                ("status_code", "200"),
+            ],
+        )
+    };
+    let sent_by_client = |m: &Metrics| {
+        m.sum(
+            "pipelens_websocket_messages_total",
+            &[("process", "python3"), ("direction", "sent")],
+        )
+    };
+    let m = agent.wait_for("every request and message", WAIT, |m| {
+        requests(m) >= REQUESTS as f64
+            && sent_by_client(m) >= MESSAGES as f64
+            && ws(m, "pipelens_websocket_closes_total", app.port, &[]) >= 1.0
+    });
+    assert_eq!(requests(&m), REQUESTS as f64, "{}", m.dump());
+    assert_eq!(sent_by_client(&m), MESSAGES as f64, "{}", m.dump());
+    assert_eq!(
+        ws(
+            &m,
+            "pipelens_websocket_messages_total",
+            app.port,
+            &[("direction", "received")]
+        ),
+        MESSAGES as f64,
+        "{}",
+        m.dump()
+    );
+    assert_eq!(
+        m.sum("pipelens_http_parse_errors_total", &[]),
+        0.0,
+        "{}",
+        m.dump()
+    );
+    agent.stop();
+}

@@ -11,7 +11,7 @@ use aya_ebpf::{
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{bpf_ktime_get_ns, bpf_probe_read_user, generated},
     macros::{map, tracepoint},
-    maps::{LruHashMap, PerCpuArray, RingBuf},
+    maps::{LruHashMap, PerCpuArray, ProgramArray, RingBuf},
     programs::TracePointContext,
 };
 use pipelens_common::{
@@ -53,6 +53,13 @@ static CAPTURED_TCP: LruHashMap<u64, u64> = LruHashMap::with_max_entries(MAX_STR
 
 #[map]
 static SCRATCH: PerCpuArray<StreamRecord> = PerCpuArray::with_max_entries(1, 0);
+
+#[map]
+static IOV_WALK: PerCpuArray<IovWalk> = PerCpuArray::with_max_entries(1, 0);
+
+/// Slot 0: `walk_iovecs`, set by userspace after loading.
+#[map]
+static IOV_WALKER: ProgramArray = ProgramArray::with_max_entries(1, 0);
 
 #[map]
 static STREAM_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STREAM_STAT_COUNT, 0);
@@ -142,28 +149,203 @@ enter_probe!(
 /// that is being captured or is still undecided.
 #[tracepoint]
 pub fn exit_io(ctx: TracePointContext) -> u32 {
-    match try_exit(&ctx) {
-        Ok(()) | Err(_) => 0,
+    if let Ok(true) = try_exit(&ctx) {
+        // SAFETY: the slot holds `walk_iovecs`, a tracepoint program too;
+        // on success this does not return.
+        unsafe { IOV_WALKER.tail_call(&ctx, 0) };
+        finish_walk(true);
     }
+    0
 }
 
-fn try_exit(ctx: &TracePointContext) -> Result<(), i32> {
+/// The rest of a vectored call's walk, [`IOV_STEPS`] steps per program,
+/// chained by tail calls to itself.
+#[tracepoint]
+pub fn walk_iovecs(ctx: TracePointContext) -> u32 {
+    if walk_steps() {
+        finish_walk(false);
+    } else {
+        // SAFETY: as in `exit_io`.
+        unsafe { IOV_WALKER.tail_call(&ctx, 0) };
+        // The chain's limit: what is left goes unwalked, and is counted.
+        finish_walk(true);
+    }
+    0
+}
+
+/// Copies, record by record, the prefix of a vectored call's data and its
+/// tail; walks the rest by length. True when the call is walked to its end.
+#[inline(always)]
+fn walk_steps() -> bool {
+    let (Some(w), Some(rec)) = (IOV_WALK.get_ptr_mut(0), SCRATCH.get_ptr_mut(0)) else {
+        return true;
+    };
+    // SAFETY: per-CPU state and scratch, no other user on this CPU while we run.
+    let (w, rec) = unsafe { (&mut *w, &mut *rec) };
+    for _ in 0..IOV_STEPS {
+        if w.pos >= w.total || w.idx >= w.iovcnt {
+            return true;
+        }
+        let at = w.iov + 16 * w.idx;
+        let (Ok(base), Ok(len)) = (read_user::<u64>(at), read_user::<u64>(at + 8)) else {
+            // An unreadable iovec array: the rest cannot be walked.
+            return false;
+        };
+        let mut seg = len.saturating_sub(w.in_iov);
+        if seg > w.total - w.pos {
+            seg = w.total - w.pos;
+        }
+        if seg == 0 {
+            w.idx += 1;
+            w.in_iov = 0;
+            continue;
+        }
+        let src = base + w.in_iov;
+        if w.pos < w.want {
+            let room = MAX_CAPTURE as u64 - w.fill;
+            if seg > w.want - w.pos {
+                seg = w.want - w.pos;
+            }
+            if seg > room {
+                seg = room;
+            }
+            if copy_at(rec.data.as_mut_ptr(), w.fill, src, seg) != seg {
+                // A fault: the prefix ends here, the rest is walked by length.
+                w.want = w.pos;
+                continue;
+            }
+            w.fill += seg;
+        }
+        if w.tail_len > 0 && w.pos + seg > w.tail_from {
+            let from = if w.pos > w.tail_from {
+                w.pos
+            } else {
+                w.tail_from
+            };
+            if !copy_tail_piece(
+                &mut rec.header,
+                from - w.tail_from,
+                src + (from - w.pos),
+                w.pos + seg - from,
+            ) {
+                w.tail_fault = 1;
+            }
+        }
+        w.pos += seg;
+        w.in_iov += seg;
+        if w.in_iov >= len {
+            w.idx += 1;
+            w.in_iov = 0;
+        }
+        if w.fill >= MAX_CAPTURE as u64 && w.pos < w.want {
+            rec.header.offset = (w.pos - w.fill) as u32;
+            rec.header.captured = MAX_CAPTURE as u32;
+            rec.header.flags = 0;
+            submit(
+                rec,
+                (size_of::<StreamHeader>() + MAX_CAPTURE) as u64,
+                w.wake != 0,
+            );
+            w.wake = 0;
+            w.fill = 0;
+        }
+    }
+    w.pos >= w.total || w.idx >= w.iovcnt
+}
+
+/// Sends the last record of a vectored call, with its tail once the walk
+/// reached it; counts what went unwalked.
+#[inline(always)]
+fn finish_walk(unwalked: bool) {
+    let (Some(w), Some(rec)) = (IOV_WALK.get_ptr_mut(0), SCRATCH.get_ptr_mut(0)) else {
+        return;
+    };
+    // SAFETY: as in `walk_steps`.
+    let (w, rec) = unsafe { (&mut *w, &mut *rec) };
+    let prefix_end = if w.pos < w.want { w.pos } else { w.want };
+    let fill = if w.fill > MAX_CAPTURE as u64 {
+        MAX_CAPTURE as u64
+    } else {
+        w.fill
+    };
+    rec.header.offset = prefix_end.saturating_sub(fill) as u32;
+    rec.header.captured = fill as u32;
+    rec.header.flags = PIECE_LAST;
+    rec.header.tail_len = if w.pos >= w.total {
+        w.tail_len as u32
+    } else {
+        0
+    };
+    if unwalked && w.pos < w.total {
+        rec.header.flags |= PIECE_UNWALKED;
+        if let Some(p) = STREAM_STATS.get_ptr_mut(STREAM_STAT_UNWALKED) {
+            // SAFETY: per-CPU slot.
+            unsafe { *p += w.total - w.pos };
+        }
+    }
+    submit(rec, size_of::<StreamHeader>() as u64 + fill, w.wake != 0);
+}
+
+/// Copies `n` (≤ MAX_CAPTURE) user bytes to `data + at` (at < MAX_CAPTURE);
+/// returns the count copied, 0 on a fault.
+#[inline(always)]
+fn copy_at(data: *mut u8, at: u64, src: u64, n: u64) -> u64 {
+    let at = (pipelens_ebpf::opaque(at) as usize) & MASK;
+    let n = pipelens_ebpf::opaque(n);
+    if n == 0 || n > MAX_CAPTURE as u64 {
+        return 0;
+    }
+    // SAFETY: `data` has room for 2 × MAX_CAPTURE bytes, `at + n` is below
+    // that; the helper validates `src`.
+    let rc = unsafe {
+        generated::bpf_probe_read_user(
+            data.add(at).cast(),
+            n as u32,
+            src as *const core::ffi::c_void,
+        )
+    };
+    if rc == 0 { n } else { 0 }
+}
+
+/// Copies `n` user bytes to the header's tail at `at` (`at + n` ≤
+/// TAIL_CAPTURE by construction; the bounds the verifier sees stay inside
+/// the record).
+#[inline(always)]
+fn copy_tail_piece(h: &mut StreamHeader, at: u64, src: u64, n: u64) -> bool {
+    let at = (pipelens_ebpf::opaque(at) as usize) & (TAIL_CAPTURE - 1);
+    let n = pipelens_ebpf::opaque(n);
+    if n == 0 || n > TAIL_CAPTURE as u64 {
+        return false;
+    }
+    // SAFETY: `at + n` ≤ TAIL_CAPTURE; for the verifier, at most
+    // 2 × TAIL_CAPTURE past the tail's start, inside the scratch record.
+    let rc = unsafe {
+        generated::bpf_probe_read_user(
+            h.tail.as_mut_ptr().add(at).cast(),
+            n as u32,
+            src as *const core::ffi::c_void,
+        )
+    };
+    rc == 0
+}
+
+fn try_exit(ctx: &TracePointContext) -> Result<bool, i32> {
     let (tgid, tid) = current_ids();
     // SAFETY: copied out before removal.
     let Some(p) = ACTIVE_IO.get_ptr_mut(tid) else {
-        return Ok(());
+        return Ok(false);
     };
     // SAFETY: this thread's own entry; nothing else writes it.
     let io = unsafe { *p };
     if io.ts_enter == 0 {
-        return Ok(());
+        return Ok(false);
     }
     // SAFETY: as above.
     unsafe { (*p).ts_enter = 0 };
     let off = STREAM_TP_OFFSETS.load();
     let ret: i64 = tp(ctx, off.exit_ret)?;
     if ret <= 0 {
-        return Ok(());
+        return Ok(false);
     }
     let (sk, ino) = sock_and_inode_of_fd(io.fd as u64, true)?;
     // The state decides first: a socket seen before needs no more reads.
@@ -174,12 +356,12 @@ fn try_exit(ctx: &TracePointContext) -> Result<(), i32> {
             // SAFETY: live map value.
             let state = unsafe { &mut *state };
             if state.state == CAPTURE_OFF {
-                return Ok(());
+                return Ok(false);
             }
             if state.state == CAPTURE_UNDECIDED {
                 if state.undecided_seen >= UNDECIDED_BUDGET {
                     state.state = CAPTURE_OFF;
-                    return Ok(());
+                    return Ok(false);
                 }
                 state.undecided_seen += 1;
             }
@@ -209,7 +391,7 @@ fn try_exit(ctx: &TracePointContext) -> Result<(), i32> {
             };
             CAPTURE_STATE.insert(ino, fresh, 0)?;
             if !wanted {
-                return Ok(());
+                return Ok(false);
             }
             if t.family != AF_UNIX {
                 let _ = CAPTURED_TCP.insert(sk, ino, 0);
@@ -220,7 +402,7 @@ fn try_exit(ctx: &TracePointContext) -> Result<(), i32> {
     }
 
     let Some(rec) = SCRATCH.get_ptr_mut(0) else {
-        return Ok(());
+        return Ok(false);
     };
     // SAFETY: per-CPU scratch, no other user on this CPU while we run.
     let rec = unsafe { &mut *rec };
@@ -285,26 +467,53 @@ fn try_exit(ctx: &TracePointContext) -> Result<(), i32> {
             }
         }
         shape => {
-            let first = if want < MAX_CAPTURE as u64 {
-                want
-            } else {
-                (MAX_CAPTURE - 1) as u64
-            };
-            let captured = if shape == IO_IOV {
-                copy_iovecs(&mut rec.data, io.ptr, io.iovcnt as u64, first)
+            // Vectored: walked iovec by iovec in `walk_iovecs`.
+            let (iov, iovcnt) = if shape == IO_IOV {
+                (io.ptr, io.iovcnt as u64)
             } else {
                 // struct user_msghdr: msg_iov at 16, msg_iovlen at 24 (user ABI).
                 let iov: u64 = read_user(io.ptr + 16).unwrap_or(0);
                 let iovlen: u64 = read_user(io.ptr + 24).unwrap_or(0);
-                copy_iovecs(&mut rec.data, iov, iovlen, first)
+                (iov, iovlen)
             };
-            rec.header.captured = captured as u32;
-            rec.header.flags = PIECE_LAST;
-            let size = core::mem::size_of::<StreamHeader>() as u64 + (captured & MASK as u64);
-            submit(rec, size, first_sight);
+            let Some(w) = IOV_WALK.get_ptr_mut(0) else {
+                return Ok(false);
+            };
+            let total = ret as u64;
+            let tail_len = if want < total {
+                if total < TAIL_CAPTURE as u64 {
+                    total
+                } else {
+                    TAIL_CAPTURE as u64
+                }
+            } else {
+                0
+            };
+            // SAFETY: per-CPU walk state, no other user on this CPU while we run.
+            unsafe {
+                *w = IovWalk {
+                    iov,
+                    iovcnt: if iovcnt > UIO_MAXIOV {
+                        UIO_MAXIOV
+                    } else {
+                        iovcnt
+                    },
+                    idx: 0,
+                    in_iov: 0,
+                    pos: 0,
+                    total,
+                    want,
+                    fill: 0,
+                    tail_from: total - tail_len,
+                    tail_len,
+                    wake: first_sight as u32,
+                    tail_fault: 0,
+                }
+            };
+            return Ok(true);
         }
     }
-    Ok(())
+    Ok(false)
 }
 
 /// Copies exactly MAX_CAPTURE user bytes to `dst`; returns the count.
@@ -382,45 +591,17 @@ fn copy_user(dst: *mut u8, src: u64, n: u64) -> u64 {
     if rc == 0 { n as u64 } else { 0 }
 }
 
+/// The last bytes of a `len`-byte buffer into the header's tail.
 #[inline(always)]
 fn copy_tail(h: &mut StreamHeader, buf: u64, len: u64) {
-    let start = buf + len - TAIL_CAPTURE as u64;
-    // SAFETY: fixed-size copy into the header's tail array.
-    let rc = unsafe {
-        generated::bpf_probe_read_user(
-            h.tail.as_mut_ptr().cast(),
-            TAIL_CAPTURE as u32,
-            start as *const core::ffi::c_void,
-        )
+    let n = if len < TAIL_CAPTURE as u64 {
+        len
+    } else {
+        TAIL_CAPTURE as u64
     };
-    if rc == 0 {
-        h.tail_len = TAIL_CAPTURE as u32;
+    if copy_tail_piece(h, 0, buf + len - n, n) {
+        h.tail_len = n as u32;
     }
-}
-
-/// The first two iovecs, up to `want` bytes in all.
-#[inline(always)]
-fn copy_iovecs(data: &mut [u8; 2 * MAX_CAPTURE], iov: u64, iovcnt: u64, want: u64) -> u64 {
-    if iovcnt == 0 {
-        return 0;
-    }
-    let (Ok(base0), Ok(len0)) = (read_user::<u64>(iov), read_user::<u64>(iov + 8)) else {
-        return 0;
-    };
-    let first = if len0 < want { len0 } else { want };
-    let mut done = copy_user(data.as_mut_ptr(), base0, first);
-    if done < want && done == len0 && iovcnt > 1 {
-        let (Ok(base1), Ok(len1)) = (read_user::<u64>(iov + 16), read_user::<u64>(iov + 24)) else {
-            return done;
-        };
-        let rest = want - done;
-        let second = if len1 < rest { len1 } else { rest };
-        let at = (pipelens_ebpf::opaque(done) as usize) & MASK;
-        // SAFETY: `at` < MAX_CAPTURE and the copy is < MAX_CAPTURE, inside
-        // the 2 × MAX_CAPTURE data area.
-        done += copy_user(unsafe { data.as_mut_ptr().add(at) }, base1, second);
-    }
-    done
 }
 
 #[inline(always)]

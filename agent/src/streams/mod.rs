@@ -8,11 +8,12 @@ use std::{collections::HashMap, time::Duration};
 
 use aya::{
     Ebpf,
-    maps::{HashMap as BpfHashMap, MapData, RingBuf},
+    maps::{HashMap as BpfHashMap, MapData, ProgramArray, RingBuf},
+    programs::TracePoint,
 };
 use pipelens_common::streams::{
     CaptureState, MAX_CAPTURE, MAX_PIECES, PIECE_LAST, STREAM_CLOSED, STREAM_RECEIVED,
-    STREAM_STAT_RING_LOST, StreamHeader, StreamTracepointOffsets,
+    STREAM_STAT_RING_LOST, STREAM_STAT_UNWALKED, StreamHeader, StreamTracepointOffsets,
 };
 
 /// Syscalls whose data is being reassembled from several records, at most.
@@ -100,6 +101,32 @@ pub fn tracepoint_offsets(capture_bytes: usize) -> Result<StreamTracepointOffset
     })
 }
 
+/// Loads `walk_iovecs` (never attached: `exit_io` tail-calls it, and it
+/// itself, to walk every iovec of a vectored call) into its slot.
+pub fn install_iov_walker(ebpf: &mut Ebpf) -> Result<(), ProbeError> {
+    let prog: &mut TracePoint = ebpf
+        .program_mut("walk_iovecs")
+        .expect("program defined in the object")
+        .try_into()
+        .expect("program is a tracepoint");
+    prog.load().map_err(|source| ProbeError::Attach {
+        category: "streams",
+        name: "walk_iovecs",
+        source,
+    })?;
+    let fd = prog.fd().map_err(|source| ProbeError::Attach {
+        category: "streams",
+        name: "walk_iovecs",
+        source,
+    })?;
+    let fd = fd.try_clone()?;
+    let map = ebpf
+        .map_mut("IOV_WALKER")
+        .ok_or(ProbeError::MissingMap("IOV_WALKER"))?;
+    ProgramArray::try_from(map)?.set(0, &fd, 0)?;
+    Ok(())
+}
+
 /// Which way bytes went, seen from the traced process.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Flow {
@@ -170,6 +197,7 @@ impl StreamsCollector {
         let mut ebpf = loader.load("streams", objects::STREAMS, |l| {
             l.override_global("STREAM_TP_OFFSETS", &offsets, true);
         })?;
+        install_iov_walker(&mut ebpf)?;
         let hooks: Vec<_> = HOOKS.iter().map(|(p, c, n, _)| (*p, *c, *n)).collect();
         objects::attach_tracepoints(&mut ebpf, &hooks)?;
         Ok(Self {
@@ -183,7 +211,7 @@ impl StreamsCollector {
         let mut ring = objects::take_ring(&mut self.ebpf, "STREAM_EVENTS")?;
         let mut drain_tick = tokio::time::interval(Duration::from_millis(50));
         let mut tick = tokio::time::interval(Duration::from_secs(1));
-        let mut lost_seen = 0u64;
+        let mut lost_seen = [0u64; 2];
         loop {
             tokio::select! {
                 guard = ring.readable_mut() => {
@@ -298,12 +326,20 @@ impl StreamsCollector {
         }
     }
 
-    fn count_lost(&mut self, lost_seen: &mut u64) -> Result<(), ProbeError> {
+    /// Exports the kernel's loss counters: records the ring had no room
+    /// for, bytes of vectored calls left unwalked.
+    fn count_lost(&mut self, seen: &mut [u64; 2]) -> Result<(), ProbeError> {
         let lost = objects::per_cpu_total(&self.ebpf, "STREAM_STATS", STREAM_STAT_RING_LOST)?;
-        if lost > *lost_seen {
+        if lost > seen[0] {
             metrics::counter!("pipelens_events_lost_total", "collector" => "streams")
-                .increment(lost - *lost_seen);
-            *lost_seen = lost;
+                .increment(lost - seen[0]);
+            seen[0] = lost;
+        }
+        let unwalked = objects::per_cpu_total(&self.ebpf, "STREAM_STATS", STREAM_STAT_UNWALKED)?;
+        if unwalked > seen[1] {
+            metrics::counter!("pipelens_streams_unwalked_bytes_total")
+                .increment(unwalked - seen[1]);
+            seen[1] = unwalked;
         }
         Ok(())
     }

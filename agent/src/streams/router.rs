@@ -412,7 +412,11 @@ mod tests {
         let (analyser, summary) = QueriesAnalyser::new();
         let mut router = Router::new(vec![Box::new(analyser)]);
         let records = fixture_tests::load("psql_simple.pgw");
-        for (n, c) in records.iter().filter(|c| c.conn == records[0].conn).enumerate() {
+        for (n, c) in records
+            .iter()
+            .filter(|c| c.conn == records[0].conn)
+            .enumerate()
+        {
             let flow = match c.side {
                 Side::Frontend => Flow::Sent,
                 Side::Backend => Flow::Received,
@@ -446,7 +450,11 @@ mod tests {
         let whole = psql_statements(0, &[]);
         assert_eq!(whole.0, 10, "the capture's ten statements");
         for cuts in every_split(8) {
-            assert_eq!(psql_statements(0, &cuts), whole, "SSLRequest cut at {cuts:?}");
+            assert_eq!(
+                psql_statements(0, &cuts),
+                whole,
+                "SSLRequest cut at {cuts:?}"
+            );
         }
         for cuts in every_split(startup) {
             assert_eq!(psql_statements(2, &cuts), whole, "startup cut at {cuts:?}");

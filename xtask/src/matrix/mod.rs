@@ -33,7 +33,11 @@ const GUEST_TESTS: &[(&str, &[&str])] = &[
     ),
     (
         "queries",
-        &["pgbench_counts_are_exact", "errors_by_sqlstate"],
+        &[
+            "pgbench_counts_are_exact",
+            "errors_by_sqlstate",
+            "vectored_statements_are_exact",
+        ],
     ),
     ("websocket", &["demo_pipeline_sessions_are_exact"]),
     (
@@ -50,6 +54,7 @@ const GUEST_TESTS: &[(&str, &[&str])] = &[
 const RELEASE_BINS: &[&str] = &[
     "pipelens",
     "tcp-peer",
+    "pg-vectored",
     "pipeline",
     "loadgen",
     "alloc-fixture",
