@@ -602,3 +602,72 @@ fn vectored_statements_are_exact() {
     }
     agent.stop();
 }
+
+/// node-postgres, the driver the bug of #10 was found with, as the traced
+/// client: it corks its socket, so each parameterised INSERT and each
+/// execution of its named prepared statement leaves as one `writev` of one
+/// iovec per message. Counted exactly on the client and on the server.
+#[test]
+fn node_postgres_corked_statements_are_exact() {
+    if !probes_available("node_postgres_corked_statements_are_exact") {
+        return;
+    }
+    let peer = pipelens_tests::workspace_root().join("tests/peers/node");
+    assert!(
+        peer.join("node_modules/pg").is_dir(),
+        "node-postgres is not installed in {}: run `cargo xtask setup`",
+        peer.display()
+    );
+    let pg = TestPostgres::start();
+    let agent = Agent::start(&[
+        "--comm",
+        "node",
+        "--comm",
+        "postgres",
+        "--collectors",
+        "queries",
+    ]);
+    let (inserts, executions) = (159, 15);
+    let out = std::process::Command::new("node")
+        .arg(peer.join("corked.js"))
+        .args(["127.0.0.1", &pg.port.to_string()])
+        .args([inserts.to_string(), executions.to_string()])
+        .output()
+        .expect("node (cargo xtask setup installs it)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ran: serde_json::Value = serde_json::from_slice(&out.stdout).expect("peer JSON");
+    assert_eq!(ran["rows"], executions, "{ran}");
+    let insert = "INSERT INTO corked (id, note) VALUES (?)";
+    let select = "SELECT note FROM corked WHERE id = ?";
+    let m = agent.wait_for("every corked statement", WAIT, |m| {
+        ["node", "postgres"].iter().all(|p| {
+            count(m, p, insert) >= f64::from(inserts)
+                && count(m, p, select) >= f64::from(executions)
+        })
+    });
+    for process in ["node", "postgres"] {
+        assert_eq!(
+            count(&m, process, insert),
+            f64::from(inserts),
+            "{}",
+            m.dump()
+        );
+        assert_eq!(
+            count(&m, process, select),
+            f64::from(executions),
+            "{}",
+            m.dump()
+        );
+    }
+    assert_eq!(
+        m.sum("pipelens_db_parse_errors_total", &[]),
+        0.0,
+        "{}",
+        m.dump()
+    );
+    agent.stop();
+}

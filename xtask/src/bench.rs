@@ -4,7 +4,9 @@
 
 use std::{
     io::{BufRead, BufReader},
+    path::PathBuf,
     process::{Child, Command, Stdio},
+    sync::OnceLock,
     time::Duration,
 };
 
@@ -38,9 +40,43 @@ struct Round {
 /// A configuration: its name and the agent's flags (None: no agent).
 type Config = (&'static str, Option<Vec<&'static str>>);
 
-pub fn run(workload: Workload, rounds: usize, seconds: f64) -> anyhow::Result<()> {
+/// `--baseline`: the other binary, and the first flag that selects it.
+static BASELINE: OnceLock<PathBuf> = OnceLock::new();
+const BASELINE_FLAG: &str = "@baseline";
+
+/// With `--baseline`, a twin of every traced configuration, run with the
+/// baseline binary.
+fn with_baseline(mut configs: Vec<Config>) -> Vec<Config> {
+    if BASELINE.get().is_none() {
+        return configs;
+    }
+    let twins: Vec<Config> = configs
+        .iter()
+        .filter_map(|(name, flags)| {
+            let mut flags = flags.clone()?;
+            flags.insert(0, BASELINE_FLAG);
+            let name: &'static str = Box::leak(format!("{name} (baseline)").into_boxed_str());
+            Some((name, Some(flags)))
+        })
+        .collect();
+    configs.extend(twins);
+    configs
+}
+
+pub fn run(
+    workload: Workload,
+    rounds: usize,
+    seconds: f64,
+    baseline: Option<PathBuf>,
+) -> anyhow::Result<()> {
     if !crate::is_root() {
         bail!("the benchmark loads kernel programs: run it as root");
+    }
+    if let Some(path) = baseline {
+        if !path.is_file() {
+            bail!("--baseline {}: no such file", path.display());
+        }
+        BASELINE.set(path).expect("set once");
     }
     let secs = seconds.ceil().max(1.0) as u64;
     let mut report = String::new();
@@ -63,6 +99,7 @@ pub fn run(workload: Workload, rounds: usize, seconds: f64) -> anyhow::Result<()
             ),
             ("pipelens, all collectors", Some(vec!["--comm", "tcp-peer"])),
         ];
+        let configs = with_baseline(configs);
         let results = interleave(&configs, rounds, |flags| churn_round(secs, flags))?;
         report.push_str(&table(
             "Loopback connection churn",
@@ -101,6 +138,7 @@ pub fn run(workload: Workload, rounds: usize, seconds: f64) -> anyhow::Result<()
                 ]),
             ),
         ];
+        let configs = with_baseline(configs);
         let results = interleave(&configs, rounds, |flags| pgbench_round(&pg, secs, flags))?;
         report.push_str(&table(
             "PostgreSQL pgbench -S (prepared, 4 clients, TCP)",
@@ -143,6 +181,7 @@ pub fn run(workload: Workload, rounds: usize, seconds: f64) -> anyhow::Result<()
                 Some(vec!["--comm", "pipeline"]),
             ),
         ];
+        let configs = with_baseline(configs);
         let results = interleave(&configs, rounds, |flags| ws_round(app_port, flags));
         // SAFETY: signalling our own child.
         unsafe { libc::kill(pipeline.id() as i32, libc::SIGTERM) };
@@ -328,7 +367,11 @@ fn with_agent(
 
 fn start_agent(flags: &[&str]) -> anyhow::Result<Child> {
     let port = free_port()?;
-    let child = Command::new(root().join("target/release/pipelens"))
+    let (binary, flags) = match flags.split_first() {
+        Some((&BASELINE_FLAG, rest)) => (BASELINE.get().expect("--baseline").clone(), rest),
+        _ => (root().join("target/release/pipelens"), flags),
+    };
+    let child = Command::new(binary)
         .args(["run", "--listen", &format!("127.0.0.1:{port}")])
         .args(flags)
         .env("RUST_LOG", "warn")

@@ -80,6 +80,11 @@ enum Task {
         /// Seconds per round.
         #[arg(long, default_value_t = 3.0)]
         seconds: f64,
+        /// Another pipelens binary (an earlier build) to run beside this
+        /// one: every traced configuration gets a twin row run with it, in
+        /// the same interleaved rounds (connections, queries, websocket).
+        #[arg(long, value_name = "PATH")]
+        baseline: Option<PathBuf>,
     },
 }
 
@@ -138,10 +143,11 @@ fn main() -> anyhow::Result<()> {
             workload,
             rounds,
             seconds,
+            baseline,
         } => {
             setup::run()?;
             build_release()?;
-            bench::run(workload, rounds, seconds)
+            bench::run(workload, rounds, seconds, baseline)
         }
     }
 }

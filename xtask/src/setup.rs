@@ -13,6 +13,7 @@ use crate::{is_root, run_cmd};
 /// stripped copy with strip); qemu, busybox and cpio for the kernel
 /// matrix's guests; Go for `go tool pprof`, which reads our pprof
 /// output in a test; bpftrace, the baseline of the memory benchmark.
+/// Node.js and npm (see [`PROGRAMS`]) for the node-postgres test peer.
 const PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -39,6 +40,7 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 pub fn run() -> anyhow::Result<()> {
     rust_src()?;
     debian_packages()?;
+    node_peers()?;
     bpf_linker()?;
     tracefs();
     crate::matrix::kernels::ensure_cached();
@@ -79,8 +81,41 @@ fn privileged(program: &str) -> Command {
     }
 }
 
+/// Packages wanted only when their program is missing: a machine may have
+/// Node.js from elsewhere (NodeSource's `nodejs` bundles npm, and Debian's
+/// `npm` would not install beside it).
+const PROGRAMS: &[(&str, &str)] = &[("node", "nodejs"), ("npm", "npm")];
+
+fn on_path(program: &str) -> bool {
+    Command::new(program)
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// node-postgres for the probe tests' Node.js peer, at the versions of
+/// `tests/peers/node/package-lock.json`.
+fn node_peers() -> anyhow::Result<()> {
+    let dir = crate::root().join("tests/peers/node");
+    if dir.join("node_modules/pg/package.json").is_file() {
+        return Ok(());
+    }
+    run_cmd(
+        Command::new("npm")
+            .args(["ci", "--no-audit", "--no-fund", "--prefix"])
+            .arg(&dir),
+    )
+    .context("installing the Node.js test peers' packages (npm ci)")
+}
+
 fn debian_packages() -> anyhow::Result<()> {
-    let missing: Vec<&str> = PACKAGES.iter().copied().filter(|p| !installed(p)).collect();
+    let mut missing: Vec<&str> = PACKAGES.iter().copied().filter(|p| !installed(p)).collect();
+    missing.extend(
+        PROGRAMS
+            .iter()
+            .filter(|(program, _)| !on_path(program))
+            .map(|(_, package)| *package),
+    );
     if missing.is_empty() {
         return Ok(());
     }
