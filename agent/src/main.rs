@@ -6,6 +6,7 @@ mod check;
 mod cli;
 mod collector;
 mod connections;
+mod distribution;
 mod memory;
 mod objects;
 mod privileges;

@@ -176,9 +176,22 @@ fn latency_matches_pgbench_log() {
     });
     assert_eq!(count(&m, "pgbench", SELECT_TEMPLATE), n as f64);
     let summary = agent.stop();
+    let truth = logged_latencies(&pg, "txlog");
+    assert_eq!(truth.len() as u64, n, "pgbench logged every transaction");
+    assert_quantiles_match(
+        &summary,
+        SELECT_TEMPLATE,
+        &truth,
+        &[(0.5, "p50"), (0.99, "p99")],
+    );
+}
+
+/// Per-transaction latencies pgbench logged (`--log --log-prefix PREFIX`),
+/// in seconds, sorted.
+fn logged_latencies(pg: &TestPostgres, prefix: &str) -> Vec<f64> {
     let mut truth = Vec::new();
     for entry in std::fs::read_dir(pg.path()).expect("dir").flatten() {
-        if entry.file_name().to_string_lossy().starts_with("txlog") {
+        if entry.file_name().to_string_lossy().starts_with(prefix) {
             let text = std::fs::read_to_string(entry.path()).expect("log");
             // client_id transaction_no time script_no time_epoch time_us
             truth.extend(text.lines().filter_map(|l| {
@@ -190,16 +203,28 @@ fn latency_matches_pgbench_log() {
             }));
         }
     }
-    assert_eq!(truth.len() as u64, n, "pgbench logged every transaction");
     truth.sort_by(f64::total_cmp);
+    truth
+}
+
+/// The summary's quantiles of `template` against the client's own (sorted)
+/// latencies: within 10 % or 100 µs (the agent times the syscalls, pgbench
+/// its own calls around them).
+fn assert_quantiles_match(
+    summary: &serde_json::Value,
+    template: &str,
+    truth: &[f64],
+    quantiles: &[(f64, &str)],
+) {
     let row = summary["queries"]["templates"]
         .as_array()
         .expect("templates")
         .iter()
-        .find(|t| t["labels"]["query"] == SELECT_TEMPLATE)
+        .find(|t| t["labels"]["query"] == template)
         .expect("template");
-    for (q, name) in [(0.5, "p50"), (0.99, "p99")] {
-        let want = percentile(&truth, q);
+    assert_eq!(row["count"], truth.len(), "{row}");
+    for &(q, name) in quantiles {
+        let want = percentile(truth, q);
         let got = row["duration_seconds"][name].as_f64().expect("quantile");
         let diff = (got - want).abs();
         assert!(
@@ -207,6 +232,62 @@ fn latency_matches_pgbench_log() {
             "{name}: agent {got:.6}s vs pgbench {want:.6}s"
         );
     }
+}
+
+/// 150,000 statements whose latency changes after the first 100,000 (a
+/// `pg_sleep(0)`, then a `pg_sleep(0.0005)`, one template): the summary's
+/// p50, p95 and p99 are the whole run's as pgbench logged it — p95 and
+/// p99 fall in the slow part. (A summary that kept only its first samples
+/// reported the fast part's.)
+#[test]
+fn summary_quantiles_cover_the_whole_run() {
+    if !probes_available("summary_quantiles_cover_the_whole_run") {
+        return;
+    }
+    let pg = TestPostgres::start();
+    let script = pg.path().join("sleep.sql");
+    std::fs::write(&script, "SELECT pg_sleep(:d);\n").expect("script");
+    let script = script.display().to_string();
+    let agent = Agent::start(&["--comm", "pgbench", "--collectors", "queries"]);
+    for (prefix, per_client, delay) in [("fast", "25000", "d=0"), ("slow", "12500", "d=0.0005")] {
+        pg.pgbench(
+            false,
+            &[
+                "-n",
+                "-M",
+                "prepared",
+                "-c",
+                "4",
+                "-j",
+                "2",
+                "-t",
+                per_client,
+                "-f",
+                &script,
+                "-D",
+                delay,
+                "--log",
+                "--log-prefix",
+                prefix,
+            ],
+        );
+    }
+    let template = "SELECT pg_sleep(?)";
+    let m = agent.wait_for("150,000 statements", WAIT, |m| {
+        count(m, "pgbench", template) >= 150_000.0
+    });
+    assert_eq!(count(&m, "pgbench", template), 150_000.0);
+    let summary = agent.stop();
+    let mut truth = logged_latencies(&pg, "fast");
+    truth.extend(logged_latencies(&pg, "slow"));
+    truth.sort_by(f64::total_cmp);
+    assert_eq!(truth.len(), 150_000, "pgbench logged every transaction");
+    assert_quantiles_match(
+        &summary,
+        template,
+        &truth,
+        &[(0.5, "p50"), (0.95, "p95"), (0.99, "p99")],
+    );
 }
 
 /// A syntax error, a unique violation and a division by zero give exactly

@@ -22,8 +22,8 @@ use pipelens_common::connections::{
     ConnEvent, ConnTracepointOffsets, STAT_RING_LOST, SeedKey, SeedValue, SockState,
 };
 use tokio_util::sync::CancellationToken;
+pub use tracker::ConnectionTracker;
 use tracker::SockSnapshot;
-pub use tracker::{ConnectionTracker, Quantiles, quantiles};
 
 use crate::{
     objects::{self, Loader, ProbeError},

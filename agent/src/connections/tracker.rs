@@ -7,6 +7,7 @@ use pipelens_common::connections::*;
 use serde::Serialize;
 
 use crate::{
+    distribution::{Distribution, Quantiles},
     process::ProcessNames,
     telemetry::{LabelCap, OTHER},
 };
@@ -18,8 +19,6 @@ const PORT_CAP: usize = 200;
 /// Polls a tracked socket may be missing from the kernel map, without its
 /// close having arrived, before it is taken as evicted.
 const EVICTION_POLLS: u8 = 3;
-/// Duration samples kept per summary row for its percentiles.
-const DURATION_SAMPLES: usize = 100_000;
 
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 pub struct Labels {
@@ -55,17 +54,8 @@ pub struct ConnSummary {
     pub connect_failures: BTreeMap<String, u64>,
     pub evicted: u64,
     #[serde(skip)]
-    durations: Vec<f64>,
+    durations: Distribution,
     pub duration_seconds: Option<Quantiles>,
-}
-
-#[derive(Clone, Debug, Serialize, PartialEq)]
-pub struct Quantiles {
-    pub count: usize,
-    pub p50: f64,
-    pub p95: f64,
-    pub p99: f64,
-    pub max: f64,
 }
 
 /// A snapshot of one `SOCKS` map entry.
@@ -374,8 +364,8 @@ impl ConnectionTracker {
             "reset_received" => row.resets_received += 1,
             _ => {}
         }
-        if !seeded && row.durations.len() < DURATION_SAMPLES {
-            row.durations.push(secs);
+        if !seeded {
+            row.durations.add(secs);
         }
     }
 
@@ -464,7 +454,7 @@ impl ConnectionTracker {
             .map(|s| {
                 let labels = &s.labels;
                 let mut row = s.row.clone();
-                row.duration_seconds = quantiles(&row.durations);
+                row.duration_seconds = row.durations.quantiles();
                 serde_json::json!({ "labels": labels, "stats": row })
             })
             .collect();
@@ -512,25 +502,10 @@ pub fn errno_name(errno: u32) -> String {
     format!("{e:?}")
 }
 
-pub fn quantiles(samples: &[f64]) -> Option<Quantiles> {
-    if samples.is_empty() {
-        return None;
-    }
-    let mut v = samples.to_vec();
-    v.sort_by(f64::total_cmp);
-    let at = |q: f64| v[((v.len() as f64 - 1.0) * q).round() as usize];
-    Some(Quantiles {
-        count: v.len(),
-        p50: at(0.5),
-        p95: at(0.95),
-        p99: at(0.99),
-        max: v[v.len() - 1],
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::distribution::RELATIVE_ERROR;
 
     fn event(kind: u32, sk: u64, direction: u16, ts: u64, dur: u64) -> ConnEvent {
         let mut comm = [0u8; 16];
@@ -594,7 +569,8 @@ mod tests {
         assert_eq!((row.opened, row.closed, row.active), (1, 1, 0));
         assert_eq!((row.bytes_sent, row.bytes_received), (400, 25));
         assert_eq!(row.closes.get("fin"), Some(&1));
-        assert_eq!(quantiles(&row.durations).unwrap().p50, 0.002);
+        let p50 = row.durations.quantiles().unwrap().p50;
+        assert!((p50 - 0.002).abs() <= 0.002 * RELATIVE_ERROR, "{p50}");
     }
 
     #[test]
@@ -657,7 +633,11 @@ mod tests {
             (row.opened, row.closed, row.active, row.seeded),
             (0, 1, 0, 1)
         );
-        assert!(row.durations.is_empty(), "a seeded lifetime is unknown");
+        assert_eq!(
+            row.durations.quantiles(),
+            None,
+            "a seeded lifetime is unknown"
+        );
     }
 
     #[test]

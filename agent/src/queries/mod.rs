@@ -23,6 +23,7 @@ use serde::Serialize;
 use wire::{Segment, Side};
 
 use crate::{
+    distribution::{Distribution, Quantiles},
     process::comm_from_bytes,
     streams::{Analyser, Chunk, Claim, Flow},
     telemetry::{LabelCap, OTHER},
@@ -35,7 +36,6 @@ const PROCESS_CAP: usize = 200;
 /// Raw statements whose template is remembered (tokenising is the costly
 /// part; the same statement text repeats).
 const TEMPLATE_CACHE: usize = 8192;
-const SAMPLES_PER_TEMPLATE: usize = 100_000;
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 pub struct QueryKey {
@@ -51,8 +51,8 @@ pub struct TemplateStats {
     pub count: u64,
     pub errors: BTreeMap<String, u64>,
     #[serde(skip)]
-    samples: Vec<f64>,
-    pub duration_seconds: Option<crate::connections::Quantiles>,
+    durations: Distribution,
+    pub duration_seconds: Option<Quantiles>,
 }
 
 /// Metric handles of one query label set, registered on first use.
@@ -223,9 +223,7 @@ impl QueriesAnalyser {
         if let Some(state) = c.error {
             *s.errors.entry(state).or_default() += 1;
         }
-        if s.samples.len() < SAMPLES_PER_TEMPLATE {
-            s.samples.push(secs);
-        }
+        s.durations.add(secs);
     }
 }
 
@@ -241,7 +239,7 @@ pub fn summary(stats: &QueriesSummary) -> serde_json::Value {
                 "labels": key,
                 "count": s.count,
                 "errors": s.errors,
-                "duration_seconds": crate::connections::quantiles(&s.samples),
+                "duration_seconds": s.durations.quantiles(),
             })
         })
         .collect();
