@@ -4,6 +4,9 @@
 use std::collections::HashSet;
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use serde::Serialize;
+
+use crate::process::ProcessNames;
 
 /// Buckets for connection lifetimes: from sub-millisecond churn to
 /// hour-long WebSocket sessions.
@@ -192,6 +195,53 @@ fn describe() {
         "pipelens_map_evictions_total",
         "Entries a kernel map lost to LRU eviction before they completed"
     );
+}
+
+/// Distinct `process` values a collector reports; the rest are [`OTHER`].
+pub const PROCESS_CAP: usize = 200;
+
+/// The identity every series of every collector carries: `process` (the
+/// kernel's comm, capped at [`PROCESS_CAP`]) and `container` (the short
+/// container id from the process's cgroup, empty outside a container).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct Identity {
+    pub process: String,
+    pub container: String,
+}
+
+impl Identity {
+    /// The identity's labels, first in every label set.
+    pub fn labels(&self) -> Vec<metrics::Label> {
+        vec![
+            metrics::Label::new("process", self.process.clone()),
+            metrics::Label::new("container", self.container.clone()),
+        ]
+    }
+}
+
+/// Resolves a process to its [`Identity`], with one cache and one cap.
+pub struct Identities {
+    names: ProcessNames,
+    process_cap: LabelCap,
+}
+
+impl Default for Identities {
+    fn default() -> Self {
+        Self {
+            names: ProcessNames::default(),
+            process_cap: LabelCap::new(PROCESS_CAP),
+        }
+    }
+}
+
+impl Identities {
+    pub fn of(&mut self, tgid: u32, kernel_comm: &[u8]) -> Identity {
+        let (process, container) = self.names.labels(tgid, kernel_comm);
+        Identity {
+            process: self.process_cap.admit(&process),
+            container,
+        }
+    }
 }
 
 /// Caps the number of distinct values one label may take; values past the

@@ -242,6 +242,26 @@ impl Metrics {
             .sum()
     }
 
+    /// Asserts that every series of each metric family (by name prefix)
+    /// carries the identity labels, `process` and `container` (empty
+    /// outside a container), and that each family has series at all.
+    pub fn assert_identity_labels(&self, families: &[&str]) {
+        for family in families {
+            let series: Vec<_> = self
+                .samples
+                .iter()
+                .filter(|(n, _, _)| n.starts_with(family))
+                .collect();
+            assert!(!series.is_empty(), "no {family}* series:\n{}", self.dump());
+            for (name, labels, _) in series {
+                assert!(
+                    labels.contains_key("process") && labels.contains_key("container"),
+                    "{name}{labels:?} lacks process or container"
+                );
+            }
+        }
+    }
+
     pub fn dump(&self) -> String {
         self.samples
             .iter()

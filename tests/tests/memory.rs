@@ -538,6 +538,7 @@ fn run_exports_top_sites_as_metrics() {
         &[process[0], ("site", &site("alloc_block"))],
     );
     pipelens_tests::promtool_accepts(&agent.metrics_text());
+    m.assert_identity_labels(&["pipelens_memory_"]);
     assert!(
         in_use > 2.0 * MIB && in_use < 30.0 * MIB,
         "in use at alloc_block: {:.1} MiB, about 10 expected",

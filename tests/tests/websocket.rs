@@ -629,3 +629,47 @@ else:
     );
     agent.stop();
 }
+
+/// The demo pipeline and its database traced by every collector at once:
+/// every series of connections, queries, WebSocket and HTTP carries the
+/// same identity labels, `process` and `container` (the memory collector's
+/// are checked in the memory tests).
+#[test]
+fn every_series_carries_process_and_container() {
+    if !probes_available("every_series_carries_process_and_container") {
+        return;
+    }
+    let pg = TestPostgres::start();
+    let agent = Agent::start(&["--comm", "pipeline", "--comm", "postgres"]);
+    let app = Pipeline::start(&pg);
+    loadgen(
+        app.port,
+        &[
+            "--sessions",
+            "4",
+            "--messages",
+            "5",
+            "--rate",
+            "0",
+            "--http-requests",
+            "5",
+        ],
+    );
+    let m = agent.wait_for("series of every collector", WAIT, |m| {
+        [
+            "pipelens_tcp_",
+            "pipelens_db_",
+            "pipelens_websocket_",
+            "pipelens_http_",
+        ]
+        .iter()
+        .all(|f| m.samples.iter().any(|(n, _, _)| n.starts_with(f)))
+    });
+    m.assert_identity_labels(&[
+        "pipelens_tcp_",
+        "pipelens_db_",
+        "pipelens_websocket_",
+        "pipelens_http_",
+    ]);
+    agent.stop();
+}

@@ -8,12 +8,10 @@ use serde::Serialize;
 
 use crate::{
     distribution::{Distribution, Quantiles},
-    process::ProcessNames,
-    telemetry::{LabelCap, OTHER},
+    telemetry::{Identities, Identity, LabelCap, OTHER},
 };
 
 /// Distinct `process` values per metric family.
-const PROCESS_CAP: usize = 200;
 /// Distinct `port` values per metric family.
 const PORT_CAP: usize = 200;
 /// Polls a tracked socket may be missing from the kernel map, without its
@@ -116,8 +114,7 @@ pub struct ConnectionTracker {
     label_cache: HashMap<LabelKey, Sid>,
     streams: Vec<Stream>,
     by_labels: HashMap<Labels, Sid>,
-    names: ProcessNames,
-    process_cap: LabelCap,
+    ids: Identities,
     port_cap: LabelCap,
     live: HashMap<(u64, u64), LiveConn>,
     seeds: HashMap<SeedKey, (Sid, u32)>,
@@ -136,8 +133,7 @@ impl ConnectionTracker {
             label_cache: HashMap::new(),
             streams: Vec::new(),
             by_labels: HashMap::new(),
-            names: ProcessNames::default(),
-            process_cap: LabelCap::new(PROCESS_CAP),
+            ids: Identities::default(),
             port_cap: LabelCap::new(PORT_CAP),
             live: HashMap::new(),
             seeds: HashMap::new(),
@@ -189,13 +185,13 @@ impl ConnectionTracker {
         lport: u16,
         rport: u16,
     ) -> Labels {
-        let (process, container) = self.names.labels(tgid, comm);
+        let Identity { process, container } = self.ids.of(tgid, comm);
         let (direction, port) = match direction {
             DIR_INBOUND => ("inbound", lport),
             _ => ("outbound", rport),
         };
         Labels {
-            process: self.process_cap.admit(&process),
+            process,
             container,
             direction,
             port: self.port_cap.admit(&port.to_string()),

@@ -24,15 +24,13 @@ use wire::{Segment, Side};
 
 use crate::{
     distribution::{Distribution, Quantiles},
-    process::comm_from_bytes,
     streams::{Analyser, Chunk, Claim, Flow},
-    telemetry::{LabelCap, OTHER},
+    telemetry::{Identities, Identity, LabelCap, OTHER},
 };
 
 /// Distinct query templates per process (the brief's default).
 pub const TEMPLATE_CAP: usize = 500;
 const DB_CAP: usize = 50;
-const PROCESS_CAP: usize = 200;
 /// Raw statements whose template is remembered (tokenising is the costly
 /// part; the same statement text repeats).
 const TEMPLATE_CACHE: usize = 8192;
@@ -40,6 +38,7 @@ const TEMPLATE_CACHE: usize = 8192;
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 pub struct QueryKey {
     pub process: String,
+    pub container: String,
     pub role: &'static str,
     pub db_name: String,
     pub operation: &'static str,
@@ -76,7 +75,7 @@ const MEMO_PER_CONN: usize = 1024;
 
 struct ConnEntry {
     conn: PgConnection,
-    process: String,
+    identity: Identity,
     /// The `db_name` label, fixed once the StartupMessage is known.
     db: Option<String>,
     /// SQL text (by address, kept alive here) → series, per status.
@@ -87,7 +86,7 @@ pub struct QueriesAnalyser {
     conns: HashMap<u64, ConnEntry>,
     templates: HashMap<Arc<str>, (String, &'static str)>,
     per_process: HashMap<String, HashSet<String>>,
-    process_cap: LabelCap,
+    ids: Identities,
     db_cap: LabelCap,
     series: Vec<Series>,
     series_index: HashMap<QueryKey, usize>,
@@ -103,7 +102,7 @@ impl QueriesAnalyser {
                 conns: HashMap::new(),
                 templates: HashMap::new(),
                 per_process: HashMap::new(),
-                process_cap: LabelCap::new(PROCESS_CAP),
+                ids: Identities::default(),
                 db_cap: LabelCap::new(DB_CAP),
                 series: Vec::new(),
                 series_index: HashMap::new(),
@@ -128,9 +127,9 @@ impl QueriesAnalyser {
     }
 
     /// The series of `sql` for this connection's labels.
-    fn series_of(&mut self, process: &str, role: Role, db: &str, sql: &Arc<str>) -> usize {
+    fn series_of(&mut self, who: &Identity, role: Role, db: &str, sql: &Arc<str>) -> usize {
         let (template, operation) = self.template(sql);
-        let known = self.per_process.entry(process.to_owned()).or_default();
+        let known = self.per_process.entry(who.process.clone()).or_default();
         let query = if known.contains(&template) || known.len() < TEMPLATE_CAP {
             known.insert(template.clone());
             template
@@ -138,7 +137,8 @@ impl QueriesAnalyser {
             OTHER.to_owned()
         };
         let key = QueryKey {
-            process: process.to_owned(),
+            process: who.process.clone(),
+            container: who.container.clone(),
             role: role.label(),
             db_name: db.to_owned(),
             operation,
@@ -172,6 +172,7 @@ impl QueriesAnalyser {
         let labels = |status: &str| {
             vec![
                 metrics::Label::new("process", key.process.clone()),
+                metrics::Label::new("container", key.container.clone()),
                 metrics::Label::new("role", key.role),
                 metrics::Label::new("db_system", "postgresql"),
                 metrics::Label::new("db_name", key.db_name.clone()),
@@ -366,13 +367,12 @@ impl Analyser for QueriesAnalyser {
         let Some((role, from_start)) = found else {
             return Claim::NotMine;
         };
-        let process = comm_from_bytes(c.comm).unwrap_or_else(|| "unknown".to_owned());
-        let process = self.process_cap.admit(&process);
+        let identity = self.ids.of(c.tgid, c.comm);
         self.conns.insert(
             c.sk,
             ConnEntry {
                 conn: PgConnection::new(role, from_start),
-                process,
+                identity,
                 db: None,
                 memo: HashMap::new(),
             },
@@ -397,17 +397,14 @@ impl Analyser for QueriesAnalyser {
         let errors = entry.conn.parse_errors();
         let seen = self.parse_errors_seen.entry(c.sk).or_default();
         if errors > *seen {
-            metrics::counter!("pipelens_db_parse_errors_total", "process" => entry.process.clone())
+            metrics::counter!("pipelens_db_parse_errors_total", entry.identity.labels())
                 .increment(errors - *seen);
             *seen = errors;
         }
         if entry.conn.encrypted && !was_encrypted {
-            metrics::counter!(
-                "pipelens_db_encrypted_connections_total",
-                "process" => entry.process.clone(),
-                "role" => entry.conn.role.label()
-            )
-            .increment(1);
+            let mut labels = entry.identity.labels();
+            labels.push(metrics::Label::new("role", entry.conn.role.label()));
+            metrics::counter!("pipelens_db_encrypted_connections_total", labels).increment(1);
         }
         if done.is_empty() {
             return;
@@ -417,7 +414,7 @@ impl Analyser for QueriesAnalyser {
             entry.db = Some(self.db_cap.admit(&db));
         }
         let role = entry.conn.role;
-        let process = entry.process.clone();
+        let who = entry.identity.clone();
         let db = entry.db.clone().unwrap_or_else(|| "unknown".to_owned());
         // The memo is taken out while series are resolved, so that the
         // connection is looked up once per chunk, not once per statement.
@@ -431,7 +428,7 @@ impl Analyser for QueriesAnalyser {
             let i = match known {
                 Some(i) => i,
                 None => {
-                    let i = self.series_of(&process, role, &db, &d.sql);
+                    let i = self.series_of(&who, role, &db, &d.sql);
                     if memo.len() >= MEMO_PER_CONN {
                         memo.clear();
                     }

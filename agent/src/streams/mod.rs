@@ -139,6 +139,8 @@ pub enum Flow {
 pub struct Chunk<'a> {
     /// The stream's identity (the socket's inode number).
     pub sk: u64,
+    /// The process that read or wrote it.
+    pub tgid: u32,
     pub comm: &'a [u8],
     pub flow: Flow,
     /// Syscall entry: when a write's first byte left.
@@ -283,6 +285,7 @@ impl StreamsCollector {
         let tail_len = (h.tail_len as usize).min(h.tail.len());
         let chunk = Chunk {
             sk: h.ino,
+            tgid: h.tgid,
             comm: &h.comm,
             flow: if h.direction == STREAM_RECEIVED {
                 Flow::Received

@@ -43,10 +43,11 @@ impl OwnedChunk {
         }
     }
 
-    pub fn view<'a>(&'a self, sk: u64, comm: &'a [u8], ports: (u16, u16)) -> Chunk<'a> {
+    pub fn view<'a>(&'a self, sk: u64, owner: (u32, &'a [u8]), ports: (u16, u16)) -> Chunk<'a> {
         Chunk {
             sk,
-            comm,
+            tgid: owner.0,
+            comm: owner.1,
             flow: self.flow,
             ts_enter: self.ts_enter,
             ts_exit: self.ts_exit,
@@ -62,6 +63,7 @@ impl OwnedChunk {
 /// What the kernel told of the socket on its first chunk, and the chunks
 /// in that chunk's direction since.
 pub struct Opening {
+    pub tgid: u32,
     pub comm: Vec<u8>,
     /// Local and remote port, sent by the kernel with the first chunk only.
     pub ports: (u16, u16),
@@ -98,6 +100,7 @@ impl Opening {
     /// An opening that starts with `first` (already offered alone).
     pub fn new(first: &Chunk<'_>) -> Self {
         let mut o = Self {
+            tgid: first.tgid,
             comm: first.comm.to_vec(),
             ports: (first.lport, first.rport),
             chunks: Vec::new(),
@@ -137,6 +140,7 @@ impl Opening {
         let last = &self.chunks[self.chunks.len() - 1];
         Chunk {
             sk,
+            tgid: self.tgid,
             comm: &self.comm,
             flow: first.flow,
             ts_enter: first.ts_enter,
@@ -215,7 +219,11 @@ impl Router {
             Offer::Joined => match self.offer(&opening.joined_view(chunk.sk)) {
                 Some(Claim::Mine) => {
                     for c in &opening.chunks {
-                        self.feed_owner(&c.view(chunk.sk, &opening.comm, opening.ports));
+                        self.feed_owner(&c.view(
+                            chunk.sk,
+                            (opening.tgid, &opening.comm),
+                            opening.ports,
+                        ));
                     }
                     true
                 }
@@ -310,6 +318,7 @@ mod tests {
     fn chunk(sk: u64, flow: Flow, ts: u64, len: u64, data: &[u8], first: bool) -> Chunk<'_> {
         Chunk {
             sk,
+            tgid: 0,
             comm: COMM,
             flow,
             ts_enter: ts,

@@ -15,12 +15,10 @@ use super::{
     stream::WebStream,
 };
 use crate::{
-    process::comm_from_bytes,
     streams::{Analyser, Chunk, Claim, Flow},
-    telemetry::LabelCap,
+    telemetry::{Identities, Identity, LabelCap},
 };
 
-const PROCESS_CAP: usize = 200;
 const PORT_CAP: usize = 200;
 /// Distinct close codes reported; others are `other` (a peer may send any
 /// number in 3000–4999).
@@ -29,6 +27,7 @@ const CODE_CAP: usize = 50;
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 pub struct PortKey {
     pub process: String,
+    pub container: String,
     pub port: String,
 }
 
@@ -55,7 +54,7 @@ struct Conn {
 
 pub struct WebAnalyser {
     conns: HashMap<u64, Conn>,
-    process_cap: LabelCap,
+    ids: Identities,
     port_cap: LabelCap,
     code_cap: LabelCap,
     stats: WebSummary,
@@ -67,7 +66,7 @@ impl WebAnalyser {
         (
             Self {
                 conns: HashMap::new(),
-                process_cap: LabelCap::new(PROCESS_CAP),
+                ids: Identities::default(),
                 port_cap: LabelCap::new(PORT_CAP),
                 code_cap: LabelCap::new(CODE_CAP),
                 stats: stats.clone(),
@@ -82,6 +81,7 @@ impl WebAnalyser {
         let base = || {
             vec![
                 metrics::Label::new("process", key.process.clone()),
+                metrics::Label::new("container", key.container.clone()),
                 metrics::Label::new("port", key.port.clone()),
             ]
         };
@@ -239,9 +239,10 @@ impl Analyser for WebAnalyser {
             Role::Server => c.lport,
             Role::Client => c.rport,
         };
-        let process = comm_from_bytes(c.comm).unwrap_or_else(|| "unknown".to_owned());
+        let Identity { process, container } = self.ids.of(c.tgid, c.comm);
         let key = PortKey {
-            process: self.process_cap.admit(&process),
+            process,
+            container,
             port: self.port_cap.admit(&port.to_string()),
         };
         self.conns.insert(
