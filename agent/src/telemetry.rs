@@ -100,6 +100,10 @@ fn describe() {
         "Segments retransmitted on a target's TCP connections"
     );
     describe_counter!(
+        "pipelens_label_overflow_total",
+        "Times a new label value was reported as `other` because its label reached its cap"
+    );
+    describe_counter!(
         "pipelens_tcp_resets_total",
         "TCP connections of a target ended by a RST, sent or received"
     );
@@ -225,16 +229,14 @@ pub struct Identities {
     process_cap: LabelCap,
 }
 
-impl Default for Identities {
-    fn default() -> Self {
+impl Identities {
+    pub fn new(collector: &'static str) -> Self {
         Self {
             names: ProcessNames::default(),
-            process_cap: LabelCap::new(PROCESS_CAP),
+            process_cap: LabelCap::new(PROCESS_CAP, collector, "process"),
         }
     }
-}
 
-impl Identities {
     pub fn of(&mut self, tgid: u32, kernel_comm: &[u8]) -> Identity {
         let (process, container) = self.names.labels(tgid, kernel_comm);
         Identity {
@@ -245,18 +247,29 @@ impl Identities {
 }
 
 /// Caps the number of distinct values one label may take; values past the
-/// cap are reported as [`OTHER`].
+/// cap are reported as [`OTHER`], and each time one is, it is counted in
+/// `pipelens_label_overflow_total{collector, label}` (exported from the
+/// start, at 0, so that a dashboard can tell "none" from "not measured").
 #[derive(Debug)]
 pub struct LabelCap {
     cap: usize,
     seen: HashSet<String>,
+    overflow: metrics::Counter,
 }
 
 impl LabelCap {
-    pub fn new(cap: usize) -> Self {
+    pub fn new(cap: usize, collector: &'static str, label: &'static str) -> Self {
+        let overflow = metrics::counter!(
+            "pipelens_label_overflow_total",
+            "collector" => collector,
+            "label" => label
+        );
+        // Registered now (several caps may share the series: never reset).
+        overflow.increment(0);
         Self {
             cap,
             seen: HashSet::new(),
+            overflow,
         }
     }
 
@@ -268,6 +281,7 @@ impl LabelCap {
             self.seen.insert(value.to_owned());
             return value.to_owned();
         }
+        self.overflow.increment(1);
         OTHER.to_owned()
     }
 }
@@ -278,7 +292,7 @@ mod tests {
 
     #[test]
     fn values_past_the_cap_become_other() {
-        let mut cap = LabelCap::new(2);
+        let mut cap = LabelCap::new(2, "test", "value");
         assert_eq!(cap.admit("a"), "a");
         assert_eq!(cap.admit("b"), "b");
         assert_eq!(cap.admit("c"), OTHER);

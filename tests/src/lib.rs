@@ -126,6 +126,11 @@ impl Agent {
         }
     }
 
+    /// The agent's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
     pub fn metrics_text(&self) -> String {
         let (code, body) = http_get(self.port, "/metrics").expect("GET /metrics");
         assert_eq!(code, 200);

@@ -752,3 +752,65 @@ fn node_postgres_corked_statements_are_exact() {
     );
     agent.stop();
 }
+
+/// 2,000 distinct templates from one process with the default cap (500 per
+/// process): 500 are reported by name and the other 1,500 statements as
+/// `query="other"`, each fold counted in `pipelens_label_overflow_total`,
+/// and the agent's peak RSS stays under the README's bound (128 MiB).
+#[test]
+fn templates_past_the_cap_are_folded_and_counted() {
+    if !probes_available("templates_past_the_cap_are_folded_and_counted") {
+        return;
+    }
+    let pg = TestPostgres::start();
+    let agent = Agent::start(&["--comm", "psql", "--collectors", "queries"]);
+    let script: String = (0..2000)
+        .map(|i| format!("SELECT {i} AS c{i};\n"))
+        .collect();
+    let path = pg.path().join("templates.sql");
+    std::fs::write(&path, script).expect("script");
+    let mut args = pg.conn_args(false);
+    args.extend(["-X", "-q", "-d", "postgres", "-f"].map(String::from));
+    args.push(path.display().to_string());
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = pg.command(&pg.bin("psql"), &args).output().expect("psql");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let total = |m: &Metrics| {
+        m.sum(
+            "pipelens_db_query_duration_seconds_count",
+            &[("process", "psql"), ("db_name", "postgres")],
+        )
+    };
+    let m = agent.wait_for("2,000 statements", WAIT, |m| total(m) >= 2000.0);
+    assert_eq!(total(&m), 2000.0);
+    let named: std::collections::BTreeSet<&str> = m
+        .samples
+        .iter()
+        .filter(|(n, l, _)| {
+            n == "pipelens_db_query_duration_seconds_count" && l["process"] == "psql"
+        })
+        .map(|(_, l, _)| l["query"].as_str())
+        .filter(|q| *q != "other")
+        .collect();
+    assert_eq!(named.len(), 500, "templates reported by name");
+    assert_eq!(count(&m, "psql", "other"), 1500.0);
+    assert_eq!(
+        m.sum(
+            "pipelens_label_overflow_total",
+            &[("collector", "queries"), ("label", "query")]
+        ),
+        1500.0
+    );
+    let status = std::fs::read_to_string(format!("/proc/{}/status", agent.pid())).expect("status");
+    let peak_kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
+        .expect("VmHWM");
+    assert!(peak_kib < 128 * 1024, "agent peak RSS {peak_kib} KiB");
+    agent.stop();
+}

@@ -14,7 +14,7 @@ pub mod wire;
 pub(crate) mod fixture_tests;
 
 use std::{
-    collections::{BTreeMap, HashMap, HashSet},
+    collections::{BTreeMap, HashMap},
     sync::{Arc, Mutex},
 };
 
@@ -25,7 +25,7 @@ use wire::{Segment, Side};
 use crate::{
     distribution::{Distribution, Quantiles},
     streams::{Analyser, Chunk, Claim, Flow},
-    telemetry::{Identities, Identity, LabelCap, OTHER},
+    telemetry::{Identities, Identity, LabelCap},
 };
 
 /// Distinct query templates per process (the brief's default).
@@ -85,7 +85,8 @@ struct ConnEntry {
 pub struct QueriesAnalyser {
     conns: HashMap<u64, ConnEntry>,
     templates: HashMap<Arc<str>, (String, &'static str)>,
-    per_process: HashMap<String, HashSet<String>>,
+    /// Templates per process, capped.
+    per_process: HashMap<String, LabelCap>,
     ids: Identities,
     db_cap: LabelCap,
     series: Vec<Series>,
@@ -102,8 +103,8 @@ impl QueriesAnalyser {
                 conns: HashMap::new(),
                 templates: HashMap::new(),
                 per_process: HashMap::new(),
-                ids: Identities::default(),
-                db_cap: LabelCap::new(DB_CAP),
+                ids: Identities::new("queries"),
+                db_cap: LabelCap::new(DB_CAP, "queries", "db_name"),
                 series: Vec::new(),
                 series_index: HashMap::new(),
                 stats: stats.clone(),
@@ -129,13 +130,11 @@ impl QueriesAnalyser {
     /// The series of `sql` for this connection's labels.
     fn series_of(&mut self, who: &Identity, role: Role, db: &str, sql: &Arc<str>) -> usize {
         let (template, operation) = self.template(sql);
-        let known = self.per_process.entry(who.process.clone()).or_default();
-        let query = if known.contains(&template) || known.len() < TEMPLATE_CAP {
-            known.insert(template.clone());
-            template
-        } else {
-            OTHER.to_owned()
-        };
+        let query = self
+            .per_process
+            .entry(who.process.clone())
+            .or_insert_with(|| LabelCap::new(TEMPLATE_CAP, "queries", "query"))
+            .admit(&template);
         let key = QueryKey {
             process: who.process.clone(),
             container: who.container.clone(),

@@ -66,9 +66,9 @@ impl WebAnalyser {
         (
             Self {
                 conns: HashMap::new(),
-                ids: Identities::default(),
-                port_cap: LabelCap::new(PORT_CAP),
-                code_cap: LabelCap::new(CODE_CAP),
+                ids: Identities::new("websocket"),
+                port_cap: LabelCap::new(PORT_CAP, "websocket", "port"),
+                code_cap: LabelCap::new(CODE_CAP, "websocket", "code"),
                 stats: stats.clone(),
             },
             stats,
