@@ -49,11 +49,14 @@ pub type WebSummary = Arc<Mutex<BTreeMap<PortKey, PortStats>>>;
 
 struct Conn {
     stream: WebStream,
-    key: PortKey,
+    /// Index into `WebAnalyser::series`.
+    series: usize,
 }
 
 pub struct WebAnalyser {
     conns: HashMap<u64, Conn>,
+    series: Vec<PortSeries>,
+    series_index: HashMap<PortKey, usize>,
     ids: Identities,
     port_cap: LabelCap,
     code_cap: LabelCap,
@@ -66,6 +69,8 @@ impl WebAnalyser {
         (
             Self {
                 conns: HashMap::new(),
+                series: Vec::new(),
+                series_index: HashMap::new(),
                 ids: Identities::new("websocket"),
                 port_cap: LabelCap::new(PORT_CAP, "websocket", "port"),
                 code_cap: LabelCap::new(CODE_CAP, "websocket", "code"),
@@ -75,47 +80,38 @@ impl WebAnalyser {
         )
     }
 
-    fn publish(&mut self, key: &PortKey, events: Vec<WebEvent>) {
+    /// The series of `key`, registered on first use.
+    fn series_of(&mut self, key: &PortKey) -> usize {
+        if let Some(&i) = self.series_index.get(key) {
+            return i;
+        }
+        self.series.push(PortSeries::new(key));
+        self.series_index.insert(key.clone(), self.series.len() - 1);
+        self.series.len() - 1
+    }
+
+    fn publish(&mut self, series: usize, events: Vec<WebEvent>) {
+        let m = &mut self.series[series];
         let mut stats = self.stats.lock().unwrap_or_else(|e| e.into_inner());
-        let s = stats.entry(key.clone()).or_default();
-        let base = || {
-            vec![
-                metrics::Label::new("process", key.process.clone()),
-                metrics::Label::new("container", key.container.clone()),
-                metrics::Label::new("port", key.port.clone()),
-            ]
-        };
-        let with = |extra: &[(&'static str, String)]| {
-            let mut l = base();
-            l.extend(
-                extra
-                    .iter()
-                    .map(|(k, v)| metrics::Label::new(*k, v.clone())),
-            );
-            l
-        };
+        if !stats.contains_key(&m.key) {
+            stats.insert(m.key.clone(), PortStats::default());
+        }
+        let s = stats.get_mut(&m.key).expect("inserted above");
         for ev in events {
             match ev {
                 WebEvent::HttpRequest(r) => {
-                    let status = r.status_code.to_string();
                     *s.http_requests
-                        .entry(format!("{} {status}", r.method.as_str()))
+                        .entry(format!("{} {}", r.method.as_str(), r.status_code))
                         .or_default() += 1;
                     if r.role == Role::Server {
-                        metrics::histogram!(
-                            "pipelens_http_server_request_duration_seconds",
-                            with(&[
-                                ("method", r.method.as_str().to_owned()),
-                                ("status_code", status),
-                            ])
-                        )
-                        .record(r.duration_ns() as f64 / 1e9);
+                        m.request(r.method.as_str(), r.status_code)
+                            .record(r.duration_ns() as f64 / 1e9);
                     }
                 }
                 WebEvent::SessionOpened { .. } => {
                     s.sessions += 1;
-                    metrics::counter!("pipelens_websocket_sessions_total", base()).increment(1);
-                    metrics::gauge!("pipelens_websocket_sessions_active", base()).increment(1.0);
+                    m.sessions.increment(1);
+                    m.active.increment(1.0);
                 }
                 WebEvent::Message {
                     direction,
@@ -133,28 +129,15 @@ impl WebAnalyser {
                             s.bytes_sent += size;
                         }
                     }
-                    let labels = with(&[
-                        ("direction", direction.as_str().to_owned()),
-                        ("opcode", opcode.as_str().to_owned()),
-                    ]);
-                    metrics::counter!("pipelens_websocket_messages_total", labels.clone())
-                        .increment(1);
-                    metrics::histogram!("pipelens_websocket_message_size_bytes", labels)
-                        .record(size as f64);
+                    let (count, sizes) = m.message(direction, opcode.as_str());
+                    count.increment(1);
+                    sizes.record(size as f64);
                 }
                 WebEvent::Control {
                     direction, kind, ..
                 } => {
                     s.control_frames += 1;
-                    let opcode = kind.as_str();
-                    metrics::counter!(
-                        "pipelens_websocket_control_frames_total",
-                        with(&[
-                            ("direction", direction.as_str().to_owned()),
-                            ("opcode", opcode.to_owned()),
-                        ])
-                    )
-                    .increment(1);
+                    m.control(direction, kind.as_str()).increment(1);
                 }
                 WebEvent::SessionClosed {
                     code,
@@ -170,26 +153,137 @@ impl WebAnalyser {
                         None => "none",
                     };
                     *s.closes.entry(code.clone()).or_default() += 1;
-                    metrics::counter!(
-                        "pipelens_websocket_closes_total",
-                        with(&[("code", code), ("initiator", initiator.to_owned())])
-                    )
-                    .increment(1);
-                    metrics::histogram!("pipelens_websocket_session_duration_seconds", base())
-                        .record(duration_ns as f64 / 1e9);
-                    metrics::gauge!("pipelens_websocket_sessions_active", base()).decrement(1.0);
+                    m.close(code, initiator).increment(1);
+                    m.duration.record(duration_ns as f64 / 1e9);
+                    m.active.decrement(1.0);
                 }
                 WebEvent::ParseError { error, .. } => {
                     s.parse_errors += 1;
-                    metrics::counter!(
-                        "pipelens_http_parse_errors_total",
-                        with(&[("reason", error.label().to_owned())])
-                    )
-                    .increment(1);
+                    m.parse_error(error.label()).increment(1);
                 }
             }
         }
     }
+}
+
+/// The metric handles of one (process, container, port), each registered
+/// once per label set: looking series up by their labels on every event is
+/// what the connections collector once spent most of its CPU on.
+struct PortSeries {
+    /// The summary row it counts into too.
+    key: PortKey,
+    base: Vec<metrics::Label>,
+    sessions: metrics::Counter,
+    active: metrics::Gauge,
+    duration: metrics::Histogram,
+    requests: HashMap<(&'static str, u16), metrics::Histogram>,
+    messages: HashMap<(Direction, &'static str), (metrics::Counter, metrics::Histogram)>,
+    controls: HashMap<(Direction, &'static str), metrics::Counter>,
+    closes: HashMap<(String, &'static str), metrics::Counter>,
+    parse_errors: HashMap<&'static str, metrics::Counter>,
+}
+
+impl PortSeries {
+    fn new(key: &PortKey) -> Self {
+        let base = vec![
+            metrics::Label::new("process", key.process.clone()),
+            metrics::Label::new("container", key.container.clone()),
+            metrics::Label::new("port", key.port.clone()),
+        ];
+        Self {
+            sessions: metrics::counter!("pipelens_websocket_sessions_total", base.clone()),
+            active: metrics::gauge!("pipelens_websocket_sessions_active", base.clone()),
+            duration: metrics::histogram!(
+                "pipelens_websocket_session_duration_seconds",
+                base.clone()
+            ),
+            base,
+            key: key.clone(),
+            requests: HashMap::new(),
+            messages: HashMap::new(),
+            controls: HashMap::new(),
+            closes: HashMap::new(),
+            parse_errors: HashMap::new(),
+        }
+    }
+
+    fn request(&mut self, method: &'static str, status: u16) -> &metrics::Histogram {
+        let base = &self.base;
+        self.requests.entry((method, status)).or_insert_with(|| {
+            let labels = with(
+                base,
+                &[
+                    ("method", method.to_owned()),
+                    ("status_code", status.to_string()),
+                ],
+            );
+            metrics::histogram!("pipelens_http_server_request_duration_seconds", labels)
+        })
+    }
+
+    fn message(
+        &mut self,
+        direction: Direction,
+        opcode: &'static str,
+    ) -> &(metrics::Counter, metrics::Histogram) {
+        let base = &self.base;
+        self.messages.entry((direction, opcode)).or_insert_with(|| {
+            let labels = with(
+                base,
+                &[
+                    ("direction", direction.as_str().to_owned()),
+                    ("opcode", opcode.to_owned()),
+                ],
+            );
+            (
+                metrics::counter!("pipelens_websocket_messages_total", labels.clone()),
+                metrics::histogram!("pipelens_websocket_message_size_bytes", labels),
+            )
+        })
+    }
+
+    fn control(&mut self, direction: Direction, opcode: &'static str) -> &metrics::Counter {
+        let base = &self.base;
+        self.controls.entry((direction, opcode)).or_insert_with(|| {
+            let labels = with(
+                base,
+                &[
+                    ("direction", direction.as_str().to_owned()),
+                    ("opcode", opcode.to_owned()),
+                ],
+            );
+            metrics::counter!("pipelens_websocket_control_frames_total", labels)
+        })
+    }
+
+    fn close(&mut self, code: String, initiator: &'static str) -> &metrics::Counter {
+        let base = &self.base;
+        self.closes
+            .entry((code.clone(), initiator))
+            .or_insert_with(|| {
+                let labels = with(base, &[("code", code), ("initiator", initiator.to_owned())]);
+                metrics::counter!("pipelens_websocket_closes_total", labels)
+            })
+    }
+
+    fn parse_error(&mut self, reason: &'static str) -> &metrics::Counter {
+        let base = &self.base;
+        self.parse_errors.entry(reason).or_insert_with(|| {
+            let labels = with(base, &[("reason", reason.to_owned())]);
+            metrics::counter!("pipelens_http_parse_errors_total", labels)
+        })
+    }
+}
+
+/// `base` and then `extra`.
+fn with(base: &[metrics::Label], extra: &[(&'static str, String)]) -> Vec<metrics::Label> {
+    let mut l = base.to_vec();
+    l.extend(
+        extra
+            .iter()
+            .map(|(k, v)| metrics::Label::new(*k, v.clone())),
+    );
+    l
 }
 
 /// Summary JSON of the websocket collector, per (process, port).
@@ -245,11 +339,12 @@ impl Analyser for WebAnalyser {
             container,
             port: self.port_cap.admit(&port.to_string()),
         };
+        let series = self.series_of(&key);
         self.conns.insert(
             c.sk,
             Conn {
                 stream: WebStream::with_role(role),
-                key,
+                series,
             },
         );
         Claim::Mine
@@ -267,8 +362,8 @@ impl Analyser for WebAnalyser {
             .feed_with_tail(direction(c.flow), c.data, c.tail, c.len as usize, ts);
         let events: Vec<WebEvent> = conn.stream.drain_events().collect();
         if !events.is_empty() {
-            let key = conn.key.clone();
-            self.publish(&key, events);
+            let series = conn.series;
+            self.publish(series, events);
         }
     }
 
@@ -276,7 +371,7 @@ impl Analyser for WebAnalyser {
         if let Some(mut conn) = self.conns.remove(&sk) {
             conn.stream.on_connection_closed(ts);
             let events: Vec<WebEvent> = conn.stream.drain_events().collect();
-            self.publish(&conn.key, events);
+            self.publish(conn.series, events);
         }
     }
 
