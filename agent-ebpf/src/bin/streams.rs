@@ -186,8 +186,8 @@ fn walk_steps() -> bool {
         if w.pos >= w.total || w.idx >= w.iovcnt {
             return true;
         }
-        let at = w.iov + 16 * w.idx;
-        let (Ok(base), Ok(len)) = (read_user::<u64>(at), read_user::<u64>(at + 8)) else {
+        // struct iovec { iov_base, iov_len }, read in one helper call.
+        let Ok([base, len]) = read_user::<[u64; 2]>(w.iov + 16 * w.idx) else {
             // An unreadable iovec array: the rest cannot be walked.
             return false;
         };
@@ -555,18 +555,19 @@ fn may_open_protocol(b: Option<u8>) -> bool {
 }
 
 /// The first byte of the syscall's data, read from the user buffer (or its
-/// first iovec); `None` when it cannot be read.
+/// first iovec); `None` when it cannot be read or the first iovec is empty.
 #[inline(always)]
 fn first_byte(io: &ActiveIo) -> Option<u8> {
-    let base = match io.shape {
-        IO_BUF => io.ptr,
-        IO_IOV => read_user::<u64>(io.ptr).ok()?,
-        _ => {
-            let iov: u64 = read_user(io.ptr + 16).ok()?;
-            read_user::<u64>(iov).ok()?
-        }
+    let iov = match io.shape {
+        IO_BUF => return read_user::<u8>(io.ptr).ok(),
+        IO_IOV => io.ptr,
+        _ => read_user::<u64>(io.ptr + 16).ok()?,
     };
-    read_user::<u8>(base).ok()
+    // An empty first iovec says nothing of the first byte: undecided.
+    match read_user::<[u64; 2]>(iov).ok()? {
+        [_, 0] => None,
+        [base, _] => read_user::<u8>(base).ok(),
+    }
 }
 
 #[inline(always)]
