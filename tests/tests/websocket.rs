@@ -55,6 +55,17 @@ impl Drop for Pipeline {
     }
 }
 
+/// A private PostgreSQL, the agent's websocket collector following every
+/// process named `pipeline`, and the demo pipeline started after it (so
+/// that its very first request is seen). Bind all three: they stop on drop,
+/// pipeline first.
+fn traced_pipeline() -> (TestPostgres, Agent, Pipeline) {
+    let pg = TestPostgres::start();
+    let agent = Agent::start(&["--comm", "pipeline", "--collectors", "websocket"]);
+    let app = Pipeline::start(&pg);
+    (pg, agent, app)
+}
+
 fn loadgen(port: u16, args: &[&str]) -> serde_json::Value {
     let out = Command::new(workspace_root().join("target/release/loadgen"))
         .args(["--target", &format!("127.0.0.1:{port}")])
@@ -85,9 +96,7 @@ fn demo_pipeline_sessions_are_exact() {
     if !probes_available("demo_pipeline_sessions_are_exact") {
         return;
     }
-    let pg = TestPostgres::start();
-    let agent = Agent::start(&["--comm", "pipeline", "--collectors", "websocket"]);
-    let app = Pipeline::start(&pg);
+    let (_pg, agent, app) = traced_pipeline();
     // The readiness probe above was itself a request to the traced server.
     let health_checks = agent.wait_for("the readiness probe", WAIT, |m| {
         ws(
@@ -229,9 +238,7 @@ fn python_client_fragments_and_pings() {
     if !probes_available("python_client_fragments_and_pings") {
         return;
     }
-    let pg = TestPostgres::start();
-    let agent = Agent::start(&["--comm", "pipeline", "--collectors", "websocket"]);
-    let app = Pipeline::start(&pg);
+    let (_pg, agent, app) = traced_pipeline();
     let script = format!(
         r#"
 import asyncio, json, websockets
@@ -298,9 +305,7 @@ fn bad_input_is_counted_not_fatal() {
     if !probes_available("bad_input_is_counted_not_fatal") {
         return;
     }
-    let pg = TestPostgres::start();
-    let agent = Agent::start(&["--comm", "pipeline", "--collectors", "websocket"]);
-    let app = Pipeline::start(&pg);
+    let (_pg, agent, app) = traced_pipeline();
     let script = format!(
         r#"
 import socket, struct, time
@@ -385,9 +390,7 @@ fn a_peer_writing_byte_by_byte_is_followed() {
     if !probes_available("a_peer_writing_byte_by_byte_is_followed") {
         return;
     }
-    let pg = TestPostgres::start();
-    let agent = Agent::start(&["--comm", "pipeline", "--collectors", "websocket"]);
-    let app = Pipeline::start(&pg);
+    let (_pg, agent, app) = traced_pipeline();
     let health = |m: &Metrics| {
         ws(
             m,

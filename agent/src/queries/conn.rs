@@ -137,7 +137,8 @@ impl PgConnection {
         let first_new = done.len();
         self.feed_messages(side, segments, ts, done);
         for d in &mut done[first_new..] {
-            d.queued_ns = self.last_end.clamp(d.start_ns, d.end_ns.max(d.start_ns)) - d.start_ns;
+            let latency = d.end_ns.saturating_sub(d.start_ns);
+            d.queued_ns = self.last_end.saturating_sub(d.start_ns).min(latency);
             self.last_end = self.last_end.max(d.end_ns);
         }
     }

@@ -102,7 +102,16 @@ fn pieces(messages: &[Vec<u8>], o: &Options) -> Vec<Vec<u8>> {
     out
 }
 
-fn send(conn: &mut dyn Conn, iovs: &[Vec<u8>], o: &Options) -> usize {
+/// A `msghdr` carrying just `iovs`.
+fn msghdr(iovs: &[libc::iovec]) -> libc::msghdr {
+    // SAFETY: msghdr is plain data; all-zero is "no name, no control".
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = iovs.as_ptr() as *mut libc::iovec;
+    msg.msg_iovlen = iovs.len();
+    msg
+}
+
+fn send(conn: &mut dyn Conn, iovs: &[Vec<u8>], o: &Options) {
     let total: usize = iovs.iter().map(Vec::len).sum();
     let raw: Vec<libc::iovec> = iovs
         .iter()
@@ -114,10 +123,7 @@ fn send(conn: &mut dyn Conn, iovs: &[Vec<u8>], o: &Options) -> usize {
     // SAFETY: the iovecs point into `iovs`, alive for the call.
     let n = unsafe {
         if o.sendmsg {
-            let mut msg: libc::msghdr = std::mem::zeroed();
-            msg.msg_iov = raw.as_ptr() as *mut libc::iovec;
-            msg.msg_iovlen = raw.len();
-            libc::sendmsg(conn.as_raw_fd(), &msg, 0)
+            libc::sendmsg(conn.as_raw_fd(), &msghdr(&raw), 0)
         } else {
             libc::writev(conn.as_raw_fd(), raw.as_ptr(), raw.len() as i32)
         }
@@ -125,7 +131,6 @@ fn send(conn: &mut dyn Conn, iovs: &[Vec<u8>], o: &Options) -> usize {
     // A blocking socket with room for the whole call sends it whole; a
     // short write would change what the test means, so it is refused.
     assert_eq!(n, total as isize, "{}", std::io::Error::last_os_error());
-    1
 }
 
 /// Reads into `buf` more bytes from the server, the way the options say.
@@ -149,10 +154,7 @@ fn receive(conn: &mut dyn Conn, buf: &mut Vec<u8>, o: &Options) {
             // SAFETY: the iovecs point into `small`, alive for the call.
             let n = unsafe {
                 if o.sendmsg {
-                    let mut msg: libc::msghdr = std::mem::zeroed();
-                    msg.msg_iov = raw.as_ptr() as *mut libc::iovec;
-                    msg.msg_iovlen = raw.len();
-                    libc::recvmsg(conn.as_raw_fd(), &mut msg, 0)
+                    libc::recvmsg(conn.as_raw_fd(), &mut msghdr(&raw), 0)
                 } else {
                     libc::readv(conn.as_raw_fd(), raw.as_ptr(), raw.len() as i32)
                 }
@@ -292,7 +294,8 @@ fn main() {
         };
         for call in flush {
             max_iovecs = max_iovecs.max(call.len());
-            calls += send(conn, &call, &o);
+            send(conn, &call, &o);
+            calls += 1;
         }
         // Replies are read once the calls carrying each Sync are out; with
         // a Sync still waiting in `pending` they come later.
