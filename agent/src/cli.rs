@@ -1,10 +1,21 @@
-//! Command-line interface (the contract in the brief: every flag documented).
+//! Command-line interface (the contract in the brief: every flag
+//! documented). The only module that knows clap: each command's flags are
+//! turned into that command's plain options here.
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
-use clap::{Args, Parser, Subcommand};
+use clap::{
+    Args, Parser, Subcommand,
+    builder::{PossibleValue, PossibleValuesParser, TypedValueParser},
+};
+use pipelens_common::memory::STACK_WINDOW;
 
-use crate::collector::CollectorKind;
+use crate::{
+    collector::CollectorKind,
+    memory::{self, command::Format, record::Mode},
+    run,
+    targets::Selection,
+};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -25,7 +36,7 @@ pub enum Command {
     Run(RunArgs),
     /// Profile one process's memory for a while: allocation hotspots
     /// (`--mode allocs`) or resident-set growth (`--mode growth`) by call stack.
-    Memory(crate::memory::command::MemoryArgs),
+    Memory(MemoryArgs),
     /// Report the kernel, hooks and collectors usable on this host, with reasons.
     Check,
 }
@@ -46,7 +57,7 @@ pub struct RunArgs {
     pub all: bool,
 
     /// Comma-separated collectors to run (default: all of them).
-    #[arg(long, value_delimiter = ',', value_name = "LIST")]
+    #[arg(long, value_delimiter = ',', value_name = "LIST", value_parser = one_of::<CollectorKind>())]
     pub collectors: Vec<CollectorKind>,
 
     /// Address of the HTTP server for /metrics and /healthz.
@@ -75,7 +86,7 @@ pub struct RunArgs {
     /// Memory collector: mean bytes of growth between samples of the write
     /// faults (and, with `--syscall-hooks`, anonymous mappings) of targets;
     /// 0 samples every one.
-    #[arg(long, default_value_t = crate::memory::sampling::DEFAULT_GROWTH_MEAN, value_name = "BYTES")]
+    #[arg(long, default_value_t = memory::sampling::DEFAULT_GROWTH_MEAN, value_name = "BYTES")]
     pub memory_sample_bytes: u64,
 
     /// Memory collector: also put uprobes on the allocator of each `--pid`
@@ -88,6 +99,182 @@ pub struct RunArgs {
     /// Write a JSON summary of everything observed to PATH on exit.
     #[arg(long, value_name = "PATH")]
     pub summary_json: Option<PathBuf>,
+}
+
+impl RunArgs {
+    pub fn into_options(self) -> run::Options {
+        run::Options {
+            selection: Selection {
+                all: self.all,
+                pids: self.pids,
+                comms: self.comms,
+            },
+            collectors: self.collectors,
+            listen: self.listen,
+            duration: self.duration,
+            syscall_hooks: self.syscall_hooks,
+            capture_bytes: self.capture_bytes as usize,
+            memory_sample_bytes: self.memory_sample_bytes,
+            memory_allocs: self.memory_allocs,
+            summary_json: self.summary_json,
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct MemoryArgs {
+    /// The process to profile.
+    #[arg(long, value_name = "PID")]
+    pub pid: u32,
+
+    /// How long to profile, in seconds (the profile is written earlier if
+    /// the process exits or on SIGINT).
+    #[arg(long, value_name = "SECS", value_parser = parse_secs)]
+    pub duration: Duration,
+
+    /// `allocs`: allocator calls by call stack (uprobes on the allocator
+    /// the process uses, in that process only); `growth`: write faults on
+    /// anonymous memory and anonymous mappings by call stack (no uprobes).
+    #[arg(long, default_value = "allocs", value_parser = one_of::<Mode>())]
+    pub mode: Mode,
+
+    #[arg(long, default_value = "text", value_parser = one_of::<Format>())]
+    pub format: Format,
+
+    /// Write the profile to FILE instead of standard output.
+    #[arg(short = 'o', long = "output", value_name = "FILE")]
+    pub output: Option<PathBuf>,
+
+    /// Mean bytes between samples of the Poisson sampler (0: every call,
+    /// fault and mapping). Default: 524288 for allocs, 65536 for growth.
+    #[arg(long, value_name = "BYTES")]
+    pub sample_bytes: Option<u64>,
+
+    /// Allocated bytes only: do not follow sampled pointers to their
+    /// `free` (one probe hit per allocation instead of three per
+    /// allocation/free pair; no in-use figures).
+    #[arg(long)]
+    pub no_in_use: bool,
+
+    /// Growth mode: page faults only, without the `mmap`/`brk`/`munmap`
+    /// syscall hooks (which cost every syscall on the host while attached).
+    #[arg(long)]
+    pub faults_only: bool,
+
+    /// Bytes of user stack copied with each sample and unwound here (up
+    /// to 16384). Deep stacks with large frames need more; the stack is
+    /// cut where the window ends (and the profile says how often).
+    #[arg(long, default_value_t = 8192, value_name = "BYTES",
+          value_parser = clap::value_parser!(u32).range(512..=STACK_WINDOW as i64))]
+    pub stack_bytes: u32,
+
+    /// Sites in the text table.
+    #[arg(long, default_value_t = 20, value_name = "N")]
+    pub top: usize,
+
+    /// Value column for folded and SVG output (default: the first one:
+    /// alloc_space or growth_space). One of alloc_space, alloc_objects,
+    /// inuse_space, inuse_objects, growth_space, mapped_space.
+    #[arg(long, value_name = "NAME")]
+    pub value: Option<String>,
+}
+
+impl MemoryArgs {
+    pub fn into_options(self) -> memory::command::Options {
+        memory::command::Options {
+            pid: self.pid,
+            duration: self.duration,
+            mode: self.mode,
+            format: self.format,
+            output: self.output,
+            sample_bytes: self.sample_bytes,
+            no_in_use: self.no_in_use,
+            faults_only: self.faults_only,
+            stack_bytes: self.stack_bytes,
+            top: self.top,
+            value: self.value,
+        }
+    }
+}
+
+/// A domain enum as a flag's value: its names, and a help line for each.
+trait FlagValue: Copy + Send + Sync + 'static {
+    const ALL: &'static [Self];
+    fn name(self) -> &'static str;
+    fn help(self) -> &'static str;
+}
+
+impl FlagValue for CollectorKind {
+    const ALL: &'static [Self] = CollectorKind::ALL;
+    fn name(self) -> &'static str {
+        CollectorKind::name(self)
+    }
+    fn help(self) -> &'static str {
+        match self {
+            CollectorKind::Connections => {
+                "TCP connection lifecycles: opens, closes, failures, bytes, retransmits, resets"
+            }
+            CollectorKind::Queries => {
+                "PostgreSQL statements from the wire: latency, errors by SQLSTATE"
+            }
+            CollectorKind::Websocket => "WebSocket sessions and messages, HTTP/1.1 request latency",
+            CollectorKind::Memory => {
+                "Resident-set growth by call stack (and allocation hotspots with --memory-allocs)"
+            }
+        }
+    }
+}
+
+impl FlagValue for Mode {
+    const ALL: &'static [Self] = &[Mode::Growth, Mode::Allocs];
+    fn name(self) -> &'static str {
+        Mode::name(self)
+    }
+    fn help(self) -> &'static str {
+        match self {
+            Mode::Growth => {
+                "Resident-set growth: write faults on anonymous memory, and anonymous mappings \
+                 (mmap, brk), by call stack. No uprobes"
+            }
+            Mode::Allocs => {
+                "Allocator calls (malloc family, jemalloc, mimalloc, tcmalloc) by call stack, \
+                 sampled by bytes; in-use bytes of the sampled pointers"
+            }
+        }
+    }
+}
+
+impl FlagValue for Format {
+    const ALL: &'static [Self] = Format::ALL;
+    fn name(self) -> &'static str {
+        Format::name(self)
+    }
+    fn help(self) -> &'static str {
+        match self {
+            Format::Text => "Top sites and their heaviest stacks, for a terminal",
+            Format::Folded => "Folded stacks (a;b;c 1234), for flamegraph.pl, inferno, speedscope",
+            Format::Pprof => {
+                "gzip-compressed pprof protobuf, for go tool pprof, Pyroscope, Grafana"
+            }
+            Format::Svg => "An interactive SVG flame graph",
+            Format::Json => "Every stack with its frames and values, for scripts",
+        }
+    }
+}
+
+/// Parses one of `T`'s names; `--help` lists them with their help lines.
+fn one_of<T: FlagValue>() -> impl TypedValueParser<Value = T> {
+    PossibleValuesParser::new(
+        T::ALL
+            .iter()
+            .map(|v| PossibleValue::new(v.name()).help(v.help())),
+    )
+    .map(|name| {
+        *T::ALL
+            .iter()
+            .find(|v| v.name() == name)
+            .expect("a possible value")
+    })
 }
 
 pub fn parse_secs(s: &str) -> Result<Duration, String> {

@@ -1,4 +1,5 @@
-//! What every collector shares: its name, and the health registry that
+//! What every collector shares: its name, the shape `pipelens run` drives
+//! it through ([`Collector`], [`Attached`]), and the health registry that
 //! `/healthz`, `pipelens_collector_up` and `pipelens check` read.
 
 use std::{
@@ -7,22 +8,20 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-use clap::ValueEnum;
 use serde::Serialize;
+use tokio_util::sync::CancellationToken;
 
-/// The collectors pipelens can run. One kernel object each, so that a
-/// verifier rejection or a missing hook in one cannot take the others down.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, ValueEnum, Serialize)]
+use crate::{objects::ProbeError, session::Session};
+
+/// The collectors pipelens can run, as users name them. Each has its own
+/// kernel object (the payload analysers share one), so that a verifier
+/// rejection or a missing hook in one cannot take the others down.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum CollectorKind {
-    /// TCP connection lifecycles: opens, closes, failures, bytes, retransmits, resets.
     Connections,
-    /// PostgreSQL statements from the wire: latency, errors by SQLSTATE.
     Queries,
-    /// WebSocket sessions and messages, HTTP/1.1 request latency.
     Websocket,
-    /// Resident-set growth by call stack (and allocation hotspots with
-    /// `--memory-allocs`).
     Memory,
 }
 
@@ -43,6 +42,45 @@ impl CollectorKind {
         }
     }
 }
+
+/// One way a collector hooks this kernel (`pipelens_collector_hook_info`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Hook {
+    /// What the hook is for: `state`, `bytes`, `payload`, `faults`, ...
+    pub hook: &'static str,
+    /// How: `raw_tracepoint`, `fexit`, `kprobe`, `tracepoint`, `uprobe`, ...
+    pub kind: &'static str,
+    /// Which kernel events or functions.
+    pub target: &'static str,
+}
+
+/// A summary section: its key in `--summary-json`, and its content.
+pub type Section = (&'static str, serde_json::Value);
+
+/// A collector as requested, with its settings: which kinds' health it
+/// carries, and how it loads and attaches its kernel object in a session.
+/// `pipelens run` is wiring over a list of these (`run::collectors`).
+pub trait Collector {
+    /// The collectors, as users name them, that stand or fall with this one
+    /// (the payload analysers share one capture object).
+    fn kinds(&self) -> Vec<CollectorKind>;
+    /// Loads and attaches its kernel object; a failure leaves nothing
+    /// attached and marks its kinds down.
+    fn start(self: Box<Self>, session: &Session) -> Result<Box<dyn Attached>, ProbeError>;
+}
+
+/// A collector whose kernel object is attached.
+pub trait Attached: Send {
+    /// The hooks it chose on this kernel, best first.
+    fn hooks(&self) -> Vec<Hook>;
+    /// Runs its reader until `shutdown`, then drains what the kernel still
+    /// holds; resolves to its summary sections. Dropping what it ran
+    /// detaches every probe.
+    fn spawn(self: Box<Self>, shutdown: CancellationToken) -> Running;
+}
+
+/// A running collector's reader.
+pub type Running = tokio::task::JoinHandle<Result<Vec<Section>, ProbeError>>;
 
 impl fmt::Display for CollectorKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

@@ -1,6 +1,5 @@
 //! pipelens: eBPF observability for a running service, without touching it.
 
-mod agent;
 mod btf;
 mod check;
 mod cli;
@@ -12,7 +11,9 @@ mod objects;
 mod privileges;
 mod process;
 mod queries;
+mod run;
 mod server;
+mod session;
 mod streams;
 mod summary;
 mod targets;
@@ -31,12 +32,12 @@ fn main() -> std::process::ExitCode {
             .enable_all()
             .build()
             .map_err(anyhow::Error::from)
-            .and_then(|rt| rt.block_on(agent::run(args))),
+            .and_then(|rt| rt.block_on(run::run(args.into_options()))),
         cli::Command::Memory(args) => tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .map_err(anyhow::Error::from)
-            .and_then(|rt| rt.block_on(memory::command::run(args))),
+            .and_then(|rt| rt.block_on(memory::command::run(args.into_options()))),
         cli::Command::Check => match check::run() {
             Ok(true) => Ok(()),
             Ok(false) => Err(anyhow::anyhow!(

@@ -1,31 +1,21 @@
 //! The JSON summary written on exit (`--summary-json`).
 
-use std::{
-    path::Path,
-    sync::{Arc, Mutex},
-    time::Duration,
-};
+use std::{path::Path, time::Duration};
 
 use anyhow::Context as _;
 
-use crate::{
-    collector::{CollectorKind, Health},
-    connections::ConnectionTracker,
-};
+use crate::collector::{Health, Section};
 
-pub fn build(
-    elapsed: Duration,
-    health: &Health,
-    trackers: &[(CollectorKind, Arc<Mutex<ConnectionTracker>>)],
-) -> serde_json::Value {
+/// The run's header (version, duration, every collector's health) and the
+/// sections the collectors contributed.
+pub fn build(elapsed: Duration, health: &Health, sections: Vec<Section>) -> serde_json::Value {
     let mut doc = serde_json::json!({
         "version": env!("CARGO_PKG_VERSION"),
         "duration_seconds": elapsed.as_secs_f64(),
         "collectors": health.snapshot(),
     });
-    for (kind, tracker) in trackers {
-        let t = tracker.lock().unwrap_or_else(|e| e.into_inner());
-        doc[kind.name()] = t.summary();
+    for (key, section) in sections {
+        doc[key] = section;
     }
     doc
 }

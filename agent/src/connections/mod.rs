@@ -26,7 +26,9 @@ pub use tracker::ConnectionTracker;
 use tracker::SockSnapshot;
 
 use crate::{
+    collector::{Attached, Collector, CollectorKind, Hook, Running},
     objects::{self, Loader, ProbeError},
+    session::Session,
     tracefs::{self, TracefsError, TracepointFormat},
 };
 
@@ -183,33 +185,13 @@ impl ConnectionsCollector {
         let optional: &[_] = if syscall_hooks { SYSCALL_HOOKS } else { &[] };
         objects::attach_tracepoints(&mut ebpf, optional)?;
         let state_hook = attach_state_hooks(&mut ebpf)?;
-        metrics::gauge!(
-            "pipelens_collector_hook_info",
-            "collector" => "connections",
-            "hook" => "state",
-            "kind" => state_hook,
-            "target" => "inet_sock_set_state,tcp_retransmit_skb,tcp_send_reset,tcp_receive_reset",
-        )
-        .set(1.0);
         let byte_hook = bytes::attach(&mut ebpf).map_err(ProbeError::NoHook)?;
-        metrics::gauge!(
-            "pipelens_collector_hook_info",
-            "collector" => "connections",
-            "hook" => "bytes",
-            "kind" => byte_hook.hook.name(),
-            "target" => byte_hook.hook.target(),
-        )
-        .set(1.0);
         Ok(Self {
             ebpf,
             tracker: Arc::new(Mutex::new(ConnectionTracker::new())),
             byte_hook,
             state_hook,
         })
-    }
-
-    pub fn tracker(&self) -> Arc<Mutex<ConnectionTracker>> {
-        self.tracker.clone()
     }
 
     /// Seeds connections that `tgids` hold open right now. Called after the
@@ -362,4 +344,50 @@ fn drain(ring: &mut RingBuf<MapData>, tracker: &Mutex<ConnectionTracker>) {
 
 fn lock(m: &Mutex<ConnectionTracker>) -> std::sync::MutexGuard<'_, ConnectionTracker> {
     m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The connections collector as `pipelens run` requests it.
+pub struct Connections {
+    /// Also hook the accept and connect syscalls.
+    pub syscall_hooks: bool,
+}
+
+impl Collector for Connections {
+    fn kinds(&self) -> Vec<CollectorKind> {
+        vec![CollectorKind::Connections]
+    }
+
+    fn start(self: Box<Self>, session: &Session) -> Result<Box<dyn Attached>, ProbeError> {
+        let mut collector = ConnectionsCollector::start(&session.loader, self.syscall_hooks)?;
+        match collector.seed_existing(&session.traced_now()) {
+            Ok(n) => log::info!("connections: {n} existing connection(s) seeded"),
+            Err(e) => log::warn!("connections: seeding existing connections: {e}"),
+        }
+        Ok(Box::new(collector))
+    }
+}
+
+impl Attached for ConnectionsCollector {
+    fn hooks(&self) -> Vec<Hook> {
+        vec![
+            Hook {
+                hook: "state",
+                kind: self.state_hook,
+                target: "inet_sock_set_state,tcp_retransmit_skb,tcp_send_reset,tcp_receive_reset",
+            },
+            Hook {
+                hook: "bytes",
+                kind: self.byte_hook.hook.name(),
+                target: self.byte_hook.hook.target(),
+            },
+        ]
+    }
+
+    fn spawn(self: Box<Self>, shutdown: CancellationToken) -> Running {
+        tokio::spawn(async move {
+            let collector = self.run(shutdown).await?;
+            let summary = lock(&collector.tracker).summary();
+            Ok(vec![("connections", summary)])
+        })
+    }
 }

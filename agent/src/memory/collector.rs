@@ -21,8 +21,10 @@ use super::{
     report,
 };
 use crate::{
+    collector::{Attached, Collector, CollectorKind, Hook, Running},
     objects::{Loader, ProbeError},
     process,
+    session::Session,
 };
 
 /// Processes whose growth is profiled at once: each holds the unwind
@@ -79,36 +81,11 @@ impl MemoryCollector {
             probes.attach_allocator(*pid, &found, true)?;
             alloc_targets.push(*pid);
         }
-        // The allocator's hook is only chosen once uprobes are attached.
-        let chosen = if alloc_targets.is_empty() { 1 } else { 2 };
-        for (hook, kind) in probes.hooks.describe().into_iter().take(chosen) {
-            metrics::gauge!(
-                "pipelens_collector_hook_info",
-                "collector" => "memory",
-                "hook" => hook,
-                "kind" => kind,
-                "target" => "",
-            )
-            .set(1.0);
-        }
         Ok(Self {
             probes,
             alloc_targets,
             alloc_mean,
             growth_mean,
-        })
-    }
-
-    /// Runs on a thread of its own until `shutdown`.
-    pub fn spawn(
-        self,
-        shutdown: CancellationToken,
-    ) -> std::thread::JoinHandle<Result<serde_json::Value, ProbeError>> {
-        std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
-            rt.block_on(self.run(shutdown))
         })
     }
 
@@ -150,6 +127,62 @@ impl MemoryCollector {
         state.drain(ring.get_mut());
         state.publish(&self.probes);
         Ok(state.summary.into_values().collect())
+    }
+}
+
+/// The memory collector as `pipelens run` requests it.
+pub struct Memory {
+    /// Also hook the mapping syscalls.
+    pub syscall_hooks: bool,
+    /// Mean bytes of growth between samples.
+    pub growth_mean: u64,
+    /// Processes whose allocator gets uprobes (`--memory-allocs`).
+    pub alloc_pids: Vec<u32>,
+}
+
+impl Collector for Memory {
+    fn kinds(&self) -> Vec<CollectorKind> {
+        vec![CollectorKind::Memory]
+    }
+
+    fn start(self: Box<Self>, session: &Session) -> Result<Box<dyn Attached>, ProbeError> {
+        let collector = MemoryCollector::start(
+            &session.loader,
+            self.syscall_hooks,
+            self.growth_mean,
+            &self.alloc_pids,
+        )?;
+        Ok(Box::new(collector))
+    }
+}
+
+impl Attached for MemoryCollector {
+    fn hooks(&self) -> Vec<Hook> {
+        // The allocator's hook is only chosen once uprobes are attached.
+        let chosen = if self.alloc_targets.is_empty() { 1 } else { 2 };
+        self.probes
+            .hooks
+            .describe()
+            .into_iter()
+            .take(chosen)
+            .map(|(hook, kind)| Hook {
+                hook,
+                kind,
+                target: "",
+            })
+            .collect()
+    }
+
+    /// On a thread of its own: what it keeps is not `Send` (the symboliser
+    /// caches per thread).
+    fn spawn(self: Box<Self>, shutdown: CancellationToken) -> Running {
+        tokio::task::spawn_blocking(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let summary = rt.block_on(self.run(shutdown))?;
+            Ok(vec![("memory", summary)])
+        })
     }
 }
 

@@ -8,8 +8,6 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use clap::{Args, ValueEnum};
-use pipelens_common::memory::STACK_WINDOW;
 
 use super::{
     allocator,
@@ -17,10 +15,10 @@ use super::{
     record::{Mode, Recorder},
     report, sampling,
 };
-use crate::{btf, objects::Loader, privileges, process, targets, tracefs};
+use crate::{process, session::Session, targets};
 
 /// Output formats of a profile.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Format {
     /// Top sites and their heaviest stacks, for a terminal.
     Text,
@@ -34,65 +32,51 @@ pub enum Format {
     Json,
 }
 
-#[derive(Debug, Args)]
-pub struct MemoryArgs {
+impl Format {
+    pub const ALL: &'static [Format] = &[
+        Format::Text,
+        Format::Folded,
+        Format::Pprof,
+        Format::Svg,
+        Format::Json,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Format::Text => "text",
+            Format::Folded => "folded",
+            Format::Pprof => "pprof",
+            Format::Svg => "svg",
+            Format::Json => "json",
+        }
+    }
+}
+
+/// What `pipelens memory` was asked for (the CLI's `memory` flags).
+#[derive(Clone, Debug)]
+pub struct Options {
     /// The process to profile.
-    #[arg(long, value_name = "PID")]
     pub pid: u32,
-
-    /// How long to profile, in seconds (the profile is written earlier if
-    /// the process exits or on SIGINT).
-    #[arg(long, value_name = "SECS", value_parser = crate::cli::parse_secs)]
     pub duration: Duration,
-
-    /// `allocs`: allocator calls by call stack (uprobes on the allocator
-    /// the process uses, in that process only); `growth`: write faults on
-    /// anonymous memory and anonymous mappings by call stack (no uprobes).
-    #[arg(long, value_enum, default_value_t = Mode::Allocs)]
     pub mode: Mode,
-
-    #[arg(long, value_enum, default_value_t = Format::Text)]
     pub format: Format,
-
-    /// Write the profile to FILE instead of standard output.
-    #[arg(short = 'o', long = "output", value_name = "FILE")]
+    /// `None`: standard output.
     pub output: Option<PathBuf>,
-
-    /// Mean bytes between samples of the Poisson sampler (0: every call,
-    /// fault and mapping). Default: 524288 for allocs, 65536 for growth.
-    #[arg(long, value_name = "BYTES")]
+    /// Mean bytes between samples; `None`: the mode's default.
     pub sample_bytes: Option<u64>,
-
-    /// Allocated bytes only: do not follow sampled pointers to their
-    /// `free` (one probe hit per allocation instead of three per
-    /// allocation/free pair; no in-use figures).
-    #[arg(long)]
+    /// Do not follow sampled pointers to their `free`.
     pub no_in_use: bool,
-
-    /// Growth mode: page faults only, without the `mmap`/`brk`/`munmap`
-    /// syscall hooks (which cost every syscall on the host while attached).
-    #[arg(long)]
+    /// Growth mode without the mapping syscall hooks.
     pub faults_only: bool,
-
-    /// Bytes of user stack copied with each sample and unwound here (up
-    /// to 16384). Deep stacks with large frames need more; the stack is
-    /// cut where the window ends (and the profile says how often).
-    #[arg(long, default_value_t = 8192, value_name = "BYTES",
-          value_parser = clap::value_parser!(u32).range(512..=STACK_WINDOW as i64))]
+    /// Bytes of user stack copied with each sample.
     pub stack_bytes: u32,
-
     /// Sites in the text table.
-    #[arg(long, default_value_t = 20, value_name = "N")]
     pub top: usize,
-
-    /// Value column for folded and SVG output (default: the first one:
-    /// alloc_space or growth_space). One of alloc_space, alloc_objects,
-    /// inuse_space, inuse_objects, growth_space, mapped_space.
-    #[arg(long, value_name = "NAME")]
+    /// Value column for folded and SVG output; `None`: the first.
     pub value: Option<String>,
 }
 
-pub async fn run(args: MemoryArgs) -> anyhow::Result<()> {
+pub async fn run(args: Options) -> anyhow::Result<()> {
     if !process::exists(args.pid) {
         bail!("process {} does not exist", args.pid);
     }
@@ -108,7 +92,11 @@ pub async fn run(args: MemoryArgs) -> anyhow::Result<()> {
             )
         })?,
     };
-    privileges::check()?;
+    let session = Session::open(targets::Selection {
+        all: false,
+        pids: vec![args.pid],
+        comms: Vec::new(),
+    })?;
     let comm = process::comm(args.pid).unwrap_or_default();
     let track_frees = args.mode == Mode::Allocs && !args.no_in_use;
     let mean = args.sample_bytes.unwrap_or(match args.mode {
@@ -119,17 +107,6 @@ pub async fn run(args: MemoryArgs) -> anyhow::Result<()> {
         Mode::Allocs => Some(allocator::find(args.pid)?),
         Mode::Growth => None,
     };
-
-    tracefs::ensure_mounted()?;
-    let offsets = btf::kernel_offsets().context("resolving kernel structure offsets")?;
-    let selection = targets::Selection {
-        all: false,
-        pids: vec![args.pid],
-        comms: Vec::new(),
-    };
-    let loader = Loader::new(selection.agent_config(), offsets)?;
-    let tracker = targets::TargetTracker::start(&loader, &selection)
-        .context("following the target process")?;
     let settings = SamplerSettings {
         alloc_mean: mean,
         growth_mean: mean,
@@ -138,7 +115,7 @@ pub async fn run(args: MemoryArgs) -> anyhow::Result<()> {
         // A time-boxed profile may sample every call: room for thousands.
         ring_bytes: 64 << 20,
     };
-    let mut probes = MemoryProbes::load(&loader, settings)?;
+    let mut probes = MemoryProbes::load(&session.loader, settings)?;
     let mut recorder = Recorder::new(args.pid, comm.clone(), args.mode, mean, track_frees)?;
     let mut notes = Vec::new();
     match &allocators {
@@ -218,8 +195,7 @@ pub async fn run(args: MemoryArgs) -> anyhow::Result<()> {
     let counts = probes.counts();
     drop(ring);
     drop(probes);
-    drop(tracker);
-    drop(loader);
+    drop(session);
     if tty {
         eprintln!();
     }
@@ -291,7 +267,7 @@ fn drain(ring: &mut aya::maps::RingBuf<aya::maps::MapData>, recorder: &mut Recor
     }
 }
 
-fn progress(recorder: &Recorder, args: &MemoryArgs, tty: bool) {
+fn progress(recorder: &Recorder, args: &Options, tty: bool) {
     let what = match args.mode {
         Mode::Allocs => "allocated",
         Mode::Growth => "grown",

@@ -24,7 +24,7 @@ use super::{
 };
 
 /// What a profile measures.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {
     /// Resident-set growth: write faults on anonymous memory, and anonymous
     /// mappings (`mmap`, `brk`), by call stack. No uprobes.

@@ -23,6 +23,7 @@ use serde::Serialize;
 use wire::{Segment, Side};
 
 use crate::{
+    collector::Section,
     distribution::{Distribution, Quantiles},
     streams::{Analyser, Chunk, Claim, Flow},
     telemetry::{Identities, Identity, LabelCap},
@@ -346,6 +347,10 @@ fn side_of(role: Role, flow: Flow) -> Side {
 impl Analyser for QueriesAnalyser {
     fn name(&self) -> &'static str {
         "postgresql"
+    }
+
+    fn summary(&self) -> Section {
+        ("queries", summary(&self.stats))
     }
 
     fn offer(&mut self, c: &Chunk<'_>) -> Claim {

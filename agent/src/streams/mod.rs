@@ -31,7 +31,9 @@ struct Assembly {
 use tokio_util::sync::CancellationToken;
 
 use crate::{
+    collector::{Attached, Collector, CollectorKind, Hook, Running, Section},
     objects::{self, Loader, ProbeError},
+    session::Session,
     tracefs::TracepointFormat,
 };
 
@@ -180,6 +182,8 @@ pub trait Analyser: Send {
     fn forget_all(&mut self);
     /// Called about once a second (expiry, metric flushes).
     fn tick(&mut self) {}
+    /// Its section of `--summary-json`.
+    fn summary(&self) -> Section;
 }
 
 /// The attached capture object and the analysers it feeds.
@@ -345,5 +349,48 @@ impl StreamsCollector {
             seen[1] = unwalked;
         }
         Ok(())
+    }
+}
+
+/// The payload collector as `pipelens run` requests it: one capture object
+/// feeding the analysers of the requested protocol collectors.
+pub struct Payload {
+    pub kinds: Vec<CollectorKind>,
+    pub capture_bytes: usize,
+    /// Makes the analyser of a kind, or `None` if that kind is not one.
+    pub analyser: fn(CollectorKind) -> Option<Box<dyn Analyser>>,
+}
+
+impl Collector for Payload {
+    fn kinds(&self) -> Vec<CollectorKind> {
+        self.kinds.clone()
+    }
+
+    fn start(self: Box<Self>, session: &Session) -> Result<Box<dyn Attached>, ProbeError> {
+        let analysers = self
+            .kinds
+            .iter()
+            .filter_map(|k| (self.analyser)(*k))
+            .collect();
+        let collector = StreamsCollector::start(&session.loader, self.capture_bytes, analysers)?;
+        Ok(Box::new(collector))
+    }
+}
+
+impl Attached for StreamsCollector {
+    fn hooks(&self) -> Vec<Hook> {
+        // One way on every kernel so far: the syscall tracepoints.
+        vec![Hook {
+            hook: "payload",
+            kind: "tracepoint",
+            target: "syscalls:sys_{enter,exit}_{read,write,readv,writev,recvfrom,sendto,recvmsg,sendmsg}",
+        }]
+    }
+
+    fn spawn(self: Box<Self>, shutdown: CancellationToken) -> Running {
+        tokio::spawn(async move {
+            let collector = self.run(shutdown).await?;
+            Ok(collector.router.summaries())
+        })
     }
 }

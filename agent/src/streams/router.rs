@@ -166,6 +166,11 @@ pub struct Router {
 }
 
 impl Router {
+    /// Every analyser's summary section.
+    pub fn summaries(&self) -> Vec<crate::collector::Section> {
+        self.analysers.iter().map(|a| a.summary()).collect()
+    }
+
     pub fn new(analysers: Vec<Box<dyn Analyser>>) -> Self {
         Self {
             analysers,

@@ -15,6 +15,7 @@ use super::{
     stream::WebStream,
 };
 use crate::{
+    collector::Section,
     streams::{Analyser, Chunk, Claim, Flow},
     telemetry::{Identities, Identity, LabelCap},
 };
@@ -317,6 +318,10 @@ fn direction(flow: Flow) -> Direction {
 impl Analyser for WebAnalyser {
     fn name(&self) -> &'static str {
         "http"
+    }
+
+    fn summary(&self) -> Section {
+        ("websocket", summary(&self.stats))
     }
 
     fn offer(&mut self, c: &Chunk<'_>) -> Claim {

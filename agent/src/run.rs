@@ -1,0 +1,263 @@
+//! `pipelens run`: open a session, start the requested collectors, serve
+//! `/metrics` and `/healthz` until stopped, stop cleanly, write the summary.
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration, time::Instant};
+
+use anyhow::bail;
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    collector::{Collector, CollectorKind, Health, Status},
+    connections::Connections,
+    memory::collector::Memory,
+    queries::QueriesAnalyser,
+    server,
+    session::Session,
+    streams::{Analyser, Payload},
+    summary,
+    targets::Selection,
+    telemetry,
+    websocket::analyser::WebAnalyser,
+};
+
+/// What `pipelens run` was asked for (the CLI's `run` flags).
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub selection: Selection,
+    /// Empty: every collector.
+    pub collectors: Vec<CollectorKind>,
+    pub listen: SocketAddr,
+    /// `None`: until SIGINT or SIGTERM.
+    pub duration: Option<Duration>,
+    pub syscall_hooks: bool,
+    pub capture_bytes: usize,
+    pub memory_sample_bytes: u64,
+    pub memory_allocs: bool,
+    pub summary_json: Option<PathBuf>,
+}
+
+impl Options {
+    /// The requested kinds, each once, in a stable order.
+    fn requested(&self) -> Vec<CollectorKind> {
+        if self.collectors.is_empty() {
+            return CollectorKind::ALL.to_vec();
+        }
+        let mut kinds = self.collectors.clone();
+        kinds.sort();
+        kinds.dedup();
+        kinds
+    }
+}
+
+/// The collectors of a run: adding one means adding it here.
+fn collectors(opts: &Options, requested: &[CollectorKind]) -> Vec<Box<dyn Collector>> {
+    let mut list: Vec<Box<dyn Collector>> = Vec::new();
+    let wants = |kind| requested.contains(&kind);
+    // Payload analysers share one capture object.
+    let protocols: Vec<CollectorKind> = requested
+        .iter()
+        .copied()
+        .filter(|k| analyser(*k).is_some())
+        .collect();
+    if !protocols.is_empty() {
+        list.push(Box::new(Payload {
+            kinds: protocols,
+            capture_bytes: opts.capture_bytes,
+            analyser,
+        }));
+    }
+    if wants(CollectorKind::Connections) {
+        list.push(Box::new(Connections {
+            syscall_hooks: opts.syscall_hooks,
+        }));
+    }
+    if wants(CollectorKind::Memory) {
+        list.push(Box::new(Memory {
+            syscall_hooks: opts.syscall_hooks,
+            growth_mean: opts.memory_sample_bytes,
+            alloc_pids: if opts.memory_allocs {
+                opts.selection.pids.clone()
+            } else {
+                Vec::new()
+            },
+        }));
+    }
+    list
+}
+
+/// The payload analyser of a protocol collector.
+fn analyser(kind: CollectorKind) -> Option<Box<dyn Analyser>> {
+    match kind {
+        CollectorKind::Queries => Some(Box::new(QueriesAnalyser::new().0)),
+        CollectorKind::Websocket => Some(Box::new(WebAnalyser::new().0)),
+        CollectorKind::Connections | CollectorKind::Memory => None,
+    }
+}
+
+pub async fn run(opts: Options) -> anyhow::Result<()> {
+    let started = Instant::now();
+    opts.selection.validate()?;
+    let requested = opts.requested();
+
+    let handle = telemetry::install()?;
+    let health = Health::new(&requested);
+    let listener = server::bind(opts.listen).await?;
+    log::info!(
+        "serving /metrics and /healthz on http://{}",
+        listener.local_addr()?
+    );
+    let session = Session::open(opts.selection.clone())?;
+
+    let shutdown = CancellationToken::new();
+    let server_task = tokio::spawn(server::serve(
+        listener,
+        handle.clone(),
+        health.clone(),
+        shutdown.clone(),
+    ));
+    let upkeep = {
+        let handle = handle.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(5));
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => handle.run_upkeep(),
+                    () = shutdown.cancelled() => break,
+                }
+            }
+        })
+    };
+
+    let mut running = Vec::new();
+    for collector in collectors(&opts, &requested) {
+        let kinds = collector.kinds();
+        match collector.start(&session) {
+            Ok(attached) => {
+                for kind in &kinds {
+                    for hook in attached.hooks() {
+                        metrics::gauge!(
+                            "pipelens_collector_hook_info",
+                            "collector" => kind.name(),
+                            "hook" => hook.hook,
+                            "kind" => hook.kind,
+                            "target" => hook.target,
+                        )
+                        .set(1.0);
+                    }
+                    health.set(*kind, Status::Up);
+                }
+                running.push((kinds, attached.spawn(shutdown.clone())));
+            }
+            Err(e) => {
+                for kind in &kinds {
+                    log::error!("collector {kind} is down: {e}");
+                    health.set(*kind, Status::Down(e.to_string()));
+                }
+            }
+        }
+    }
+    if running.is_empty() {
+        shutdown.cancel();
+        bail!("no collector could be attached: {:?}", health.snapshot());
+    }
+    log::info!("attached in {:.0?}", started.elapsed());
+
+    wait_for_stop(opts.duration).await?;
+    log::info!("stopping");
+    shutdown.cancel();
+    let mut sections = Vec::new();
+    for (kinds, task) in running {
+        let names: Vec<&str> = kinds.iter().map(|k| k.name()).collect();
+        match task.await {
+            Ok(Ok(s)) => sections.extend(s),
+            Ok(Err(e)) => log::error!("collector {} failed: {e}", names.join(",")),
+            Err(e) => log::error!("collector {} panicked: {e}", names.join(",")),
+        }
+    }
+    drop(session);
+    let _ = upkeep.await;
+    if let Ok(Err(e)) = server_task.await {
+        log::warn!("http server: {e}");
+    }
+
+    if let Some(path) = &opts.summary_json {
+        let doc = summary::build(started.elapsed(), &health, sections);
+        summary::write(path, &doc)?;
+        log::info!("summary written to {}", path.display());
+    }
+    Ok(())
+}
+
+async fn wait_for_stop(duration: Option<Duration>) -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let sleep = async {
+        match duration {
+            Some(d) => tokio::time::sleep(d).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        () = sleep => {}
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn options(collectors: Vec<CollectorKind>) -> Options {
+        Options {
+            selection: Selection {
+                all: true,
+                pids: Vec::new(),
+                comms: Vec::new(),
+            },
+            collectors,
+            listen: "127.0.0.1:0".parse().unwrap(),
+            duration: None,
+            syscall_hooks: false,
+            capture_bytes: 4096,
+            memory_sample_bytes: 0,
+            memory_allocs: false,
+            summary_json: None,
+        }
+    }
+
+    #[test]
+    fn every_requested_kind_is_carried_by_exactly_one_collector() {
+        for requested in [
+            CollectorKind::ALL.to_vec(),
+            vec![CollectorKind::Websocket],
+            vec![CollectorKind::Memory, CollectorKind::Queries],
+            vec![CollectorKind::Connections],
+        ] {
+            let opts = options(requested.clone());
+            let mut carried: Vec<CollectorKind> = collectors(&opts, &opts.requested())
+                .iter()
+                .flat_map(|c| c.kinds())
+                .collect();
+            carried.sort();
+            assert_eq!(carried, opts.requested(), "{requested:?}");
+        }
+    }
+
+    #[test]
+    fn requested_kinds_are_deduplicated_and_default_to_all() {
+        assert_eq!(options(Vec::new()).requested(), CollectorKind::ALL);
+        let opts = options(vec![
+            CollectorKind::Queries,
+            CollectorKind::Connections,
+            CollectorKind::Queries,
+        ]);
+        assert_eq!(
+            opts.requested(),
+            [CollectorKind::Connections, CollectorKind::Queries]
+        );
+    }
+}
