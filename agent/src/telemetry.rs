@@ -204,22 +204,45 @@ fn describe() {
 /// Distinct `process` values a collector reports; the rest are [`OTHER`].
 pub const PROCESS_CAP: usize = 200;
 
-/// The identity every series of every collector carries: `process` (the
-/// kernel's comm, capped at [`PROCESS_CAP`]) and `container` (the short
-/// container id from the process's cgroup, empty outside a container).
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+/// The identity every series of every collector carries, first in its
+/// label set: `process` (the kernel's comm, capped at [`PROCESS_CAP`]) and
+/// `container` (the short container id from the process's cgroup, empty
+/// outside a container) always; `namespace` and `pod` on a Kubernetes node,
+/// where the pod is known, and absent elsewhere (Prometheus treats an empty
+/// label as absent: no dashboard query changes when they appear).
+#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 pub struct Identity {
     pub process: String,
     pub container: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub namespace: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub pod: String,
 }
 
 impl Identity {
-    /// The identity's labels, first in every label set.
+    /// The identity's labels, to be followed by the series' own.
     pub fn labels(&self) -> Vec<metrics::Label> {
-        vec![
+        let mut labels = vec![
             metrics::Label::new("process", self.process.clone()),
             metrics::Label::new("container", self.container.clone()),
-        ]
+        ];
+        for (key, value) in [("namespace", &self.namespace), ("pod", &self.pod)] {
+            if !value.is_empty() {
+                labels.push(metrics::Label::new(key, value.clone()));
+            }
+        }
+        labels
+    }
+
+    /// The identity's labels followed by `own`.
+    pub fn labels_with(
+        &self,
+        own: impl IntoIterator<Item = metrics::Label>,
+    ) -> Vec<metrics::Label> {
+        let mut labels = self.labels();
+        labels.extend(own);
+        labels
     }
 }
 
@@ -242,6 +265,7 @@ impl Identities {
         Identity {
             process: self.process_cap.admit(&process),
             container,
+            ..Identity::default()
         }
     }
 }
@@ -289,6 +313,44 @@ impl LabelCap {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn identity_leads_every_label_set_and_pod_labels_appear_once_known() {
+        let host = Identity {
+            process: "pipeline".into(),
+            ..Identity::default()
+        };
+        let names = |labels: Vec<metrics::Label>| -> Vec<(String, String)> {
+            labels
+                .iter()
+                .map(|l| (l.key().to_owned(), l.value().to_owned()))
+                .collect()
+        };
+        assert_eq!(
+            names(host.labels_with([metrics::Label::new("port", "8080")])),
+            [
+                ("process".into(), "pipeline".into()),
+                ("container".into(), String::new()),
+                ("port".into(), "8080".into()),
+            ]
+        );
+        let pod = Identity {
+            container: "0123456789ab".into(),
+            namespace: "shop".into(),
+            pod: "pipeline-7d9f".into(),
+            ..host
+        };
+        let keys: Vec<String> = names(pod.labels()).into_iter().map(|(k, _)| k).collect();
+        assert_eq!(keys, ["process", "container", "namespace", "pod"]);
+        let json = serde_json::to_value(&pod).unwrap();
+        assert_eq!(json["pod"], "pipeline-7d9f");
+        assert!(
+            serde_json::to_value(Identity::default())
+                .unwrap()
+                .get("pod")
+                .is_none()
+        );
+    }
 
     #[test]
     fn values_past_the_cap_become_other() {

@@ -20,8 +20,7 @@ const EVICTION_POLLS: u8 = 3;
 
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 pub struct Labels {
-    pub process: String,
-    pub container: String,
+    pub identity: Identity,
     pub direction: &'static str,
     pub port: String,
 }
@@ -185,14 +184,13 @@ impl ConnectionTracker {
         lport: u16,
         rport: u16,
     ) -> Labels {
-        let Identity { process, container } = self.ids.of(tgid, comm);
+        let identity = self.ids.of(tgid, comm);
         let (direction, port) = match direction {
             DIR_INBOUND => ("inbound", lport),
             _ => ("outbound", rport),
         };
         Labels {
-            process,
-            container,
+            identity,
             direction,
             port: self.port_cap.admit(&port.to_string()),
         }
@@ -463,19 +461,17 @@ impl ConnectionTracker {
             .iter()
             .find(|s| {
                 let l = &s.labels;
-                l.process == process && l.direction == direction && l.port == port
+                l.identity.process == process && l.direction == direction && l.port == port
             })
             .map(|s| &s.row)
     }
 }
 
 fn base_pairs(l: &Labels) -> Vec<metrics::Label> {
-    vec![
-        metrics::Label::new("process", l.process.clone()),
-        metrics::Label::new("container", l.container.clone()),
+    l.identity.labels_with([
         metrics::Label::new("direction", l.direction),
         metrics::Label::new("port", l.port.clone()),
-    ]
+    ])
 }
 
 fn label_pairs(l: &Labels, reason: &str) -> Vec<metrics::Label> {

@@ -25,6 +25,7 @@ use crate::{
     objects::{Loader, ProbeError},
     process,
     session::Session,
+    telemetry::{Identities, Identity},
 };
 
 /// Processes whose growth is profiled at once: each holds the unwind
@@ -52,7 +53,7 @@ struct State {
     published: HashMap<(u32, &'static str), HashSet<String>>,
     /// Top sites per process for `--summary-json`, kept after it exits.
     summary: std::collections::BTreeMap<u32, serde_json::Value>,
-    names: process::ProcessNames,
+    ids: Identities,
 }
 
 impl MemoryCollector {
@@ -97,7 +98,7 @@ impl MemoryCollector {
             allocs: HashMap::new(),
             published: HashMap::new(),
             summary: Default::default(),
-            names: process::ProcessNames::default(),
+            ids: Identities::new("memory"),
         };
         for pid in &self.alloc_targets {
             let comm = process::comm(*pid).unwrap_or_default();
@@ -236,7 +237,7 @@ impl State {
         let mut gone = Vec::new();
         for (tgid, r) in &self.growth {
             let p = r.profile(Vec::new());
-            let labels = self.names.labels(*tgid, r.process.as_bytes());
+            let labels = self.ids.of(*tgid, r.process.as_bytes());
             let top = publish_sites(&mut self.published, *tgid, &labels, &p, 0, "growth");
             summary_entry(&mut self.summary, *tgid, &r.process)["growth"] = top;
             if !process::exists(*tgid) {
@@ -245,7 +246,7 @@ impl State {
         }
         for (tgid, r) in &self.allocs {
             let p = r.profile(Vec::new());
-            let labels = self.names.labels(*tgid, r.process.as_bytes());
+            let labels = self.ids.of(*tgid, r.process.as_bytes());
             let allocated = publish_sites(&mut self.published, *tgid, &labels, &p, 0, "allocated");
             let in_use = publish_sites(&mut self.published, *tgid, &labels, &p, 2, "in_use");
             let entry = summary_entry(&mut self.summary, *tgid, &r.process);
@@ -273,7 +274,7 @@ fn summary_entry<'a>(
 fn publish_sites(
     published: &mut HashMap<(u32, &'static str), HashSet<String>>,
     tgid: u32,
-    (process, container): &(String, String),
+    identity: &Identity,
     profile: &Profile,
     col: usize,
     what: &'static str,
@@ -295,17 +296,15 @@ fn publish_sites(
             continue;
         }
         known.insert(site.clone());
-        let labels = [
-            ("process", process.clone()),
-            ("site", site.clone()),
-            ("container", container.clone()),
-        ];
+        let labels = identity.labels_with([metrics::Label::new("site", site.clone())]);
         match what {
-            "growth" => metrics::counter!("pipelens_memory_growth_bytes_total", &labels)
+            "growth" => metrics::counter!("pipelens_memory_growth_bytes_total", labels.clone())
                 .absolute(*value as u64),
-            "allocated" => metrics::counter!("pipelens_memory_allocated_bytes_total", &labels)
-                .absolute(*value as u64),
-            _ => metrics::gauge!("pipelens_memory_in_use_bytes", &labels).set(*value as f64),
+            "allocated" => {
+                metrics::counter!("pipelens_memory_allocated_bytes_total", labels.clone())
+                    .absolute(*value as u64)
+            }
+            _ => metrics::gauge!("pipelens_memory_in_use_bytes", labels.clone()).set(*value as f64),
         }
     }
     ranked

@@ -38,8 +38,8 @@ const TEMPLATE_CACHE: usize = 8192;
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 pub struct QueryKey {
-    pub process: String,
-    pub container: String,
+    #[serde(flatten)]
+    pub identity: Identity,
     pub role: &'static str,
     pub db_name: String,
     pub operation: &'static str,
@@ -58,12 +58,18 @@ pub struct TemplateStats {
 /// Metric handles of one query label set, registered on first use.
 struct Series {
     key: QueryKey,
-    ok: Option<metrics::Histogram>,
-    error: Option<metrics::Histogram>,
-    /// `pipelens_db_query_service_seconds`, by status like the above.
-    ok_service: Option<metrics::Histogram>,
-    error_service: Option<metrics::Histogram>,
+    /// By status, `ok` then `error`, each registered on first use.
+    by_status: [StatusSeries; 2],
     errors: HashMap<String, metrics::Counter>,
+}
+
+/// The histograms of one series and status.
+#[derive(Default)]
+struct StatusSeries {
+    /// `pipelens_db_query_duration_seconds`.
+    duration: Option<metrics::Histogram>,
+    /// `pipelens_db_query_service_seconds`.
+    service: Option<metrics::Histogram>,
 }
 
 /// Shared view for the summary writer: one row per series, in the order
@@ -137,8 +143,7 @@ impl QueriesAnalyser {
             .or_insert_with(|| LabelCap::new(TEMPLATE_CAP, "queries", "query"))
             .admit(&template);
         let key = QueryKey {
-            process: who.process.clone(),
-            container: who.container.clone(),
+            identity: who.clone(),
             role: role.label(),
             db_name: db.to_owned(),
             operation,
@@ -155,10 +160,7 @@ impl QueriesAnalyser {
             .push((key.clone(), TemplateStats::default()));
         self.series.push(Series {
             key,
-            ok: None,
-            error: None,
-            ok_service: None,
-            error_service: None,
+            by_status: Default::default(),
             errors: HashMap::new(),
         });
         i
@@ -170,53 +172,41 @@ impl QueriesAnalyser {
         let series = &mut self.series[i];
         let key = &series.key;
         let labels = |status: &str| {
-            vec![
-                metrics::Label::new("process", key.process.clone()),
-                metrics::Label::new("container", key.container.clone()),
+            key.identity.labels_with([
                 metrics::Label::new("role", key.role),
                 metrics::Label::new("db_system", "postgresql"),
                 metrics::Label::new("db_name", key.db_name.clone()),
                 metrics::Label::new("operation", key.operation),
                 metrics::Label::new("query", key.query.clone()),
                 metrics::Label::new("status", status.to_owned()),
-            ]
+            ])
         };
-        let status = if c.error.is_some() { "error" } else { "ok" };
-        let service_slot = if c.error.is_some() {
-            &mut series.error_service
-        } else {
-            &mut series.ok_service
+        let (slot, status) = match c.error {
+            None => (0, "ok"),
+            Some(_) => (1, "error"),
         };
-        service_slot
+        let by_status = &mut series.by_status[slot];
+        by_status
+            .duration
+            .get_or_insert_with(|| {
+                metrics::histogram!("pipelens_db_query_duration_seconds", labels(status))
+            })
+            .record(secs);
+        by_status
+            .service
             .get_or_insert_with(|| {
                 metrics::histogram!("pipelens_db_query_service_seconds", labels(status))
             })
             .record(service);
-        match &c.error {
-            None => series
-                .ok
-                .get_or_insert_with(|| {
-                    metrics::histogram!("pipelens_db_query_duration_seconds", labels("ok"))
-                })
-                .record(secs),
-            Some(state) => {
-                series
-                    .error
-                    .get_or_insert_with(|| {
-                        metrics::histogram!("pipelens_db_query_duration_seconds", labels("error"))
-                    })
-                    .record(secs);
-                let mut with_state = labels("error");
-                with_state.pop();
-                with_state.push(metrics::Label::new("sqlstate", state.clone()));
-                series
-                    .errors
-                    .entry(state.clone())
-                    .or_insert_with(|| {
-                        metrics::counter!("pipelens_db_query_errors_total", with_state)
-                    })
-                    .increment(1);
-            }
+        if let Some(state) = &c.error {
+            let mut with_state = labels(status);
+            with_state.pop();
+            with_state.push(metrics::Label::new("sqlstate", state.clone()));
+            series
+                .errors
+                .entry(state.clone())
+                .or_insert_with(|| metrics::counter!("pipelens_db_query_errors_total", with_state))
+                .increment(1);
         }
         let mut stats = self.stats.lock().unwrap_or_else(|e| e.into_inner());
         let s = &mut stats[i].1;

@@ -394,7 +394,7 @@ mod tests {
         let stats = summary.lock().unwrap();
         let keys = stats
             .keys()
-            .map(|k| (k.process.clone(), k.port.clone()))
+            .map(|k| (k.identity.process.clone(), k.port.clone()))
             .collect();
         let total = stats.values().flat_map(|s| s.http_requests.values()).sum();
         (total, keys)

@@ -27,8 +27,8 @@ const CODE_CAP: usize = 50;
 
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 pub struct PortKey {
-    pub process: String,
-    pub container: String,
+    #[serde(flatten)]
+    pub identity: Identity,
     pub port: String,
 }
 
@@ -186,11 +186,9 @@ struct PortSeries {
 
 impl PortSeries {
     fn new(key: &PortKey) -> Self {
-        let base = vec![
-            metrics::Label::new("process", key.process.clone()),
-            metrics::Label::new("container", key.container.clone()),
-            metrics::Label::new("port", key.port.clone()),
-        ];
+        let base = key
+            .identity
+            .labels_with([metrics::Label::new("port", key.port.clone())]);
         Self {
             sessions: metrics::counter!("pipelens_websocket_sessions_total", base.clone()),
             active: metrics::gauge!("pipelens_websocket_sessions_active", base.clone()),
@@ -338,10 +336,8 @@ impl Analyser for WebAnalyser {
             Role::Server => c.lport,
             Role::Client => c.rport,
         };
-        let Identity { process, container } = self.ids.of(c.tgid, c.comm);
         let key = PortKey {
-            process,
-            container,
+            identity: self.ids.of(c.tgid, c.comm),
             port: self.port_cap.admit(&port.to_string()),
         };
         let series = self.series_of(&key);
