@@ -8,7 +8,7 @@
 /// instruction after the check (a `push`) is emulated at a tenth of that;
 /// past the check `%rdi` still holds the pointer, and `free(NULL)` frees
 /// nothing we follow.
-pub(super) fn null_check_len(code: &[u8]) -> Option<u64> {
+pub fn null_check_len(code: &[u8]) -> Option<u64> {
     match code {
         [0x48, 0x85, 0xff, 0x74, _, ..] => Some(5),
         [0x48, 0x85, 0xff, 0x0f, 0x84, _, _, _, _, ..] => Some(9),
@@ -19,11 +19,7 @@ pub(super) fn null_check_len(code: &[u8]) -> Option<u64> {
 /// An unconditional jump at the start of x86-64 code: `jmp rel32`,
 /// `jmp rel8`, or `jmp *disp32(%rip)` (with a `bnd` prefix in PLTs built
 /// for MPX), possibly after an `endbr64`.
-pub(super) fn x86_64_jump(
-    code: &[u8],
-    vaddr: u64,
-    got: impl Fn(u64) -> Option<u64>,
-) -> Option<u64> {
+pub fn x86_64_jump(code: &[u8], vaddr: u64, got: impl Fn(u64) -> Option<u64>) -> Option<u64> {
     const ENDBR64: [u8; 4] = [0xf3, 0x0f, 0x1e, 0xfa];
     let (code, pc) = match code.strip_prefix(&ENDBR64) {
         Some(rest) => (rest, vaddr + 4),
@@ -44,11 +40,7 @@ pub(super) fn x86_64_jump(
 /// An unconditional jump at the start of AArch64 code: `b label`, or a PLT
 /// entry (`adrp x16, page; ldr x17, [x16, #off]; ...; br x17`), possibly
 /// after a `bti c`.
-pub(super) fn aarch64_jump(
-    code: &[u8],
-    vaddr: u64,
-    got: impl Fn(u64) -> Option<u64>,
-) -> Option<u64> {
+pub fn aarch64_jump(code: &[u8], vaddr: u64, got: impl Fn(u64) -> Option<u64>) -> Option<u64> {
     const BTI_C: u32 = 0xd503_245f;
     let word = |i: usize| -> Option<u32> {
         let b = code.get(i * 4..i * 4 + 4)?;
