@@ -3,10 +3,15 @@
 //!
 //! - `probes`: the kernel object, its attachment (allocator uprobes in one
 //!   process; write faults and mapping syscalls of targets) and its records.
-//! - `allocator`, `maps`: which allocator a process really uses, and where.
+//! - `allocator`, `maps`: which allocator a process really uses, and where
+//!   (`allocator::catalogue` the allocators' functions, `allocator::elf`
+//!   reading a module for them, `allocator::decode` the instructions that
+//!   reading follows).
 //! - `unwind`, `symbols`: sampled stack windows into named call stacks.
 //! - `sampling`, `record`: byte sampling and the weighed profile.
-//! - `profile`, `report`: the profile and its formats.
+//! - `profile`, `report`: the profile and its formats (`report::attribution`
+//!   picks each stack's allocation site; `report::text`, `report::flame`
+//!   for folded stacks and SVG, and `report::pprof` write it).
 //! - `command`: `pipelens memory`; `collector`: the memory collector of
 //!   `pipelens run`.
 
