@@ -1,7 +1,10 @@
 //! The metrics registry: a Prometheus recorder with real bucketed histograms,
 //! metric descriptions, and the cardinality caps every label goes through.
 
-use std::collections::HashSet;
+use std::{
+    collections::HashSet,
+    sync::{LazyLock, Mutex},
+};
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use serde::Serialize;
@@ -246,22 +249,29 @@ impl Identity {
     }
 }
 
-/// Resolves a process to its [`Identity`], with one cache and one cap.
+/// What `/proc` said about each process, shared by every collector: a
+/// process's cgroup is read once however many collectors see it.
+static NAMES: LazyLock<Mutex<ProcessNames>> = LazyLock::new(Mutex::default);
+
+/// Resolves a process to its [`Identity`] for one collector: one shared
+/// cache, and the collector's own `process` cap.
 pub struct Identities {
-    names: ProcessNames,
     process_cap: LabelCap,
 }
 
 impl Identities {
     pub fn new(collector: &'static str) -> Self {
         Self {
-            names: ProcessNames::default(),
             process_cap: LabelCap::new(PROCESS_CAP, collector, "process"),
         }
     }
 
+    /// Called when a series or stream is first seen, not per event.
     pub fn of(&mut self, tgid: u32, kernel_comm: &[u8]) -> Identity {
-        let (process, container) = self.names.labels(tgid, kernel_comm);
+        let (process, container) = NAMES
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .labels(tgid, kernel_comm);
         Identity {
             process: self.process_cap.admit(&process),
             container,
