@@ -682,7 +682,10 @@ fn every_series_carries_process_and_container() {
 /// each file's inode mode before reading its `private_data` as a `struct
 /// socket`. The traced peer serves the same HTTP exchange over a pipe, a
 /// file and a Unix socket pair; exactly the socket pair's request is
-/// counted, and no TCP connection.
+/// counted, and no TCP connection. (On 6.18, a pipe's `private_data` read
+/// as a socket happens to yield an address family the capture rejects as
+/// well, so this guards the outcome on every kernel rather than failing
+/// by itself when the mode check is removed.)
 #[test]
 fn pipes_and_files_are_not_taken_for_sockets() {
     if !probes_available("pipes_and_files_are_not_taken_for_sockets") {
