@@ -38,39 +38,16 @@ use crate::{
 
 /// (program, category, tracepoint, name of the buffer argument, name of
 /// the third argument)
+#[rustfmt::skip]
 pub const HOOKS: &[(&str, &str, &str, &str, &str)] = &[
     ("enter_read", "syscalls", "sys_enter_read", "buf", "count"),
-    (
-        "enter_read",
-        "syscalls",
-        "sys_enter_recvfrom",
-        "ubuf",
-        "size",
-    ),
+    ("enter_read", "syscalls", "sys_enter_recvfrom", "ubuf", "size"),
     ("enter_write", "syscalls", "sys_enter_write", "buf", "count"),
     ("enter_write", "syscalls", "sys_enter_sendto", "buff", "len"),
     ("enter_readv", "syscalls", "sys_enter_readv", "vec", "vlen"),
-    (
-        "enter_writev",
-        "syscalls",
-        "sys_enter_writev",
-        "vec",
-        "vlen",
-    ),
-    (
-        "enter_recvmsg",
-        "syscalls",
-        "sys_enter_recvmsg",
-        "msg",
-        "flags",
-    ),
-    (
-        "enter_sendmsg",
-        "syscalls",
-        "sys_enter_sendmsg",
-        "msg",
-        "flags",
-    ),
+    ("enter_writev", "syscalls", "sys_enter_writev", "vec", "vlen"),
+    ("enter_recvmsg", "syscalls", "sys_enter_recvmsg", "msg", "flags"),
+    ("enter_sendmsg", "syscalls", "sys_enter_sendmsg", "msg", "flags"),
     ("exit_io", "syscalls", "sys_exit_read", "", ""),
     ("exit_io", "syscalls", "sys_exit_recvfrom", "", ""),
     ("exit_io", "syscalls", "sys_exit_write", "", ""),
