@@ -56,6 +56,33 @@ pub const MAX_SOCKS: u32 = 65_536;
 /// Capacity of the `SEEDS` map (pre-existing connections not yet matched).
 pub const MAX_SEEDS: u32 = 16_384;
 
+/// A connection's addresses and ports: the one type every record and map
+/// that carries them uses, kernel and userspace alike. IPv4 addresses fill
+/// the first four bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockTuple {
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    pub family: u16,
+    /// Local port, host order.
+    pub lport: u16,
+    /// Remote port, host order.
+    pub rport: u16,
+    pub _pad: u16,
+}
+
+impl SockTuple {
+    pub const EMPTY: Self = Self {
+        saddr: [0; 16],
+        daddr: [0; 16],
+        family: 0,
+        lport: 0,
+        rport: 0,
+        _pad: 0,
+    };
+}
+
 /// Per-socket state, keyed by the `struct sock` address.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
@@ -64,30 +91,18 @@ pub struct SockState {
     pub bytes_sent: u64,
     pub bytes_received: u64,
     pub retransmits: u64,
-    pub saddr: [u8; 16],
-    pub daddr: [u8; 16],
     /// Command name of the owning process, captured in process context.
     pub comm: [u8; 16],
+    pub addr: SockTuple,
     pub tgid: u32,
     pub flags: u32,
-    pub family: u16,
-    pub lport: u16,
-    pub rport: u16,
     pub direction: u16,
+    pub _pad: [u8; 6],
 }
 
 /// Key of the `SEEDS` map: a connection seen in `/proc/net/tcp*` before the
 /// agent started, found again by its addresses once its socket shows up.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct SeedKey {
-    pub saddr: [u8; 16],
-    pub daddr: [u8; 16],
-    pub family: u16,
-    pub lport: u16,
-    pub rport: u16,
-    pub _pad: u16,
-}
+pub type SeedKey = SockTuple;
 
 /// Value of the `SEEDS` map.
 #[repr(C)]
@@ -108,26 +123,38 @@ pub struct ConnEvent {
     pub bytes_sent: u64,
     pub bytes_received: u64,
     pub retransmits: u64,
-    pub saddr: [u8; 16],
-    pub daddr: [u8; 16],
     pub comm: [u8; 16],
+    pub addr: SockTuple,
     pub tgid: u32,
     pub kind: u32,
     pub reason: u32,
     pub flags: u32,
-    pub family: u16,
-    pub lport: u16,
-    pub rport: u16,
     pub direction: u16,
+    pub _pad: [u8; 6],
 }
 
 /// Indices of the per-CPU `CONN_STATS` array.
 pub const STAT_RING_LOST: u32 = 0;
 pub const STAT_SOCK_UNTRACKED_CLOSE: u32 = 1;
+/// A map insert failed (the map was full, or the kernel had no memory):
+/// one slot per map, exported with [`CONN_MAP_ERRORS`].
 pub const STAT_SOCKS_FULL: u32 = 2;
 /// A kprobe found the in-flight call map full (kprobe tier only).
 pub const STAT_CALLS_FULL: u32 = 3;
-pub const STAT_COUNT: u32 = 4;
+pub const STAT_LISTENERS_FULL: u32 = 4;
+pub const STAT_PENDING_INBOUND_FULL: u32 = 5;
+pub const STAT_CONNECTING_FULL: u32 = 6;
+pub const STAT_COUNT: u32 = 7;
+
+/// `CONN_STATS` slots counting failed inserts, with the map each is for
+/// (the `map` label of `pipelens_kernel_map_errors_total`).
+pub const CONN_MAP_ERRORS: [(u32, &str); 5] = [
+    (STAT_SOCKS_FULL, "socks"),
+    (STAT_CALLS_FULL, "tcp_calls"),
+    (STAT_LISTENERS_FULL, "target_listeners"),
+    (STAT_PENDING_INBOUND_FULL, "pending_inbound"),
+    (STAT_CONNECTING_FULL, "connecting"),
+];
 
 /// Byte offsets of tracepoint fields used by the connections collector, read
 /// from `/sys/kernel/tracing/events/<cat>/<name>/format` at startup.
@@ -182,30 +209,26 @@ pub const MAX_PENDING_INBOUND: u32 = 16_384;
 #[derive(Clone, Copy, Debug)]
 pub struct PendingInbound {
     pub ts_ns: u64,
-    pub saddr: [u8; 16],
-    pub daddr: [u8; 16],
-    pub family: u16,
-    pub lport: u16,
-    pub rport: u16,
-    pub flags: u16,
+    pub addr: SockTuple,
+    pub flags: u32,
+    pub _pad: u32,
 }
 
 /// In-flight `connect` of one thread, keyed by tid in `CONNECTING`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct PendingConnect {
-    pub daddr: [u8; 16],
+    /// The destination (`daddr`, `rport`, `family`); the local half is not
+    /// known yet.
+    pub addr: SockTuple,
     pub fd: u32,
     /// Set when the socket reached SYN_SENT: the state tracepoint then owns
     /// the outcome and the syscall exit must not count it again.
     pub syn_sent: u32,
-    pub family: u16,
-    pub rport: u16,
-    pub _pad: u32,
 }
 
 /// `PendingInbound::flags`: a reset was received before any claim.
-pub const PENDING_RST_RECEIVED: u16 = 1;
+pub const PENDING_RST_RECEIVED: u32 = 1;
 
 /// A `tcp_sendmsg` / `tcp_recvmsg` call between its kprobe and kretprobe,
 /// keyed by tid in `TCP_CALLS`.
@@ -216,3 +239,10 @@ pub struct TcpCall {
     pub flags: i32,
     pub send: u32,
 }
+
+// The records cross into userspace as raw bytes: no implicit padding.
+const _: () = assert!(size_of::<SockTuple>() == 40);
+const _: () = assert!(size_of::<SockState>() == 104);
+const _: () = assert!(size_of::<ConnEvent>() == 128);
+const _: () = assert!(size_of::<PendingInbound>() == 56);
+const _: () = assert!(size_of::<PendingConnect>() == 48);

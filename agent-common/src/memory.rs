@@ -115,17 +115,24 @@ pub struct MemConfig {
     pub growth_mean: u64,
     /// Follow sampled pointers until they are freed (1) or not (0).
     pub track_frees: u32,
-    /// Tracepoint field offsets of `exceptions:page_fault_user`.
+    /// Tracepoint field offsets, each from its own tracepoint's format
+    /// file: `exceptions:page_fault_user` `address` and `error_code`,
     pub fault_address: u32,
-    /// `syscalls:sys_enter_mmap` / `sys_enter_munmap` / `sys_enter_brk`
-    /// first argument offset, and `sys_exit_*` return value offset.
-    pub sys_arg0: u32,
-    pub sys_ret: u32,
+    pub fault_error_code: u32,
+    /// `syscalls:sys_enter_mmap` `len` and `flags`, `sys_exit_mmap` `ret`,
+    pub mmap_len: u32,
+    pub mmap_flags: u32,
+    pub mmap_ret: u32,
+    /// `syscalls:sys_enter_munmap` `addr` and `len`, `sys_exit_brk` `ret`.
+    pub munmap_addr: u32,
+    pub munmap_len: u32,
+    pub brk_ret: u32,
     /// Bytes of user stack copied per sample (at most [`STACK_WINDOW`]).
     pub stack_bytes: u32,
     /// `THREAD_SIZE` of this kernel: where a task's user registers sit at
     /// the top of its kernel stack, for kernels without `bpf_task_pt_regs`.
     pub thread_size: u32,
+    pub _pad: u32,
 }
 
 /// Key of `CALL_SITES`: a probed allocator function, by the address of its
@@ -177,4 +184,16 @@ pub const MSTAT_FAULTS: u32 = 5;
 /// An allocator uprobe fired at an address `CALL_SITES` does not know
 /// (kernels without attach cookies only); the call is not counted.
 pub const MSTAT_UNKNOWN_SITE: u32 = 6;
-pub const MSTAT_COUNT: u32 = 7;
+/// A map insert failed: one slot per map, exported with
+/// [`MEMORY_MAP_ERRORS`] (`LIVE` has its own, [`MSTAT_LIVE_FULL`]).
+pub const MSTAT_PENDING_FULL: u32 = 7;
+pub const MSTAT_MAPPING_FULL: u32 = 8;
+pub const MSTAT_BRK_LAST_FULL: u32 = 9;
+pub const MSTAT_COUNT: u32 = 10;
+
+/// `MEMORY_STATS` slots counting failed inserts, with the map each is for.
+pub const MEMORY_MAP_ERRORS: [(u32, &str); 3] = [
+    (MSTAT_PENDING_FULL, "pending"),
+    (MSTAT_MAPPING_FULL, "mapping"),
+    (MSTAT_BRK_LAST_FULL, "brk_last"),
+];

@@ -2,6 +2,8 @@
 //! sockets, for the protocol parsers in userspace (PostgreSQL, HTTP,
 //! WebSocket). The kernel only copies; it never parses.
 
+use crate::connections::SockTuple;
+
 /// Bytes per ring record; a syscall's data is sent in up to
 /// [`MAX_PIECES`] records of this size.
 pub const MAX_CAPTURE: usize = 4096;
@@ -111,15 +113,14 @@ pub struct StreamHeader {
     /// Valid bytes in `tail` (the end of the data), 0 when the prefix
     /// already covers everything.
     pub tail_len: u32,
-    pub family: u16,
-    pub lport: u16,
-    pub rport: u16,
-    pub _pad: u16,
+    /// The socket's addresses and ports, on the first record of a socket
+    /// (empty on the others: the stream is known by then).
+    pub addr: SockTuple,
     /// [`PIECE_LAST`] on the last record of a syscall.
     pub flags: u32,
     /// Where this record's data starts within the syscall's data.
     pub offset: u32,
-    pub _pad2: u32,
+    pub _pad: u32,
     pub comm: [u8; 16],
     pub tail: [u8; TAIL_CAPTURE],
 }
@@ -185,4 +186,19 @@ pub struct IovWalk {
 pub const STREAM_STAT_RING_LOST: u32 = 0;
 /// Bytes of vectored calls whose iovecs could not all be walked.
 pub const STREAM_STAT_UNWALKED: u32 = 1;
-pub const STREAM_STAT_COUNT: u32 = 2;
+/// A map insert failed: one slot per map, exported with
+/// [`STREAM_MAP_ERRORS`].
+pub const STREAM_STAT_ACTIVE_IO_FULL: u32 = 2;
+pub const STREAM_STAT_CAPTURE_STATE_FULL: u32 = 3;
+pub const STREAM_STAT_CAPTURED_TCP_FULL: u32 = 4;
+pub const STREAM_STAT_COUNT: u32 = 5;
+
+/// `STREAM_STATS` slots counting failed inserts, with the map each is for.
+pub const STREAM_MAP_ERRORS: [(u32, &str); 3] = [
+    (STREAM_STAT_ACTIVE_IO_FULL, "active_io"),
+    (STREAM_STAT_CAPTURE_STATE_FULL, "capture_state"),
+    (STREAM_STAT_CAPTURED_TCP_FULL, "captured_tcp"),
+];
+
+// The header crosses into userspace as raw bytes: no implicit padding.
+const _: () = assert!(size_of::<StreamHeader>() == 264);

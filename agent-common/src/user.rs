@@ -8,7 +8,7 @@ unsafe impl aya::Pod for config::AgentConfig {}
 unsafe impl aya::Pod for config::KernelOffsets {}
 unsafe impl aya::Pod for memory::CallSite {}
 unsafe impl aya::Pod for connections::SockState {}
-unsafe impl aya::Pod for connections::SeedKey {}
+unsafe impl aya::Pod for connections::SockTuple {}
 unsafe impl aya::Pod for connections::SeedValue {}
 unsafe impl aya::Pod for connections::ConnEvent {}
 unsafe impl aya::Pod for connections::ConnTracepointOffsets {}

@@ -1,10 +1,15 @@
 use aya_ebpf::{
     Global,
-    helpers::{bpf_get_current_pid_tgid, bpf_get_current_task, bpf_probe_read_kernel},
+    helpers::{
+        bpf_get_current_pid_tgid, bpf_get_current_task, bpf_probe_read_kernel, bpf_probe_read_user,
+    },
     macros::map,
-    maps::HashMap,
+    maps::{HashMap, PerCpuArray},
 };
-use pipelens_common::config::{AgentConfig, KernelOffsets, MAX_TARGETS, MODE_ALL};
+use pipelens_common::{
+    config::{AgentConfig, KernelOffsets, MAX_TARGETS, MODE_ALL, S_IFMT, S_IFSOCK},
+    connections::{AF_INET, SockTuple},
+};
 
 /// Written by the loader before the object is loaded.
 #[unsafe(no_mangle)]
@@ -12,32 +17,7 @@ pub static AGENT_CONFIG: Global<AgentConfig> = Global::new(AgentConfig::empty())
 
 /// Structure offsets resolved from BTF by the loader.
 #[unsafe(no_mangle)]
-pub static KERNEL_OFFSETS: Global<KernelOffsets> = Global::new(KernelOffsets {
-    task_files: 0,
-    files_fdt: 0,
-    fdtable_fd: 0,
-    fdtable_max_fds: 0,
-    file_private_data: 0,
-    file_f_op: 0,
-    socket_sk: 0,
-    sk_family: 0,
-    sk_num: 0,
-    sk_dport: 0,
-    sk_rcv_saddr: 0,
-    sk_daddr: 0,
-    sk_v6_rcv_saddr: 0,
-    sk_v6_daddr: 0,
-    sk_protocol: 0,
-    sk_err: 0,
-    sk_state: 0,
-    file_f_inode: 0,
-    inode_i_ino: 0,
-    task_group_leader: 0,
-    task_comm: 0,
-    task_stack: 0,
-    _pad2: 0,
-    socket_file_ops: 0,
-});
+pub static KERNEL_OFFSETS: Global<KernelOffsets> = Global::new(KernelOffsets::zero());
 
 /// Targeted thread-group ids. One map shared by every kernel object of an
 /// agent: the loader pins it once and hands the same map to each object.
@@ -142,54 +122,58 @@ pub fn read_kernel<T>(addr: u64) -> Result<T, i32> {
     unsafe { bpf_probe_read_kernel(addr as *const T) }
 }
 
-/// The `struct sock` behind file descriptor `fd` of the current task:
-/// `current->files->fdt->fd[fd]->private_data->sk`, with every offset taken
-/// from BTF at startup.
 #[inline(always)]
-pub fn sock_of_fd(fd: u64) -> Result<u64, i32> {
-    sock_and_inode_of_fd(fd, false).map(|(sk, _)| sk)
+pub fn read_user<T>(addr: u64) -> Result<T, i32> {
+    // SAFETY: bpf_probe_read_user validates the user address.
+    unsafe { bpf_probe_read_user(addr as *const T) }
 }
 
-/// Like [`sock_of_fd`], with the socket's inode number when `inode` is
-/// set: unlike the `struct sock` address, which the allocator hands to the
-/// next socket as soon as this one is freed, the inode number is not reused,
-/// so it tells two connections apart even when one closed unseen.
+/// `kernel_offset!(field)` as a `u64`, ready to add to an address.
+macro_rules! off {
+    ($field:ident) => {
+        kernel_offset!($field) as u64
+    };
+}
+
+/// The `struct sock` behind file descriptor `fd` of the current task, and
+/// its inode number: `current->files->fdt->fd[fd]`, checked to be a socket
+/// by its inode's mode, then `->private_data->sk`, with every offset taken
+/// from BTF at startup. Unlike the `struct sock` address, which the
+/// allocator hands to the next socket as soon as this one is freed, the
+/// inode number is not reused, so it tells two connections apart even when
+/// one closed unseen.
 #[inline(always)]
-pub fn sock_and_inode_of_fd(fd: u64, inode: bool) -> Result<(u64, u64), i32> {
-    let off = KERNEL_OFFSETS.load();
+pub fn sock_of_fd(fd: u64) -> Result<(u64, u64), i32> {
     // SAFETY: the helper has no preconditions.
     let task = unsafe { bpf_get_current_task() };
-    let files: u64 = read_kernel(task + off.task_files as u64)?;
-    let fdt: u64 = read_kernel(files + off.files_fdt as u64)?;
-    let max_fds: u32 = read_kernel(fdt + off.fdtable_max_fds as u64)?;
+    let files: u64 = read_kernel(task + off!(task_files))?;
+    let fdt: u64 = read_kernel(files + off!(files_fdt))?;
+    let max_fds: u32 = read_kernel(fdt + off!(fdtable_max_fds))?;
     if fd >= max_fds as u64 {
         return Err(-1);
     }
-    let fd_array: u64 = read_kernel(fdt + off.fdtable_fd as u64)?;
+    let fd_array: u64 = read_kernel(fdt + off!(fdtable_fd))?;
     let file: u64 = read_kernel(fd_array + fd * 8)?;
     if file == 0 {
         return Err(-1);
     }
-    if off.socket_file_ops != 0 {
-        let f_op: u64 = read_kernel(file + off.file_f_op as u64)?;
-        if f_op != off.socket_file_ops {
-            return Err(-1);
-        }
+    // Only a socket's `private_data` is a `struct socket`: a pipe's or a
+    // regular file's would be read as one, and their bytes taken for a
+    // stream. The check is on the inode, which every file has.
+    let inode: u64 = read_kernel(file + off!(file_f_inode))?;
+    let mode: u16 = read_kernel(inode + off!(inode_i_mode))?;
+    if mode & S_IFMT != S_IFSOCK {
+        return Err(-1);
     }
-    let socket: u64 = read_kernel(file + off.file_private_data as u64)?;
+    let socket: u64 = read_kernel(file + off!(file_private_data))?;
     if socket == 0 {
         return Err(-1);
     }
-    let sk: u64 = read_kernel(socket + off.socket_sk as u64)?;
+    let sk: u64 = read_kernel(socket + off!(socket_sk))?;
     if sk == 0 {
         return Err(-1);
     }
-    let ino = if inode {
-        let i: u64 = read_kernel(file + off.file_f_inode as u64)?;
-        read_kernel::<u64>(i + off.inode_i_ino as u64)?
-    } else {
-        0
-    };
+    let ino: u64 = read_kernel(inode + off!(inode_i_ino))?;
     Ok((sk, ino))
 }
 
@@ -198,12 +182,11 @@ pub fn sock_and_inode_of_fd(fd: u64, inode: bool) -> Result<(u64, u64), i32> {
 /// not what a `process` label means.
 #[inline(always)]
 pub fn process_comm() -> [u8; 16] {
-    let off = KERNEL_OFFSETS.load();
     // SAFETY: the helper has no preconditions.
     let task = unsafe { bpf_get_current_task() };
-    let leader: u64 = read_kernel(task + off.task_group_leader as u64).unwrap_or(0);
+    let leader: u64 = read_kernel(task + off!(task_group_leader)).unwrap_or(0);
     if leader != 0
-        && let Ok(comm) = read_kernel::<[u8; 16]>(leader + off.task_comm as u64)
+        && let Ok(comm) = read_kernel::<[u8; 16]>(leader + off!(task_comm))
     {
         return comm;
     }
@@ -211,51 +194,50 @@ pub fn process_comm() -> [u8; 16] {
 }
 
 /// Addresses and ports of a socket, read from `struct sock_common`.
-#[derive(Clone, Copy)]
-pub struct SockTuple {
-    pub family: u16,
-    pub lport: u16,
-    pub rport: u16,
-    pub saddr: [u8; 16],
-    pub daddr: [u8; 16],
-}
-
 #[inline(always)]
 pub fn sock_tuple(sk: u64) -> Result<SockTuple, i32> {
-    let off = KERNEL_OFFSETS.load();
-    let family: u16 = read_kernel(sk + off.sk_family as u64)?;
-    let lport: u16 = read_kernel(sk + off.sk_num as u64)?;
-    let rport_be: u16 = read_kernel(sk + off.sk_dport as u64)?;
-    let mut t = SockTuple {
+    let family: u16 = read_kernel(sk + off!(sk_family))?;
+    let lport: u16 = read_kernel(sk + off!(sk_num))?;
+    let rport_be: u16 = read_kernel(sk + off!(sk_dport))?;
+    let mut a = SockTuple {
         family,
         lport,
         rport: u16::from_be(rport_be),
-        saddr: [0; 16],
-        daddr: [0; 16],
+        ..SockTuple::EMPTY
     };
-    if family == pipelens_common::connections::AF_INET {
-        let s: [u8; 4] = read_kernel(sk + off.sk_rcv_saddr as u64)?;
-        let d: [u8; 4] = read_kernel(sk + off.sk_daddr as u64)?;
-        t.saddr[..4].copy_from_slice(&s);
-        t.daddr[..4].copy_from_slice(&d);
+    if family == AF_INET {
+        let s: [u8; 4] = read_kernel(sk + off!(sk_rcv_saddr))?;
+        let d: [u8; 4] = read_kernel(sk + off!(sk_daddr))?;
+        a.saddr[..4].copy_from_slice(&s);
+        a.daddr[..4].copy_from_slice(&d);
     } else {
-        t.saddr = read_kernel(sk + off.sk_v6_rcv_saddr as u64)?;
-        t.daddr = read_kernel(sk + off.sk_v6_daddr as u64)?;
+        a.saddr = read_kernel(sk + off!(sk_v6_rcv_saddr))?;
+        a.daddr = read_kernel(sk + off!(sk_v6_daddr))?;
     }
-    Ok(t)
+    Ok(a)
 }
 
 #[inline(always)]
 pub fn sock_protocol(sk: u64) -> Result<u16, i32> {
-    read_kernel(sk + KERNEL_OFFSETS.load().sk_protocol as u64)
+    read_kernel(sk + off!(sk_protocol))
 }
 
 #[inline(always)]
 pub fn sock_state(sk: u64) -> Result<u8, i32> {
-    read_kernel(sk + KERNEL_OFFSETS.load().sk_state as u64)
+    read_kernel(sk + off!(sk_state))
 }
 
 #[inline(always)]
 pub fn sock_err(sk: u64) -> Result<i32, i32> {
-    read_kernel(sk + KERNEL_OFFSETS.load().sk_err as u64)
+    read_kernel(sk + off!(sk_err))
+}
+
+/// Adds one to slot `slot` of a per-CPU stats array.
+#[inline(always)]
+pub fn bump_stat(stats: &PerCpuArray<u64>, slot: u32) {
+    if let Some(p) = stats.get_ptr_mut(slot) {
+        // SAFETY: per-CPU slot, no concurrent writer on this CPU (a program
+        // runs with migration disabled).
+        unsafe { *p += 1 };
+    }
 }

@@ -1,7 +1,10 @@
 //! Kernel structure offsets resolved from `/sys/kernel/btf/vmlinux`, so that
 //! the one walk the kernel programs make through kernel structs (file
-//! descriptor → `struct sock`) is right on any kernel, never a constant tied
-//! to one build.
+//! descriptor → inode → `struct sock`) is right on any kernel, never a
+//! constant tied to one build; likewise the user ABI structures they read
+//! from user memory (`user_msghdr`, `iovec`, `sockaddr_in{,6}`), which fall
+//! back to their x86_64 ABI offsets, with a logged reason, only on a kernel
+//! whose BTF does not describe them.
 
 use std::{fs, path::Path};
 
@@ -28,18 +31,20 @@ pub enum BtfError {
 }
 
 /// Offsets of the fields read by `sock_of_fd` and friends in the kernel
-/// programs.
+/// programs, and of the user ABI structures they read from user memory.
 pub fn kernel_offsets() -> Result<KernelOffsets, BtfError> {
     let btf = Btf::from_file(VMLINUX_BTF).map_err(|e| BtfError::Unavailable(e.to_string()))?;
     let r = Resolver { btf: &btf };
-    let socket_file_ops = kallsyms_address("socket_file_ops").unwrap_or(0);
-    Ok(KernelOffsets {
+    let user = |strukt: &str, path: &str, abi: u32| r.user_abi_offset(strukt, path, abi);
+    let offsets = KernelOffsets {
         task_files: r.offset_of("task_struct", "files")?,
         files_fdt: r.offset_of("files_struct", "fdt")?,
         fdtable_fd: r.offset_of("fdtable", "fd")?,
         fdtable_max_fds: r.offset_of("fdtable", "max_fds")?,
         file_private_data: r.offset_of("file", "private_data")?,
-        file_f_op: r.offset_of("file", "f_op")?,
+        file_f_inode: r.offset_of("file", "f_inode")?,
+        inode_i_ino: r.offset_of("inode", "i_ino")?,
+        inode_i_mode: r.offset_of("inode", "i_mode")?,
         socket_sk: r.offset_of("socket", "sk")?,
         sk_family: r.offset_of("sock", "__sk_common.skc_family")?,
         sk_num: r.offset_of("sock", "__sk_common.skc_num")?,
@@ -51,14 +56,38 @@ pub fn kernel_offsets() -> Result<KernelOffsets, BtfError> {
         sk_protocol: r.offset_of("sock", "sk_protocol")?,
         sk_err: r.offset_of("sock", "sk_err")?,
         sk_state: r.offset_of("sock", "__sk_common.skc_state")?,
-        file_f_inode: r.offset_of("file", "f_inode")?,
-        inode_i_ino: r.offset_of("inode", "i_ino")?,
         task_group_leader: r.offset_of("task_struct", "group_leader")?,
         task_comm: r.offset_of("task_struct", "comm")?,
         task_stack: r.offset_of("task_struct", "stack")?,
-        _pad2: 0,
-        socket_file_ops,
-    })
+        msghdr_msg_iov: user("user_msghdr", "msg_iov", 16),
+        msghdr_msg_iovlen: user("user_msghdr", "msg_iovlen", 24),
+        iovec_iov_base: user("iovec", "iov_base", 0),
+        iovec_iov_len: user("iovec", "iov_len", 8),
+        iovec_size: r.user_abi_size("iovec", 16),
+        sockaddr_in_port: user("sockaddr_in", "sin_port", 2),
+        sockaddr_in_addr: user("sockaddr_in", "sin_addr", 4),
+        sockaddr_in6_port: user("sockaddr_in6", "sin6_port", 2),
+        sockaddr_in6_addr: user("sockaddr_in6", "sin6_addr", 8),
+        _pad: 0,
+    };
+    check_iovec(&offsets)?;
+    Ok(offsets)
+}
+
+/// The kernel programs read an iovec's two fields in one helper call: they
+/// must be adjacent 8-byte fields inside the struct.
+fn check_iovec(o: &KernelOffsets) -> Result<(), BtfError> {
+    let (lo, hi) = (
+        o.iovec_iov_base.min(o.iovec_iov_len),
+        o.iovec_iov_base.max(o.iovec_iov_len),
+    );
+    if hi - lo != 8 || hi + 8 > o.iovec_size {
+        return Err(BtfError::Parse(format!(
+            "struct iovec: iov_base at {}, iov_len at {}, size {}: not two adjacent 8-byte fields",
+            o.iovec_iov_base, o.iovec_iov_len, o.iovec_size
+        )));
+    }
+    Ok(())
 }
 
 struct Resolver<'a> {
@@ -66,20 +95,60 @@ struct Resolver<'a> {
 }
 
 impl Resolver<'_> {
-    /// Byte offset of `path` (dot-separated, anonymous unions and structs
-    /// looked through) inside struct `strukt`.
-    fn offset_of(&self, strukt: &str, path: &str) -> Result<u32, BtfError> {
-        let types = self
-            .btf
+    /// Offset of a member of a user ABI structure (one the kernel copies
+    /// from user memory, fixed by the x86_64 ABI): from BTF, or when this
+    /// kernel's BTF does not describe it, the ABI's own offset `abi`, with
+    /// the reason logged.
+    fn user_abi_offset(&self, strukt: &str, path: &str, abi: u32) -> u32 {
+        match self.offset_of(strukt, path) {
+            Ok(off) => {
+                if off != abi {
+                    log::warn!(
+                        "kernel BTF: {strukt}.{path} at {off}, not at its x86_64 ABI offset {abi}"
+                    );
+                }
+                off
+            }
+            Err(e) => {
+                log::info!(
+                    "{e}; using the x86_64 user ABI offset {abi} of {strukt}.{path} (ABI-stable)"
+                );
+                abi
+            }
+        }
+    }
+
+    /// Size of a user ABI structure, likewise.
+    fn user_abi_size(&self, strukt: &str, abi: u32) -> u32 {
+        match self.find_struct(strukt) {
+            Ok(s) => s.size() as u32,
+            Err(e) => {
+                log::info!(
+                    "{e}; using the x86_64 user ABI size {abi} of struct {strukt} (ABI-stable)"
+                );
+                abi
+            }
+        }
+    }
+
+    /// The struct named `strukt` that has members (not a forward
+    /// declaration).
+    fn find_struct(&self, strukt: &str) -> Result<btf_rs::Struct, BtfError> {
+        self.btf
             .resolve_types_by_name(strukt)
-            .map_err(|_| BtfError::NoStruct(strukt.to_owned()))?;
-        let mut current = types
+            .map_err(|_| BtfError::NoStruct(strukt.to_owned()))?
             .into_iter()
             .find_map(|t| match t {
                 Type::Struct(s) if !s.members.is_empty() => Some(s),
                 _ => None,
             })
-            .ok_or_else(|| BtfError::NoStruct(strukt.to_owned()))?;
+            .ok_or_else(|| BtfError::NoStruct(strukt.to_owned()))
+    }
+
+    /// Byte offset of `path` (dot-separated, anonymous unions and structs
+    /// looked through) inside struct `strukt`.
+    fn offset_of(&self, strukt: &str, path: &str) -> Result<u32, BtfError> {
+        let mut current = self.find_struct(strukt)?;
         let mut bits = 0u32;
         let parts: Vec<&str> = path.split('.').collect();
         for (i, part) in parts.iter().enumerate() {
@@ -180,9 +249,7 @@ pub fn function_parameters(name: &str) -> Result<Vec<String>, BtfError> {
 }
 
 /// Address of a kernel symbol from `/proc/kallsyms` (readable with real
-/// addresses by root). `None` when hidden or absent: the kernel programs then
-/// skip the "is this file a socket" check, which only guards against a race
-/// with a concurrent `dup2`.
+/// addresses by root). `None` when hidden or absent.
 pub fn kallsyms_address(symbol: &str) -> Option<u64> {
     let text = fs::read_to_string(Path::new("/proc/kallsyms")).ok()?;
     text.lines().find_map(|line| {
@@ -229,6 +296,40 @@ mod tests {
         assert!(off.sk_num > off.sk_rcv_saddr);
         assert!(off.sk_protocol > off.sk_v6_daddr);
         assert!(off.task_files > 0);
+        assert!(off.inode_i_mode < off.inode_i_ino);
+    }
+
+    /// The user ABI structures the programs read from user memory are
+    /// described by this kernel's BTF, at their x86_64 ABI offsets.
+    #[test]
+    fn user_abi_structs_are_in_btf() {
+        if !kernel_btf_present() {
+            return;
+        }
+        let btf = Btf::from_file(VMLINUX_BTF).unwrap();
+        let r = Resolver { btf: &btf };
+        for (strukt, member, abi) in [
+            ("user_msghdr", "msg_iov", 16),
+            ("user_msghdr", "msg_iovlen", 24),
+            ("iovec", "iov_base", 0),
+            ("iovec", "iov_len", 8),
+            ("sockaddr_in", "sin_port", 2),
+            ("sockaddr_in", "sin_addr", 4),
+            ("sockaddr_in6", "sin6_port", 2),
+            ("sockaddr_in6", "sin6_addr", 8),
+        ] {
+            assert_eq!(
+                r.offset_of(strukt, member).unwrap(),
+                abi,
+                "{strukt}.{member}"
+            );
+        }
+        assert_eq!(r.find_struct("iovec").unwrap().size(), 16);
+        let off = kernel_offsets().unwrap();
+        assert_eq!(
+            (off.iovec_iov_base, off.iovec_iov_len, off.iovec_size),
+            (0, 8, 16)
+        );
     }
 
     #[test]

@@ -160,6 +160,40 @@ pub fn per_cpu_total(ebpf: &Ebpf, name: &'static str, index: u32) -> Result<u64,
     Ok(stats.get(&index, 0)?.iter().sum())
 }
 
+/// Exports the failed map inserts a kernel object counted in its per-CPU
+/// stats array `stats`, one slot per map (`slots`: slot, map name), as
+/// `pipelens_kernel_map_errors_total{collector, map}`. The kernel's counts
+/// run from the object's load, so they are set, not added; the first call,
+/// right after loading, exports every series at 0.
+pub fn export_map_errors(
+    ebpf: &Ebpf,
+    collector: &'static str,
+    stats: &'static str,
+    slots: &[(u32, &'static str)],
+) -> Result<(), ProbeError> {
+    let map: PerCpuArray<&MapData, u64> =
+        PerCpuArray::try_from(ebpf.map(stats).ok_or(ProbeError::MissingMap(stats))?)?;
+    export_map_errors_from(&map, collector, slots)
+}
+
+/// [`export_map_errors`] from a stats array already taken out of its object.
+pub fn export_map_errors_from<T: std::borrow::Borrow<MapData>>(
+    stats: &PerCpuArray<T, u64>,
+    collector: &'static str,
+    slots: &[(u32, &'static str)],
+) -> Result<(), ProbeError> {
+    for (slot, map) in slots {
+        let failed: u64 = stats.get(slot, 0)?.iter().sum();
+        metrics::counter!(
+            "pipelens_kernel_map_errors_total",
+            "collector" => collector,
+            "map" => *map
+        )
+        .absolute(failed);
+    }
+    Ok(())
+}
+
 /// Loads kernel objects with the same configuration and the same `TARGETS`
 /// map, pinned under a directory private to this agent instance and removed
 /// when the loader is dropped.

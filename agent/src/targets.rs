@@ -2,12 +2,19 @@
 //! programs (the `TARGETS` map and the config's mode), kept current through
 //! fork, exec and exit by the `targets` object.
 
-use aya::{Ebpf, maps::HashMap, programs::TracePoint};
+use std::time::Duration;
+
+use aya::{
+    Ebpf,
+    maps::{HashMap, MapData, PerCpuArray},
+    programs::TracePoint,
+};
 use pipelens_common::config::{
     AgentConfig, COMM_LEN, MAX_COMMS, MODE_ALL, MODE_TARGETS, SchedTracepointOffsets, TARGET_CHILD,
-    TARGET_COMM, TARGET_EXPLICIT,
+    TARGET_COMM, TARGET_EXPLICIT, TARGET_MAP_ERRORS,
 };
 use thiserror::Error;
+use tokio_util::sync::CancellationToken;
 
 use crate::{
     objects::{self, LoadError, Loader},
@@ -100,6 +107,38 @@ impl Selection {
 /// probes.
 pub struct TargetTracker {
     ebpf: Ebpf,
+    /// Stops the task exporting the object's failed inserts.
+    stats_export: CancellationToken,
+}
+
+impl Drop for TargetTracker {
+    fn drop(&mut self) {
+        self.stats_export.cancel();
+    }
+}
+
+/// Exports the targets object's failed `TARGETS` inserts every few seconds
+/// (a fork or exec of a target while the map was full goes untraced), from
+/// the first scrape on. Without a tokio runtime, once.
+fn export_stats(stats: PerCpuArray<MapData, u64>, stop: CancellationToken) {
+    let export = move || {
+        if let Err(e) = objects::export_map_errors_from(&stats, "targets", &TARGET_MAP_ERRORS) {
+            log::debug!("targets: map error counts: {e}");
+        }
+    };
+    export();
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    runtime.spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            tokio::select! {
+                _ = tick.tick() => export(),
+                () = stop.cancelled() => break,
+            }
+        }
+    });
 }
 
 impl TargetTracker {
@@ -132,7 +171,11 @@ impl TargetTracker {
                     source,
                 })?;
         }
-        let mut tracker = Self { ebpf };
+        let stats_export = CancellationToken::new();
+        if let Some(map) = ebpf.take_map("TARGET_STATS") {
+            export_stats(PerCpuArray::try_from(map)?, stats_export.clone());
+        }
+        let mut tracker = Self { ebpf, stats_export };
         if !selection.all {
             tracker.seed(selection)?;
         }

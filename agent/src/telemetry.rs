@@ -199,6 +199,10 @@ fn describe() {
         "1 for each way a collector hooks this kernel, chosen at startup best first (kind: fexit, kprobe, tracepoint, ...)"
     );
     describe_counter!(
+        "pipelens_kernel_map_errors_total",
+        "Kernel map inserts that failed (map full or out of memory), by collector and map: an entry not tracked, a decision not remembered"
+    );
+    describe_counter!(
         "pipelens_map_evictions_total",
         "Entries a kernel map lost to LRU eviction before they completed"
     );

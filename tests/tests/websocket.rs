@@ -9,7 +9,8 @@ use std::{
 };
 
 use pipelens_tests::{
-    Agent, Metrics, free_port, http_get, pg::TestPostgres, probes_available, workspace_root,
+    Agent, Metrics, Peer, TempDir, free_port, http_get, pg::TestPostgres, probes_available,
+    workspace_root,
 };
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -674,5 +675,48 @@ fn every_series_carries_process_and_container() {
         "pipelens_websocket_",
         "pipelens_http_",
     ]);
+    agent.stop();
+}
+
+/// A pipe or a regular file is never taken for a socket: the kernel checks
+/// each file's inode mode before reading its `private_data` as a `struct
+/// socket`. The traced peer serves the same HTTP exchange over a pipe, a
+/// file and a Unix socket pair; exactly the socket pair's request is
+/// counted, and no TCP connection. (On 6.18, a pipe's `private_data` read
+/// as a socket happens to yield an address family the capture rejects as
+/// well, so this guards the outcome on every kernel rather than failing
+/// by itself when the mode check is removed.)
+#[test]
+fn pipes_and_files_are_not_taken_for_sockets() {
+    if !probes_available("pipes_and_files_are_not_taken_for_sockets") {
+        return;
+    }
+    let dir = TempDir::new("not-sockets");
+    let mut peer = Peer::spawn(
+        env!("CARGO_BIN_EXE_tcp-peer"),
+        &["not-sockets", dir.path.to_str().expect("utf-8 path")],
+    );
+    peer.expect("ready");
+    let agent = Agent::start(&["--pid", &peer.pid().to_string()]);
+    peer.send("go");
+    assert_eq!(peer.expect("done"), "1");
+    let requests = |m: &Metrics| {
+        m.sum(
+            "pipelens_http_server_request_duration_seconds_count",
+            &[("process", "tcp-peer")],
+        )
+    };
+    let m = agent.wait_for("the socket pair's request", WAIT, |m| requests(m) >= 1.0);
+    // The pipe's and the file's exchanges came first: had they been
+    // captured, they would be counted by now.
+    assert_eq!(requests(&m), 1.0, "{}", m.dump());
+    assert_eq!(
+        m.sum(
+            "pipelens_tcp_connections_opened_total",
+            &[("process", "tcp-peer")]
+        ),
+        0.0
+    );
+    peer.wait();
     agent.stop();
 }

@@ -19,7 +19,7 @@ use core::intrinsics::{AtomicOrdering, atomic_xadd};
 use aya_ebpf::{
     Global,
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
-    helpers::{bpf_ktime_get_ns, bpf_probe_read_user},
+    helpers::bpf_ktime_get_ns,
     macros::{fexit, kprobe, kretprobe, map, raw_tracepoint, tracepoint},
     maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
     programs::{
@@ -28,8 +28,8 @@ use aya_ebpf::{
 };
 use pipelens_common::connections::*;
 use pipelens_ebpf::{
-    config_field, current_ids, is_target, sock_err, sock_of_fd, sock_protocol, sock_state,
-    sock_tuple,
+    bump_stat, config_field, current_ids, is_target, kernel_offset, read_user, sock_err,
+    sock_of_fd, sock_protocol, sock_state, sock_tuple,
 };
 
 #[unsafe(no_mangle)]
@@ -106,10 +106,25 @@ const EADDRNOTAVAIL: u32 = 99;
 
 #[inline(always)]
 fn bump(stat: u32) {
-    if let Some(p) = CONN_STATS.get_ptr_mut(stat) {
-        // SAFETY: per-CPU slot, no concurrent writer on this CPU.
-        unsafe { *p += 1 };
-    }
+    bump_stat(&CONN_STATS, stat);
+}
+
+/// Reads one field of `CONN_TP_OFFSETS` (not the whole struct onto the stack).
+macro_rules! tp_off {
+    ($field:ident) => {
+        pipelens_ebpf::global_field!(CONN_TP_OFFSETS, ConnTracepointOffsets, $field)
+    };
+}
+
+/// Inserts into a map, counting a failure in its `CONN_STATS` slot.
+macro_rules! insert_or_count {
+    ($map:expr, $key:expr, $value:expr, $stat:expr) => {{
+        let ok = $map.insert($key, $value, 0).is_ok();
+        if !ok {
+            bump($stat);
+        }
+        ok
+    }};
 }
 
 #[inline(always)]
@@ -133,17 +148,14 @@ fn emit(kind: u32, sk: u64, s: &SockState, reason: u32, now: u64) {
         bytes_sent: s.bytes_sent,
         bytes_received: s.bytes_received,
         retransmits: s.retransmits,
-        saddr: s.saddr,
-        daddr: s.daddr,
         comm: s.comm,
+        addr: s.addr,
         tgid: s.tgid,
         kind,
         reason,
         flags: s.flags,
-        family: s.family,
-        lport: s.lport,
-        rport: s.rport,
         direction: s.direction,
+        _pad: [0; 6],
     };
     entry.write(ev);
     // Wake the reader only once a batch is waiting: it drains every 100 ms
@@ -157,21 +169,18 @@ fn emit(kind: u32, sk: u64, s: &SockState, reason: u32, now: u64) {
     entry.submit(flags);
 }
 
-fn new_state(tgid: u32, direction: u16, flags: u32, now: u64) -> SockState {
+fn new_state(tgid: u32, direction: u16, flags: u32, now: u64, addr: SockTuple) -> SockState {
     SockState {
         start_ns: now,
         bytes_sent: 0,
         bytes_received: 0,
         retransmits: 0,
-        saddr: [0; 16],
-        daddr: [0; 16],
         comm: pipelens_ebpf::process_comm(),
+        addr,
         tgid,
         flags,
-        family: 0,
-        lport: 0,
-        rport: 0,
         direction,
+        _pad: [0; 6],
     }
 }
 
@@ -180,8 +189,7 @@ fn new_state(tgid: u32, direction: u16, flags: u32, now: u64) -> SockState {
 /// peer's send runs our socket's receive path in the peer's context).
 #[inline(always)]
 fn in_task_context(ctx: &TracePointContext) -> bool {
-    let off = CONN_TP_OFFSETS.load();
-    match tp::<u8>(ctx, off.common_flags) {
+    match tp::<u8>(ctx, tp_off!(common_flags)) {
         Ok(flags) => flags & TRACE_FLAGS_INTERRUPT == 0,
         Err(_) => false,
     }
@@ -198,14 +206,14 @@ fn claim_inbound(sk: u64, tgid: u32) -> Option<*mut SockState> {
     let pending = unsafe { PENDING_INBOUND.get(sk) }.copied()?;
     let _ = PENDING_INBOUND.remove(sk);
     let now = unsafe { bpf_ktime_get_ns() };
-    let mut s = new_state(tgid, DIR_INBOUND, SOCK_ESTABLISHED, pending.ts_ns);
-    s.family = pending.family;
-    s.lport = pending.lport;
-    s.rport = pending.rport;
-    s.saddr = pending.saddr;
-    s.daddr = pending.daddr;
-    if SOCKS.insert(sk, s, 0).is_err() {
-        bump(STAT_SOCKS_FULL);
+    let s = new_state(
+        tgid,
+        DIR_INBOUND,
+        SOCK_ESTABLISHED,
+        pending.ts_ns,
+        pending.addr,
+    );
+    if !insert_or_count!(SOCKS, sk, s, STAT_SOCKS_FULL) {
         return None;
     }
     emit(EV_OPEN, sk, &s, 0, now);
@@ -230,15 +238,7 @@ fn sock_entry(sk: u64, claimant: Option<u32>) -> Option<*mut SockState> {
     if pending == 0 {
         return None;
     }
-    let t = sock_tuple(sk).ok()?;
-    let key = SeedKey {
-        saddr: t.saddr,
-        daddr: t.daddr,
-        family: t.family,
-        lport: t.lport,
-        rport: t.rport,
-        _pad: 0,
-    };
+    let key: SeedKey = sock_tuple(sk).ok()?;
     // SAFETY: copied out before the entry is removed.
     let seed = unsafe { SEEDS.get(key) }.copied()?;
     let now = unsafe { bpf_ktime_get_ns() };
@@ -247,16 +247,11 @@ fn sock_entry(sk: u64, claimant: Option<u32>) -> Option<*mut SockState> {
         seed.direction,
         SOCK_SEEDED | SOCK_ESTABLISHED,
         now,
+        key,
     );
     s.comm = [0; 16];
-    s.saddr = t.saddr;
-    s.daddr = t.daddr;
-    s.family = t.family;
-    s.lport = t.lport;
-    s.rport = t.rport;
     let _ = SEEDS.remove(key);
-    if SOCKS.insert(sk, s, 0).is_err() {
-        bump(STAT_SOCKS_FULL);
+    if !insert_or_count!(SOCKS, sk, s, STAT_SOCKS_FULL) {
         return None;
     }
     emit(EV_SEED_MATCHED, sk, &s, 0, now);
@@ -291,53 +286,39 @@ struct StateChange<'a> {
 }
 
 impl StateChange<'_> {
+    /// The local port, the one field a listener's changes need.
     #[inline(always)]
     fn sport(&self) -> Result<u16, i32> {
         match self.src {
-            StateSource::Record(ctx) => tp(ctx, CONN_TP_OFFSETS.load().iss_sport),
+            StateSource::Record(ctx) => tp(ctx, tp_off!(iss_sport)),
             StateSource::Sock => Ok(sock_tuple(self.sk)?.lport),
         }
     }
 
+    /// Addresses and ports, IPv4 in the first four bytes.
     #[inline(always)]
-    fn dport(&self) -> Result<u16, i32> {
-        match self.src {
-            StateSource::Record(ctx) => tp(ctx, CONN_TP_OFFSETS.load().iss_dport),
-            StateSource::Sock => Ok(sock_tuple(self.sk)?.rport),
+    fn tuple(&self) -> Result<SockTuple, i32> {
+        let ctx = match self.src {
+            StateSource::Record(ctx) => ctx,
+            StateSource::Sock => return sock_tuple(self.sk),
+        };
+        let family: u16 = tp(ctx, tp_off!(iss_family))?;
+        let mut t = SockTuple {
+            family,
+            lport: tp(ctx, tp_off!(iss_sport))?,
+            rport: tp(ctx, tp_off!(iss_dport))?,
+            ..SockTuple::EMPTY
+        };
+        if family == AF_INET {
+            let a: [u8; 4] = tp(ctx, tp_off!(iss_saddr))?;
+            let b: [u8; 4] = tp(ctx, tp_off!(iss_daddr))?;
+            t.saddr[..4].copy_from_slice(&a);
+            t.daddr[..4].copy_from_slice(&b);
+        } else {
+            t.saddr = tp(ctx, tp_off!(iss_saddr_v6))?;
+            t.daddr = tp(ctx, tp_off!(iss_daddr_v6))?;
         }
-    }
-
-    #[inline(always)]
-    fn family(&self) -> Result<u16, i32> {
-        match self.src {
-            StateSource::Record(ctx) => tp(ctx, CONN_TP_OFFSETS.load().iss_family),
-            StateSource::Sock => Ok(sock_tuple(self.sk)?.family),
-        }
-    }
-
-    /// Local and remote address, IPv4 in the first four bytes.
-    #[inline(always)]
-    fn addrs(&self, family: u16) -> Result<([u8; 16], [u8; 16]), i32> {
-        match self.src {
-            StateSource::Record(ctx) => {
-                let off = CONN_TP_OFFSETS.load();
-                let (mut s, mut d) = ([0u8; 16], [0u8; 16]);
-                if family == AF_INET {
-                    let a: [u8; 4] = tp(ctx, off.iss_saddr)?;
-                    let b: [u8; 4] = tp(ctx, off.iss_daddr)?;
-                    s[..4].copy_from_slice(&a);
-                    d[..4].copy_from_slice(&b);
-                } else {
-                    s = tp(ctx, off.iss_saddr_v6)?;
-                    d = tp(ctx, off.iss_daddr_v6)?;
-                }
-                Ok((s, d))
-            }
-            StateSource::Sock => {
-                let t = sock_tuple(self.sk)?;
-                Ok((t.saddr, t.daddr))
-            }
-        }
+        Ok(t)
     }
 
     /// Whether the change runs in the context of the task that caused it,
@@ -358,6 +339,14 @@ impl StateChange<'_> {
             }
         }
     }
+
+    /// A local close (FIN or abort) runs in the closing task's context.
+    #[inline(always)]
+    fn is_local_close(&self) -> bool {
+        let (old, new) = (self.old, self.new);
+        (old == TCP_ESTABLISHED && (new == TCP_FIN_WAIT1 || new == TCP_CLOSE))
+            || (old == TCP_CLOSE_WAIT && (new == TCP_LAST_ACK || new == TCP_CLOSE))
+    }
 }
 
 /// `sock:inet_sock_set_state(skaddr, oldstate, newstate, sport, dport, family,
@@ -365,15 +354,14 @@ impl StateChange<'_> {
 #[tracepoint]
 pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
     let change = || -> Result<StateChange<'_>, i32> {
-        let off = CONN_TP_OFFSETS.load();
-        let protocol: u16 = tp(&ctx, off.iss_protocol)?;
+        let protocol: u16 = tp(&ctx, tp_off!(iss_protocol))?;
         if protocol != IPPROTO_TCP {
             return Err(0);
         }
         Ok(StateChange {
-            sk: tp(&ctx, off.iss_skaddr)?,
-            old: tp(&ctx, off.iss_oldstate)?,
-            new: tp(&ctx, off.iss_newstate)?,
+            sk: tp(&ctx, tp_off!(iss_skaddr))?,
+            old: tp(&ctx, tp_off!(iss_oldstate))?,
+            new: tp(&ctx, tp_off!(iss_newstate))?,
             src: StateSource::Record(&ctx),
         })
     };
@@ -401,157 +389,195 @@ pub fn raw_inet_sock_set_state(ctx: RawTracePointContext) -> u32 {
     }
 }
 
+/// Dispatches a state change to the function for its transition. The
+/// first ones concern sockets not tracked (yet); the rest, a tracked one.
 #[inline(always)]
 fn try_set_state(c: &StateChange<'_>) -> Result<(), i32> {
-    let (sk, old, new) = (c.sk, c.old, c.new);
+    match (c.old, c.new) {
+        (TCP_CLOSE, TCP_SYN_SENT) => on_connect(c),
+        (TCP_CLOSE, TCP_LISTEN) => on_listen(c),
+        (TCP_LISTEN, TCP_CLOSE) => on_listener_closed(c),
+        // A child socket cloned from a listener (it inherits its state).
+        (TCP_LISTEN, _) => Ok(()),
+        (TCP_SYN_RECV, TCP_ESTABLISHED) => on_handshake_completed(c),
+        _ => on_tracked_change(c),
+    }
+}
+
+/// CLOSE → SYN_SENT: `connect()`, in the caller's process context.
+#[inline(always)]
+fn on_connect(c: &StateChange<'_>) -> Result<(), i32> {
+    let (tgid, tid) = current_ids();
+    if !is_target(tgid) {
+        return Ok(());
+    }
     let now = unsafe { bpf_ktime_get_ns() };
+    let s = new_state(tgid, DIR_OUTBOUND, 0, now, SockTuple::EMPTY);
+    insert_or_count!(SOCKS, c.sk, s, STAT_SOCKS_FULL);
+    if let Some(p) = CONNECTING.get_ptr_mut(tid) {
+        // SAFETY: live map value of this thread only.
+        unsafe { (*p).syn_sent = 1 };
+    }
+    Ok(())
+}
 
-    if old == TCP_CLOSE && new == TCP_SYN_SENT {
-        // connect(): process context of the caller.
-        let (tgid, tid) = current_ids();
-        if !is_target(tgid) {
-            return Ok(());
-        }
-        let s = new_state(tgid, DIR_OUTBOUND, 0, now);
-        if SOCKS.insert(sk, s, 0).is_err() {
-            bump(STAT_SOCKS_FULL);
-        }
-        if let Some(p) = CONNECTING.get_ptr_mut(tid) {
-            // SAFETY: live map value of this thread only.
-            unsafe { (*p).syn_sent = 1 };
-        }
-        return Ok(());
+/// CLOSE → LISTEN: `listen()`, in the caller's process context.
+#[inline(always)]
+fn on_listen(c: &StateChange<'_>) -> Result<(), i32> {
+    let (tgid, _) = current_ids();
+    if is_target(tgid) {
+        insert_or_count!(TARGET_LISTENERS, c.sport()?, tgid, STAT_LISTENERS_FULL);
     }
+    Ok(())
+}
 
-    if old == TCP_CLOSE && new == TCP_LISTEN {
-        // listen(): process context of the caller.
-        let (tgid, _) = current_ids();
-        if is_target(tgid) {
-            TARGET_LISTENERS.insert(c.sport()?, tgid, 0)?;
-        }
-        return Ok(());
-    }
-    if old == TCP_LISTEN {
-        // LISTEN → CLOSE is the listener going away; LISTEN → SYN_RECV is a
-        // child socket cloned from it (it inherits the listener's state).
-        if new == TCP_CLOSE {
-            let _ = TARGET_LISTENERS.remove(c.sport()?);
-        }
-        return Ok(());
-    }
-    if old == TCP_SYN_RECV && new == TCP_ESTABLISHED {
-        // Handshake completed, softirq context: remember it if a target
-        // listens on the port, for the process that accepts it to claim.
-        let lport = c.sport()?;
-        // SAFETY: presence test only.
-        let ours = config_field!(mode) == pipelens_common::config::MODE_ALL
-            || unsafe { TARGET_LISTENERS.get(lport) }.is_some();
-        if !ours {
-            return Ok(());
-        }
-        let family = c.family()?;
-        let (saddr, daddr) = c.addrs(family)?;
-        let p = PendingInbound {
-            ts_ns: now,
-            saddr,
-            daddr,
-            family,
-            lport,
-            rport: c.dport()?,
-            flags: 0,
-        };
-        PENDING_INBOUND.insert(sk, p, 0)?;
-        return Ok(());
-    }
+/// LISTEN → CLOSE: the listener goes away.
+#[inline(always)]
+fn on_listener_closed(c: &StateChange<'_>) -> Result<(), i32> {
+    let _ = TARGET_LISTENERS.remove(c.sport()?);
+    Ok(())
+}
 
-    // A local close (FIN or abort) runs in the closing task's context: the
-    // last chance for an accepted connection that was never read or written
-    // to be claimed by its owner.
-    let local_close = (old == TCP_ESTABLISHED && (new == TCP_FIN_WAIT1 || new == TCP_CLOSE))
-        || (old == TCP_CLOSE_WAIT && (new == TCP_LAST_ACK || new == TCP_CLOSE));
-    let claimant = if local_close && c.by_local_task() {
+/// SYN_RECV → ESTABLISHED: a handshake completed, in softirq context.
+/// Remembered if a target listens on the port, for the process that
+/// accepts it to claim.
+#[inline(always)]
+fn on_handshake_completed(c: &StateChange<'_>) -> Result<(), i32> {
+    let lport = c.sport()?;
+    // SAFETY: presence test only.
+    let ours = config_field!(mode) == pipelens_common::config::MODE_ALL
+        || unsafe { TARGET_LISTENERS.get(lport) }.is_some();
+    if !ours {
+        return Ok(());
+    }
+    let p = PendingInbound {
+        ts_ns: unsafe { bpf_ktime_get_ns() },
+        addr: c.tuple()?,
+        flags: 0,
+        _pad: 0,
+    };
+    insert_or_count!(PENDING_INBOUND, c.sk, p, STAT_PENDING_INBOUND_FULL);
+    Ok(())
+}
+
+/// Every other change concerns a tracked socket (or a seeded or pending
+/// one, promoted here). A local close is the last chance for an accepted
+/// connection that was never read or written to be claimed by its owner.
+#[inline(always)]
+fn on_tracked_change(c: &StateChange<'_>) -> Result<(), i32> {
+    let claimant = if c.is_local_close() && c.by_local_task() {
         let (tgid, _) = current_ids();
         is_target(tgid).then_some(tgid)
     } else {
         None
     };
-    let Some(p) = sock_entry(sk, claimant) else {
-        if new == TCP_CLOSE {
-            let _ = PENDING_INBOUND.remove(sk);
+    let Some(p) = sock_entry(c.sk, claimant) else {
+        if c.new == TCP_CLOSE {
+            let _ = PENDING_INBOUND.remove(c.sk);
         }
         return Ok(());
     };
     // SAFETY: `p` points into a live SOCKS value.
     let s = unsafe { &mut *p };
-
-    if old == TCP_SYN_SENT && new == TCP_ESTABLISHED {
-        // The local port is bound after SYN_SENT is entered: take the tuple now.
-        let family = c.family()?;
-        s.family = family;
-        s.lport = c.sport()?;
-        s.rport = c.dport()?;
-        (s.saddr, s.daddr) = c.addrs(family)?;
-        s.flags |= SOCK_ESTABLISHED;
-        s.start_ns = now;
-        emit(EV_OPEN, sk, s, 0, now);
-        return Ok(());
-    }
-
-    if old == TCP_ESTABLISHED && new == TCP_FIN_WAIT1 {
-        if s.flags & SOCK_PEER_CLOSED_FIRST == 0 {
-            s.flags |= SOCK_LOCAL_CLOSED_FIRST;
+    match (c.old, c.new) {
+        (TCP_SYN_SENT, TCP_ESTABLISHED) => on_established(c, s),
+        (TCP_ESTABLISHED, TCP_FIN_WAIT1) => {
+            on_local_fin(s);
+            Ok(())
         }
-        return Ok(());
-    }
-    if old == TCP_ESTABLISHED && new == TCP_CLOSE_WAIT {
-        if s.flags & SOCK_LOCAL_CLOSED_FIRST == 0 {
-            s.flags |= SOCK_PEER_CLOSED_FIRST;
+        (TCP_ESTABLISHED, TCP_CLOSE_WAIT) => {
+            on_peer_fin(s);
+            Ok(())
         }
-        return Ok(());
-    }
-
-    if new == TCP_CLOSE {
-        if s.flags & SOCK_ESTABLISHED == 0 {
-            // Left SYN_SENT without a handshake: a failed connect. The
-            // kernel stores the errno in sk_err before tcp_done().
-            let mut err = sock_err(sk).unwrap_or(0) as u32;
-            if err == 0 && s.flags & SOCK_RST_RECEIVED != 0 {
-                err = 111; // ECONNREFUSED
-            }
-            if err == 0 {
-                // tcp_v4_connect enters SYN_SENT before it binds a local
-                // port; when no port is free it goes back to CLOSE with the
-                // port still 0 and returns EADDRNOTAVAIL without sk_err.
-                err = if c.sport()? == 0 {
-                    EADDRNOTAVAIL
-                } else {
-                    ECANCELED
-                };
-            }
-            let mut snapshot = *s;
-            snapshot.family = c.family()?;
-            snapshot.rport = c.dport()?;
-            emit(EV_CONNECT_FAILED, sk, &snapshot, err, now);
-        } else {
-            // Going straight to CLOSE from ESTABLISHED or CLOSE_WAIT, with no
-            // RST received, is an abortive close (SO_LINGER 0, unread data):
-            // the kernel sends a RST right after this transition.
-            let abortive = old == TCP_ESTABLISHED || old == TCP_CLOSE_WAIT;
-            if abortive && s.flags & SOCK_RST_RECEIVED == 0 {
-                s.flags |= SOCK_RST_SENT;
-            }
-            let reason = if s.flags & SOCK_RST_RECEIVED != 0 {
-                CLOSE_RST_RECEIVED
-            } else if s.flags & SOCK_RST_SENT != 0 {
-                CLOSE_RST_SENT
+        (_, TCP_CLOSE) => {
+            let done = if s.flags & SOCK_ESTABLISHED == 0 {
+                on_connect_failed(c, s)
             } else {
-                CLOSE_FIN
+                on_closed(c, s);
+                Ok(())
             };
-            emit(EV_CLOSE, sk, s, reason, now);
+            let _ = SOCKS.remove(c.sk);
+            done
         }
-        let _ = SOCKS.remove(sk);
+        _ => Ok(()),
     }
+}
+
+/// SYN_SENT → ESTABLISHED: an outbound connection is open. The local port
+/// is bound after SYN_SENT is entered: the tuple is taken now.
+#[inline(always)]
+fn on_established(c: &StateChange<'_>, s: &mut SockState) -> Result<(), i32> {
+    let now = unsafe { bpf_ktime_get_ns() };
+    s.addr = c.tuple()?;
+    s.flags |= SOCK_ESTABLISHED;
+    s.start_ns = now;
+    emit(EV_OPEN, c.sk, s, 0, now);
     Ok(())
+}
+
+/// ESTABLISHED → FIN_WAIT1: the local side closes, first unless the peer
+/// already did.
+#[inline(always)]
+fn on_local_fin(s: &mut SockState) {
+    if s.flags & SOCK_PEER_CLOSED_FIRST == 0 {
+        s.flags |= SOCK_LOCAL_CLOSED_FIRST;
+    }
+}
+
+/// ESTABLISHED → CLOSE_WAIT: the peer closes, first unless we already did.
+#[inline(always)]
+fn on_peer_fin(s: &mut SockState) {
+    if s.flags & SOCK_LOCAL_CLOSED_FIRST == 0 {
+        s.flags |= SOCK_PEER_CLOSED_FIRST;
+    }
+}
+
+/// → CLOSE without ever reaching ESTABLISHED: a failed connect. The kernel
+/// stores the errno in `sk_err` before `tcp_done()`.
+#[inline(always)]
+fn on_connect_failed(c: &StateChange<'_>, s: &SockState) -> Result<(), i32> {
+    let now = unsafe { bpf_ktime_get_ns() };
+    let t = c.tuple()?;
+    let mut err = sock_err(c.sk).unwrap_or(0) as u32;
+    if err == 0 && s.flags & SOCK_RST_RECEIVED != 0 {
+        err = 111; // ECONNREFUSED
+    }
+    if err == 0 {
+        // tcp_v4_connect enters SYN_SENT before it binds a local port; when
+        // no port is free it goes back to CLOSE with the port still 0 and
+        // returns EADDRNOTAVAIL without sk_err.
+        err = if t.lport == 0 {
+            EADDRNOTAVAIL
+        } else {
+            ECANCELED
+        };
+    }
+    let mut snapshot = *s;
+    snapshot.addr.family = t.family;
+    snapshot.addr.rport = t.rport;
+    emit(EV_CONNECT_FAILED, c.sk, &snapshot, err, now);
+    Ok(())
+}
+
+/// → CLOSE of an established connection: how it ended. Going straight to
+/// CLOSE from ESTABLISHED or CLOSE_WAIT, with no RST received, is an
+/// abortive close (SO_LINGER 0, unread data): the kernel sends a RST right
+/// after this transition.
+#[inline(always)]
+fn on_closed(c: &StateChange<'_>, s: &mut SockState) {
+    let now = unsafe { bpf_ktime_get_ns() };
+    let abortive = c.old == TCP_ESTABLISHED || c.old == TCP_CLOSE_WAIT;
+    if abortive && s.flags & SOCK_RST_RECEIVED == 0 {
+        s.flags |= SOCK_RST_SENT;
+    }
+    let reason = if s.flags & SOCK_RST_RECEIVED != 0 {
+        CLOSE_RST_RECEIVED
+    } else if s.flags & SOCK_RST_SENT != 0 {
+        CLOSE_RST_SENT
+    } else {
+        CLOSE_FIN
+    };
+    emit(EV_CLOSE, c.sk, s, reason, now);
 }
 
 /// `syscalls:sys_exit_accept4` and `syscalls:sys_exit_accept`: the returned
@@ -569,11 +595,11 @@ fn try_accept(ctx: &TracePointContext) -> Result<(), i32> {
     if !is_target(tgid) {
         return Ok(());
     }
-    let ret: i64 = tp(ctx, CONN_TP_OFFSETS.load().exit_ret)?;
+    let ret: i64 = tp(ctx, tp_off!(exit_ret))?;
     if ret < 0 {
         return Ok(());
     }
-    let sk = sock_of_fd(ret as u64)?;
+    let (sk, _) = sock_of_fd(ret as u64)?;
     let t = sock_tuple(sk)?;
     if t.family != AF_INET && t.family != AF_INET6 {
         return Ok(());
@@ -583,12 +609,7 @@ fn try_accept(ctx: &TracePointContext) -> Result<(), i32> {
     }
     let now = unsafe { bpf_ktime_get_ns() };
     let _ = PENDING_INBOUND.remove(sk);
-    let mut s = new_state(tgid, DIR_INBOUND, SOCK_ESTABLISHED, now);
-    s.family = t.family;
-    s.lport = t.lport;
-    s.rport = t.rport;
-    s.saddr = t.saddr;
-    s.daddr = t.daddr;
+    let mut s = new_state(tgid, DIR_INBOUND, SOCK_ESTABLISHED, now, t);
     emit(EV_OPEN, sk, &s, 0, now);
     if sock_state(sk)? as i32 == TCP_CLOSE {
         // Reset by the peer while it waited in the backlog: it will never
@@ -597,9 +618,7 @@ fn try_accept(ctx: &TracePointContext) -> Result<(), i32> {
         emit(EV_CLOSE, sk, &s, CLOSE_RST_RECEIVED, now);
         return Ok(());
     }
-    if SOCKS.insert(sk, s, 0).is_err() {
-        bump(STAT_SOCKS_FULL);
-    }
+    insert_or_count!(SOCKS, sk, s, STAT_SOCKS_FULL);
     Ok(())
 }
 
@@ -616,30 +635,33 @@ fn try_enter_connect(ctx: &TracePointContext) -> Result<(), i32> {
     if !is_target(tgid) {
         return Ok(());
     }
-    let off = CONN_TP_OFFSETS.load();
-    let fd: u64 = tp(ctx, off.connect_fd)?;
-    let addr: u64 = tp(ctx, off.connect_uservaddr)?;
-    // SAFETY: bpf_probe_read_user validates the user address.
-    let family: u16 = unsafe { bpf_probe_read_user((addr) as *const u16)? };
-    if family != AF_INET && family != AF_INET6 {
-        return Ok(());
-    }
-    let port_be: u16 = unsafe { bpf_probe_read_user((addr + 2) as *const u16)? };
-    let mut pending = PendingConnect {
-        daddr: [0; 16],
-        fd: fd as u32,
-        syn_sent: 0,
+    let fd: u64 = tp(ctx, tp_off!(connect_fd))?;
+    let addr: u64 = tp(ctx, tp_off!(connect_uservaddr))?;
+    // `sa_family` starts both `sockaddr_in` and `sockaddr_in6` (user ABI);
+    // the other fields are at their BTF offsets.
+    let family: u16 = read_user(addr)?;
+    let mut dest = SockTuple {
         family,
-        rport: u16::from_be(port_be),
-        _pad: 0,
+        ..SockTuple::EMPTY
     };
     if family == AF_INET {
-        let a: [u8; 4] = unsafe { bpf_probe_read_user((addr + 4) as *const [u8; 4])? };
-        pending.daddr[..4].copy_from_slice(&a);
+        let port_be: u16 = read_user(addr + kernel_offset!(sockaddr_in_port) as u64)?;
+        let a: [u8; 4] = read_user(addr + kernel_offset!(sockaddr_in_addr) as u64)?;
+        dest.rport = u16::from_be(port_be);
+        dest.daddr[..4].copy_from_slice(&a);
+    } else if family == AF_INET6 {
+        let port_be: u16 = read_user(addr + kernel_offset!(sockaddr_in6_port) as u64)?;
+        dest.rport = u16::from_be(port_be);
+        dest.daddr = read_user(addr + kernel_offset!(sockaddr_in6_addr) as u64)?;
     } else {
-        pending.daddr = unsafe { bpf_probe_read_user((addr + 8) as *const [u8; 16])? };
+        return Ok(());
     }
-    CONNECTING.insert(tid, pending, 0)?;
+    let pending = PendingConnect {
+        addr: dest,
+        fd: fd as u32,
+        syn_sent: 0,
+    };
+    insert_or_count!(CONNECTING, tid, pending, STAT_CONNECTING_FULL);
     Ok(())
 }
 
@@ -663,7 +685,7 @@ fn try_exit_connect(ctx: &TracePointContext) -> Result<(), i32> {
         return Ok(());
     };
     let _ = CONNECTING.remove(tid);
-    let ret: i64 = tp(ctx, CONN_TP_OFFSETS.load().exit_ret)?;
+    let ret: i64 = tp(ctx, tp_off!(exit_ret))?;
     if ret >= 0 || pending.syn_sent != 0 {
         return Ok(());
     }
@@ -671,15 +693,12 @@ fn try_exit_connect(ctx: &TracePointContext) -> Result<(), i32> {
     if err == EINPROGRESS || err == EALREADY || err == EISCONN || err == EINTR {
         return Ok(());
     }
-    let sk = sock_of_fd(pending.fd as u64)?;
+    let (sk, _) = sock_of_fd(pending.fd as u64)?;
     if sock_protocol(sk)? != IPPROTO_TCP {
         return Ok(());
     }
     let now = unsafe { bpf_ktime_get_ns() };
-    let mut s = new_state(tgid, DIR_OUTBOUND, 0, now);
-    s.family = pending.family;
-    s.rport = pending.rport;
-    s.daddr = pending.daddr;
+    let s = new_state(tgid, DIR_OUTBOUND, 0, now, pending.addr);
     emit(EV_CONNECT_FAILED, sk, &s, err as u32, now);
     Ok(())
 }
@@ -712,14 +731,17 @@ fn try_length(ctx: &TracePointContext, send: bool) -> Result<(), i32> {
     if !is_target(tgid) {
         return Ok(());
     }
-    let off = CONN_TP_OFFSETS.load();
-    let protocol: u16 = tp(ctx, off.len_protocol)?;
+    let protocol: u16 = tp(ctx, tp_off!(len_protocol))?;
     if protocol != IPPROTO_TCP {
         return Ok(());
     }
-    let ret: i32 = tp(ctx, off.len_ret)?;
-    let flags: i32 = if send { 0 } else { tp(ctx, off.len_flags)? };
-    let sk: u64 = tp(ctx, off.len_sk)?;
+    let ret: i32 = tp(ctx, tp_off!(len_ret))?;
+    let flags: i32 = if send {
+        0
+    } else {
+        tp(ctx, tp_off!(len_flags))?
+    };
+    let sk: u64 = tp(ctx, tp_off!(len_sk))?;
     count_bytes(tgid, sk, ret as i64, flags, send);
     Ok(())
 }
@@ -802,9 +824,7 @@ fn call_enter(sk: u64, flags: i32, send: bool) {
         flags,
         send: send as u32,
     };
-    if TCP_CALLS.insert(tid, call, 0).is_err() {
-        bump(STAT_CALLS_FULL);
-    }
+    insert_or_count!(TCP_CALLS, tid, call, STAT_CALLS_FULL);
 }
 
 #[inline(always)]
@@ -858,18 +878,14 @@ pub fn tcp_retransmit_skb(ctx: TracePointContext) -> u32 {
 }
 
 fn try_retransmit(ctx: &TracePointContext) -> Result<(), i32> {
-    mark_retransmit(tp(ctx, CONN_TP_OFFSETS.load().retrans_skaddr)?);
+    mark_retransmit(tp(ctx, tp_off!(retrans_skaddr))?);
     Ok(())
 }
 
 /// `tcp:tcp_send_reset(skbaddr, skaddr, state, reason, ...)`
 #[tracepoint]
 pub fn tcp_send_reset(ctx: TracePointContext) -> u32 {
-    match try_reset(
-        &ctx,
-        CONN_TP_OFFSETS.load().send_reset_skaddr,
-        SOCK_RST_SENT,
-    ) {
+    match try_reset(&ctx, tp_off!(send_reset_skaddr), SOCK_RST_SENT) {
         Ok(()) | Err(_) => 0,
     }
 }
@@ -877,11 +893,7 @@ pub fn tcp_send_reset(ctx: TracePointContext) -> u32 {
 /// `tcp:tcp_receive_reset(skaddr, ...)`
 #[tracepoint]
 pub fn tcp_receive_reset(ctx: TracePointContext) -> u32 {
-    match try_reset(
-        &ctx,
-        CONN_TP_OFFSETS.load().recv_reset_skaddr,
-        SOCK_RST_RECEIVED,
-    ) {
+    match try_reset(&ctx, tp_off!(recv_reset_skaddr), SOCK_RST_RECEIVED) {
         Ok(()) | Err(_) => 0,
     }
 }

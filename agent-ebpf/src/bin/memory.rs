@@ -34,11 +34,17 @@ static MEMORY_CONFIG: Global<MemConfig> = Global::new(MemConfig {
     alloc_mean: 512 * 1024,
     growth_mean: 64 * 1024,
     track_frees: 1,
-    fault_address: 8,
-    sys_arg0: 16,
-    sys_ret: 16,
+    fault_address: 0,
+    fault_error_code: 0,
+    mmap_len: 0,
+    mmap_flags: 0,
+    mmap_ret: 0,
+    munmap_addr: 0,
+    munmap_len: 0,
+    brk_ret: 0,
     stack_bytes: STACK_WINDOW as u32,
     thread_size: 16384,
+    _pad: 0,
 });
 
 /// Sized by the agent at load (`SamplerSettings::ring_bytes`).
@@ -99,10 +105,7 @@ macro_rules! config {
 
 #[inline(always)]
 fn stat(slot: u32) {
-    if let Some(p) = MEMORY_STATS.get_ptr_mut(slot) {
-        // SAFETY: per-CPU slot, no concurrent writer on this CPU.
-        unsafe { *p += 1 };
-    }
+    pipelens_ebpf::bump_stat(&MEMORY_STATS, slot);
 }
 
 /// Poisson sampling by bytes: true when the next sample point falls inside
@@ -268,7 +271,9 @@ fn handed_on(sp: u64) {
             ret_addr,
             ..Pending::default()
         };
-        let _ = PENDING.insert(tid, p, 0);
+        if PENDING.insert(tid, p, 0).is_err() {
+            stat(MSTAT_PENDING_FULL);
+        }
     }
 }
 
@@ -354,7 +359,9 @@ fn on_alloc_enter(regs: &pt_regs, cookie: u64) {
             kind,
             ..Pending::default()
         };
-        let _ = PENDING.insert(tid, p, 0);
+        if PENDING.insert(tid, p, 0).is_err() {
+            stat(MSTAT_PENDING_FULL);
+        }
     }
 }
 
@@ -434,9 +441,7 @@ fn on_page_fault(ctx: &TracePointContext, user_regs: impl Fn() -> Option<pt_regs
     if !is_target(tgid) {
         return 0;
     }
-    // error_code follows address and ip.
-    let off = config!(fault_address);
-    let error: u64 = tp_field(ctx, off + 16).unwrap_or(0);
+    let error: u64 = tp_field(ctx, config!(fault_error_code)).unwrap_or(0);
     if error & PF_WRITE == 0 {
         return 0;
     }
@@ -444,7 +449,7 @@ fn on_page_fault(ctx: &TracePointContext, user_regs: impl Fn() -> Option<pt_regs
     if !sampled(SLOT_GROWTH, PAGE, config!(growth_mean)) {
         return 0;
     }
-    let addr: u64 = tp_field(ctx, off).unwrap_or(0);
+    let addr: u64 = tp_field(ctx, config!(fault_address)).unwrap_or(0);
     if let Some(regs) = user_regs() {
         emit_sample(SAMPLE_FAULT, 0, PAGE, addr, &regs);
     }
@@ -458,9 +463,8 @@ pub fn mmap_enter(ctx: TracePointContext) -> u32 {
     if !is_target(tgid) {
         return 0;
     }
-    let a0 = config!(sys_arg0);
-    let len: u64 = tp_field(&ctx, a0 + 8).unwrap_or(0);
-    let flags: u64 = tp_field(&ctx, a0 + 24).unwrap_or(0);
+    let len: u64 = tp_field(&ctx, config!(mmap_len)).unwrap_or(0);
+    let flags: u64 = tp_field(&ctx, config!(mmap_flags)).unwrap_or(0);
     if flags & MAP_ANONYMOUS == 0 || len == 0 {
         return 0;
     }
@@ -469,7 +473,9 @@ pub fn mmap_enter(ctx: TracePointContext) -> u32 {
         kind: 1,
         ..Pending::default()
     };
-    let _ = MAPPING.insert(tid, p, 0);
+    if MAPPING.insert(tid, p, 0).is_err() {
+        stat(MSTAT_MAPPING_FULL);
+    }
     0
 }
 
@@ -485,7 +491,7 @@ fn on_mmap_exit(ctx: &TracePointContext, user_regs: impl Fn() -> Option<pt_regs>
         return 0;
     };
     let _ = MAPPING.remove(tid);
-    let ret: i64 = tp_field(ctx, config!(sys_ret)).unwrap_or(-1);
+    let ret: i64 = tp_field(ctx, config!(mmap_ret)).unwrap_or(-1);
     if ret < 0 || p.kind != 1 {
         return 0;
     }
@@ -505,9 +511,8 @@ pub fn munmap_enter(ctx: TracePointContext) -> u32 {
     if !is_target(tgid) {
         return 0;
     }
-    let a0 = config!(sys_arg0);
-    let addr: u64 = tp_field(&ctx, a0).unwrap_or(0);
-    let len: u64 = tp_field(&ctx, a0 + 8).unwrap_or(0);
+    let addr: u64 = tp_field(&ctx, config!(munmap_addr)).unwrap_or(0);
+    let len: u64 = tp_field(&ctx, config!(munmap_len)).unwrap_or(0);
     emit_note(NOTE_UNMAPPED, 0, addr, len);
     0
 }
@@ -520,13 +525,15 @@ fn on_brk_exit(ctx: &TracePointContext, user_regs: impl Fn() -> Option<pt_regs>)
     if !is_target(tgid) {
         return 0;
     }
-    let new: u64 = tp_field(ctx, config!(sys_ret)).unwrap_or(0);
+    let new: u64 = tp_field(ctx, config!(brk_ret)).unwrap_or(0);
     if new == 0 {
         return 0;
     }
     // SAFETY: copied out.
     let last = unsafe { BRK_LAST.get(tgid) }.copied();
-    let _ = BRK_LAST.insert(tgid, new, 0);
+    if BRK_LAST.insert(tgid, new, 0).is_err() {
+        stat(MSTAT_BRK_LAST_FULL);
+    }
     let Some(last) = last else {
         return 0;
     };

@@ -9,16 +9,19 @@
 use aya_ebpf::{
     Global,
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
-    helpers::{bpf_ktime_get_ns, bpf_probe_read_user, generated},
+    helpers::{bpf_ktime_get_ns, generated},
     macros::{map, tracepoint},
     maps::{LruHashMap, PerCpuArray, ProgramArray, RingBuf},
     programs::TracePointContext,
 };
 use pipelens_common::{
-    connections::{AF_INET, AF_INET6, IPPROTO_TCP, TCP_CLOSE},
+    connections::{AF_INET, AF_INET6, IPPROTO_TCP, SockTuple, TCP_CLOSE},
     streams::*,
 };
-use pipelens_ebpf::{current_ids, is_target, sock_and_inode_of_fd, sock_protocol, sock_tuple};
+use pipelens_ebpf::{
+    bump_stat, current_ids, is_target, kernel_offset, read_user, sock_of_fd, sock_protocol,
+    sock_tuple,
+};
 
 #[unsafe(no_mangle)]
 static STREAM_TP_OFFSETS: Global<StreamTracepointOffsets> = Global::new(StreamTracepointOffsets {
@@ -70,16 +73,23 @@ const MASK: usize = MAX_CAPTURE - 1;
 
 use pipelens_ebpf::tp_field as tp;
 
+/// Reads one field of `STREAM_TP_OFFSETS` (not the whole struct onto the
+/// stack).
+macro_rules! tp_off {
+    ($field:ident) => {
+        pipelens_ebpf::global_field!(STREAM_TP_OFFSETS, StreamTracepointOffsets, $field)
+    };
+}
+
 #[inline(always)]
 fn enter(ctx: &TracePointContext, shape: u32, direction: u32) -> Result<(), i32> {
     let (tgid, tid) = current_ids();
     if !is_target(tgid) {
         return Ok(());
     }
-    let off = STREAM_TP_OFFSETS.load();
-    let fd: u64 = tp(ctx, off.enter_fd)?;
-    let ptr: u64 = tp(ctx, off.enter_ptr)?;
-    let arg2: u64 = tp(ctx, off.enter_arg2)?;
+    let fd: u64 = tp(ctx, tp_off!(enter_fd))?;
+    let ptr: u64 = tp(ctx, tp_off!(enter_ptr))?;
+    let arg2: u64 = tp(ctx, tp_off!(enter_arg2))?;
     let io = ActiveIo {
         ts_enter: unsafe { bpf_ktime_get_ns() },
         ptr,
@@ -91,7 +101,11 @@ fn enter(ctx: &TracePointContext, shape: u32, direction: u32) -> Result<(), i32>
     match ACTIVE_IO.get_ptr_mut(tid) {
         // SAFETY: this thread's own entry; nothing else writes it.
         Some(p) => unsafe { *p = io },
-        None => ACTIVE_IO.insert(tid, io, 0)?,
+        None => {
+            if ACTIVE_IO.insert(tid, io, 0).is_err() {
+                bump_stat(&STREAM_STATS, STREAM_STAT_ACTIVE_IO_FULL);
+            }
+        }
     }
     Ok(())
 }
@@ -186,8 +200,7 @@ fn walk_steps() -> bool {
         if w.pos >= w.total || w.idx >= w.iovcnt {
             return true;
         }
-        // struct iovec { iov_base, iov_len }, read in one helper call.
-        let Ok([base, len]) = read_user::<[u64; 2]>(w.iov + 16 * w.idx) else {
+        let Ok((base, len)) = read_iovec(w.iov, w.idx) else {
             // An unreadable iovec array: the rest cannot be walked.
             return false;
         };
@@ -329,191 +342,262 @@ fn copy_tail_piece(h: &mut StreamHeader, at: u64, src: u64, n: u64) -> bool {
     rc == 0
 }
 
+/// The exit of a read or write: the syscall entered, its result, and
+/// the capture decision for its socket; then the data is copied (a plain
+/// buffer) or its walk is set up (iovecs, continued in `walk_iovecs`).
+/// True when the walk is to be run.
+#[inline(always)]
 fn try_exit(ctx: &TracePointContext) -> Result<bool, i32> {
     let (tgid, tid) = current_ids();
-    // SAFETY: copied out before removal.
-    let Some(p) = ACTIVE_IO.get_ptr_mut(tid) else {
+    let Some(io) = take_active_io(tid) else {
         return Ok(false);
     };
-    // SAFETY: this thread's own entry; nothing else writes it.
-    let io = unsafe { *p };
-    if io.ts_enter == 0 {
-        return Ok(false);
-    }
-    // SAFETY: as above.
-    unsafe { (*p).ts_enter = 0 };
-    let off = STREAM_TP_OFFSETS.load();
-    let ret: i64 = tp(ctx, off.exit_ret)?;
+    let ret: i64 = tp(ctx, tp_off!(exit_ret))?;
     if ret <= 0 {
         return Ok(false);
     }
-    let (sk, ino) = sock_and_inode_of_fd(io.fd as u64, true)?;
-    // The state decides first: a socket seen before needs no more reads.
-    let mut first_sight = false;
-    let (mut family, mut lport, mut rport) = (0u16, 0u16, 0u16);
-    match CAPTURE_STATE.get_ptr_mut(ino) {
-        Some(state) => {
-            // SAFETY: live map value.
-            let state = unsafe { &mut *state };
-            if state.state == CAPTURE_OFF {
-                return Ok(false);
-            }
-            if state.state == CAPTURE_UNDECIDED {
-                if state.undecided_seen >= UNDECIDED_BUDGET {
-                    state.state = CAPTURE_OFF;
-                    return Ok(false);
-                }
-                state.undecided_seen += 1;
-            }
-        }
-        None => {
-            // First sight: only TCP and Unix stream sockets are worth it.
-            let t = sock_tuple(sk)?;
-            let wanted = match t.family {
-                AF_INET | AF_INET6 => sock_protocol(sk)? == IPPROTO_TCP,
-                AF_UNIX => true,
-                _ => false,
-            };
-            // And only when the first byte can open a protocol we parse:
-            // anything else is ruled out here, without a record to userspace
-            // (under connection churn, classifying every socket in userspace
-            // cost more than the connections collector itself).
-            let wanted = wanted && may_open_protocol(first_byte(&io));
-            let fresh = CaptureState {
-                state: if wanted {
-                    CAPTURE_UNDECIDED
-                } else {
-                    CAPTURE_OFF
-                },
-                undecided_seen: 1,
-                tgid,
-                _pad: 0,
-            };
-            CAPTURE_STATE.insert(ino, fresh, 0)?;
-            if !wanted {
-                return Ok(false);
-            }
-            if t.family != AF_UNIX {
-                let _ = CAPTURED_TCP.insert(sk, ino, 0);
-            }
-            (family, lport, rport) = (t.family, t.lport, t.rport);
-            first_sight = true;
-        }
-    }
-
+    let (sk, ino) = sock_of_fd(io.fd as u64)?;
+    let Some(first_sight) = capture_decision(&io, sk, ino, tgid)? else {
+        return Ok(false);
+    };
     let Some(rec) = SCRATCH.get_ptr_mut(0) else {
         return Ok(false);
     };
     // SAFETY: per-CPU scratch, no other user on this CPU while we run.
     let rec = unsafe { &mut *rec };
-    let h = &mut rec.header;
+    let total = ret as u64;
+    fill_header(&mut rec.header, &io, sk, ino, total, first_sight);
+    let mut cap = tp_off!(capture_bytes) as u64;
+    if cap > (MAX_PIECES * MAX_CAPTURE) as u64 {
+        cap = (MAX_PIECES * MAX_CAPTURE) as u64;
+    }
+    let want = if total < cap { total } else { cap };
+    if io.shape == IO_BUF {
+        if want < total {
+            copy_tail(&mut rec.header, io.ptr, total);
+        }
+        send_buffer(rec, io.ptr, want, first_sight.is_some());
+        return Ok(false);
+    }
+    Ok(start_walk(&io, total, want, first_sight.is_some()))
+}
+
+/// The syscall in flight on thread `tid`, marked done.
+#[inline(always)]
+fn take_active_io(tid: u32) -> Option<ActiveIo> {
+    let p = ACTIVE_IO.get_ptr_mut(tid)?;
+    // SAFETY: this thread's own entry; nothing else writes it.
+    let io = unsafe { *p };
+    if io.ts_enter == 0 {
+        return None;
+    }
+    // SAFETY: as above.
+    unsafe { (*p).ts_enter = 0 };
+    Some(io)
+}
+
+/// Whether this call's data is sent: `None` when the socket is ruled out,
+/// `Some(None)` for a socket seen before, `Some(Some(addresses))` for a
+/// socket seen for the first time (its state decides first: a socket seen
+/// before needs no more reads).
+#[inline(always)]
+fn capture_decision(
+    io: &ActiveIo,
+    sk: u64,
+    ino: u64,
+    tgid: u32,
+) -> Result<Option<Option<SockTuple>>, i32> {
+    let Some(state) = CAPTURE_STATE.get_ptr_mut(ino) else {
+        return decide_first_sight(io, sk, ino, tgid).map(|t| t.map(Some));
+    };
+    // SAFETY: live map value.
+    let state = unsafe { &mut *state };
+    if state.state == CAPTURE_OFF {
+        return Ok(None);
+    }
+    if state.state == CAPTURE_UNDECIDED {
+        if state.undecided_seen >= UNDECIDED_BUDGET {
+            state.state = CAPTURE_OFF;
+            return Ok(None);
+        }
+        state.undecided_seen += 1;
+    }
+    Ok(Some(None))
+}
+
+/// A socket's first sight: only TCP and Unix stream sockets are worth it,
+/// and only when the first byte can open a protocol we parse. Anything else
+/// is ruled out here, without a record to userspace (under connection
+/// churn, classifying every socket in userspace cost more than the
+/// connections collector itself). The decision is kept in `CAPTURE_STATE`.
+#[inline(always)]
+fn decide_first_sight(
+    io: &ActiveIo,
+    sk: u64,
+    ino: u64,
+    tgid: u32,
+) -> Result<Option<SockTuple>, i32> {
+    let t = sock_tuple(sk)?;
+    let wanted = match t.family {
+        AF_INET | AF_INET6 => sock_protocol(sk)? == IPPROTO_TCP,
+        AF_UNIX => true,
+        _ => false,
+    };
+    let wanted = wanted && may_open_protocol(first_byte(io));
+    let fresh = CaptureState {
+        state: if wanted {
+            CAPTURE_UNDECIDED
+        } else {
+            CAPTURE_OFF
+        },
+        undecided_seen: 1,
+        tgid,
+        _pad: 0,
+    };
+    if CAPTURE_STATE.insert(ino, fresh, 0).is_err() {
+        // Not remembered: nothing sent, decided again on its next call.
+        bump_stat(&STREAM_STATS, STREAM_STAT_CAPTURE_STATE_FULL);
+        return Ok(None);
+    }
+    if !wanted {
+        return Ok(None);
+    }
+    if t.family != AF_UNIX && CAPTURED_TCP.insert(sk, ino, 0).is_err() {
+        // Its close by the TCP state change goes unseen; `close` still ends it.
+        bump_stat(&STREAM_STATS, STREAM_STAT_CAPTURED_TCP_FULL);
+    }
+    Ok(Some(t))
+}
+
+/// The header every record of this call shares; addresses on a socket's
+/// first sight only.
+#[inline(always)]
+fn fill_header(
+    h: &mut StreamHeader,
+    io: &ActiveIo,
+    sk: u64,
+    ino: u64,
+    len: u64,
+    first_sight: Option<SockTuple>,
+) {
+    let (tgid, tid) = current_ids();
     h.ts_enter = io.ts_enter;
     h.ts_exit = unsafe { bpf_ktime_get_ns() };
     h.sk = sk;
     h.ino = ino;
-    h.len = ret as u64;
+    h.len = len;
     h.tgid = tgid;
     h.tid = tid;
     h.fd = io.fd;
     h.kind = STREAM_DATA;
     h.direction = io.direction;
-    h.family = family;
-    h.lport = lport;
-    h.rport = rport;
+    h.addr = first_sight.unwrap_or(SockTuple::EMPTY);
     h.comm = pipelens_ebpf::process_comm();
     h.tail_len = 0;
-
-    let mut cap = off.capture_bytes as u64;
-    if cap > (MAX_PIECES * MAX_CAPTURE) as u64 {
-        cap = (MAX_PIECES * MAX_CAPTURE) as u64;
-    }
-    let want = if (ret as u64) < cap { ret as u64 } else { cap };
     h.flags = 0;
     h.offset = 0;
-    if want < ret as u64 && io.shape == IO_BUF {
-        copy_tail(&mut rec.header, io.ptr, ret as u64);
-    }
-    match io.shape {
-        IO_BUF => {
-            // One record per MAX_CAPTURE bytes, so that a pipelined batch
-            // larger than one record is still seen whole.
-            let mut i = 0usize;
-            while i < MAX_PIECES {
-                let start = (i * MAX_CAPTURE) as u64;
-                if start >= want && i > 0 {
-                    break;
-                }
-                let left = want.saturating_sub(start);
-                let n = if left < MAX_CAPTURE as u64 {
-                    left
-                } else {
-                    MAX_CAPTURE as u64
-                };
-                let last = start + n >= want || i + 1 == MAX_PIECES;
-                let got = if n == MAX_CAPTURE as u64 {
-                    copy_user_full(rec.data.as_mut_ptr(), io.ptr + start)
-                } else {
-                    copy_user(rec.data.as_mut_ptr(), io.ptr + start, n)
-                };
-                rec.header.offset = start as u32;
-                rec.header.captured = got as u32;
-                rec.header.flags = if last { PIECE_LAST } else { 0 };
-                let size = core::mem::size_of::<StreamHeader>() as u64 + got;
-                submit(rec, size, first_sight && i == 0);
-                if last {
-                    break;
-                }
-                i += 1;
-            }
+}
+
+/// A plain buffer's prefix, one record per MAX_CAPTURE bytes, so that a
+/// pipelined batch larger than one record is still seen whole.
+#[inline(always)]
+fn send_buffer(rec: &mut StreamRecord, buf: u64, want: u64, wake: bool) {
+    let mut i = 0usize;
+    while i < MAX_PIECES {
+        let start = (i * MAX_CAPTURE) as u64;
+        if start >= want && i > 0 {
+            break;
         }
-        shape => {
-            // Vectored: walked iovec by iovec in `walk_iovecs`.
-            let (iov, iovcnt) = if shape == IO_IOV {
-                (io.ptr, io.iovcnt as u64)
-            } else {
-                // struct user_msghdr: msg_iov at 16, msg_iovlen at 24 (user ABI).
-                let iov: u64 = read_user(io.ptr + 16).unwrap_or(0);
-                let iovlen: u64 = read_user(io.ptr + 24).unwrap_or(0);
-                (iov, iovlen)
-            };
-            let Some(w) = IOV_WALK.get_ptr_mut(0) else {
-                return Ok(false);
-            };
-            let total = ret as u64;
-            let tail_len = if want < total {
-                if total < TAIL_CAPTURE as u64 {
-                    total
-                } else {
-                    TAIL_CAPTURE as u64
-                }
-            } else {
-                0
-            };
-            // SAFETY: per-CPU walk state, no other user on this CPU while we run.
-            unsafe {
-                *w = IovWalk {
-                    iov,
-                    iovcnt: if iovcnt > UIO_MAXIOV {
-                        UIO_MAXIOV
-                    } else {
-                        iovcnt
-                    },
-                    idx: 0,
-                    in_iov: 0,
-                    pos: 0,
-                    total,
-                    want,
-                    fill: 0,
-                    tail_from: total - tail_len,
-                    tail_len,
-                    wake: first_sight as u32,
-                    tail_fault: 0,
-                }
-            };
-            return Ok(true);
+        let left = want.saturating_sub(start);
+        let n = if left < MAX_CAPTURE as u64 {
+            left
+        } else {
+            MAX_CAPTURE as u64
+        };
+        let last = start + n >= want || i + 1 == MAX_PIECES;
+        let got = if n == MAX_CAPTURE as u64 {
+            copy_user_full(rec.data.as_mut_ptr(), buf + start)
+        } else {
+            copy_user(rec.data.as_mut_ptr(), buf + start, n)
+        };
+        rec.header.offset = start as u32;
+        rec.header.captured = got as u32;
+        rec.header.flags = if last { PIECE_LAST } else { 0 };
+        let size = core::mem::size_of::<StreamHeader>() as u64 + got;
+        submit(rec, size, wake && i == 0);
+        if last {
+            break;
         }
+        i += 1;
     }
-    Ok(false)
+}
+
+/// Sets up the walk of a vectored call's iovecs, run in `walk_iovecs`.
+/// False when there is no walk state to set up.
+#[inline(always)]
+fn start_walk(io: &ActiveIo, total: u64, want: u64, wake: bool) -> bool {
+    let (iov, iovcnt) = if io.shape == IO_IOV {
+        (io.ptr, io.iovcnt as u64)
+    } else {
+        (
+            read_user(io.ptr + kernel_offset!(msghdr_msg_iov) as u64).unwrap_or(0),
+            read_user(io.ptr + kernel_offset!(msghdr_msg_iovlen) as u64).unwrap_or(0),
+        )
+    };
+    let Some(w) = IOV_WALK.get_ptr_mut(0) else {
+        return false;
+    };
+    let tail_len = if want < total {
+        if total < TAIL_CAPTURE as u64 {
+            total
+        } else {
+            TAIL_CAPTURE as u64
+        }
+    } else {
+        0
+    };
+    // SAFETY: per-CPU walk state, no other user on this CPU while we run.
+    unsafe {
+        *w = IovWalk {
+            iov,
+            iovcnt: if iovcnt > UIO_MAXIOV {
+                UIO_MAXIOV
+            } else {
+                iovcnt
+            },
+            idx: 0,
+            in_iov: 0,
+            pos: 0,
+            total,
+            want,
+            fill: 0,
+            tail_from: total - tail_len,
+            tail_len,
+            wake: wake as u32,
+            tail_fault: 0,
+        }
+    };
+    true
+}
+
+/// Entry `idx` of the `struct iovec` array at `iov`: `(iov_base, iov_len)`,
+/// in one helper call (the loader checked the two are adjacent 8-byte
+/// fields; offsets and stride from BTF).
+#[inline(always)]
+fn read_iovec(iov: u64, idx: u64) -> Result<(u64, u64), i32> {
+    let base_off = kernel_offset!(iovec_iov_base) as u64;
+    let len_off = kernel_offset!(iovec_iov_len) as u64;
+    let lower = if base_off < len_off {
+        base_off
+    } else {
+        len_off
+    };
+    let pair: [u64; 2] = read_user(iov + idx * kernel_offset!(iovec_size) as u64 + lower)?;
+    Ok(if base_off < len_off {
+        (pair[0], pair[1])
+    } else {
+        (pair[1], pair[0])
+    })
 }
 
 /// Copies exactly MAX_CAPTURE user bytes to `dst`; returns the count.
@@ -561,19 +645,13 @@ fn first_byte(io: &ActiveIo) -> Option<u8> {
     let iov = match io.shape {
         IO_BUF => return read_user::<u8>(io.ptr).ok(),
         IO_IOV => io.ptr,
-        _ => read_user::<u64>(io.ptr + 16).ok()?,
+        _ => read_user::<u64>(io.ptr + kernel_offset!(msghdr_msg_iov) as u64).ok()?,
     };
     // An empty first iovec says nothing of the first byte: undecided.
-    match read_user::<[u64; 2]>(iov).ok()? {
-        [_, 0] => None,
-        [base, _] => read_user::<u8>(base).ok(),
+    match read_iovec(iov, 0).ok()? {
+        (_, 0) => None,
+        (base, _) => read_user::<u8>(base).ok(),
     }
-}
-
-#[inline(always)]
-fn read_user<T>(addr: u64) -> Result<T, i32> {
-    // SAFETY: bpf_probe_read_user validates the user address.
-    unsafe { bpf_probe_read_user(addr as *const T) }
 }
 
 /// Copies `n` (≤ MAX_CAPTURE − 1 after masking) user bytes to `dst`;
@@ -622,11 +700,8 @@ fn submit(rec: &StreamRecord, size: u64, wake: bool) {
     } else {
         BPF_RB_NO_WAKEUP as u64
     };
-    if STREAM_EVENTS.output::<[u8]>(bytes, flags).is_err()
-        && let Some(p) = STREAM_STATS.get_ptr_mut(STREAM_STAT_RING_LOST)
-    {
-        // SAFETY: per-CPU slot.
-        unsafe { *p += 1 };
+    if STREAM_EVENTS.output::<[u8]>(bytes, flags).is_err() {
+        bump_stat(&STREAM_STATS, STREAM_STAT_RING_LOST);
     }
 }
 
@@ -667,8 +742,8 @@ fn try_close(ctx: &TracePointContext) -> Result<(), i32> {
     if !is_target(tgid) {
         return Ok(());
     }
-    let fd: u64 = tp(ctx, STREAM_TP_OFFSETS.load().enter_fd)?;
-    let (sk, ino) = sock_and_inode_of_fd(fd, true)?;
+    let fd: u64 = tp(ctx, tp_off!(enter_fd))?;
+    let (sk, ino) = sock_of_fd(fd)?;
     // SAFETY: copied out.
     let Some(state) = (unsafe { CAPTURE_STATE.get(ino) }).copied() else {
         return Ok(());
@@ -694,12 +769,11 @@ pub fn stream_sock_state(ctx: TracePointContext) -> u32 {
 }
 
 fn try_state(ctx: &TracePointContext) -> Result<(), i32> {
-    let off = STREAM_TP_OFFSETS.load();
-    let new: i32 = tp(ctx, off.iss_newstate)?;
+    let new: i32 = tp(ctx, tp_off!(iss_newstate))?;
     if new != TCP_CLOSE {
         return Ok(());
     }
-    let sk: u64 = tp(ctx, off.iss_skaddr)?;
+    let sk: u64 = tp(ctx, tp_off!(iss_skaddr))?;
     // Only the address is known here (the socket may be orphaned already).
     // SAFETY: copied out.
     let Some(ino) = (unsafe { CAPTURED_TCP.get(sk) }).copied() else {

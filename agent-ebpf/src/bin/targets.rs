@@ -5,19 +5,41 @@
 #![no_main]
 
 use aya_ebpf::{
-    Global, helpers::bpf_get_current_comm, macros::tracepoint, programs::TracePointContext,
+    Global,
+    helpers::bpf_get_current_comm,
+    macros::{map, tracepoint},
+    maps::PerCpuArray,
+    programs::TracePointContext,
 };
 use pipelens_common::config::{
     AgentConfig, COMM_LEN, FIELD_ABSENT, MAX_COMMS, MODE_ALL, SchedTracepointOffsets, TARGET_CHILD,
-    TARGET_COMM,
+    TARGET_COMM, TSTAT_COUNT, TSTAT_TARGETS_FULL,
 };
-use pipelens_ebpf::{AGENT_CONFIG, TARGETS, config_field, current_ids};
+use pipelens_ebpf::{AGENT_CONFIG, TARGETS, bump_stat, config_field, current_ids};
 
 #[unsafe(no_mangle)]
 static SCHED_OFFSETS: Global<SchedTracepointOffsets> = Global::new(SchedTracepointOffsets {
     fork_child_pid: 0,
     exit_group_dead: FIELD_ABSENT,
 });
+
+#[map]
+static TARGET_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(TSTAT_COUNT, 0);
+
+/// Reads one field of `SCHED_OFFSETS` (not the whole struct onto the stack).
+macro_rules! sched_off {
+    ($field:ident) => {
+        pipelens_ebpf::global_field!(SCHED_OFFSETS, SchedTracepointOffsets, $field)
+    };
+}
+
+/// Adds `tgid` to the targets, counting a failure (the map is full).
+#[inline(always)]
+fn add_target(tgid: u32, why: u32) {
+    if TARGETS.insert(tgid, why, 0).is_err() {
+        bump_stat(&TARGET_STATS, TSTAT_TARGETS_FULL);
+    }
+}
 
 /// `sched:sched_process_fork` — runs in the parent. A child of a target
 /// becomes a target. Threads get an entry too (their id is their own): it is
@@ -38,10 +60,8 @@ fn try_fork(ctx: &TracePointContext) -> Result<(), i32> {
     if unsafe { TARGETS.get(tgid) }.is_none() {
         return Ok(());
     }
-    let off = SCHED_OFFSETS.load();
-    // SAFETY: the offset comes from this tracepoint's format file.
-    let child: i32 = unsafe { ctx.read_at(off.fork_child_pid as usize)? };
-    TARGETS.insert(child as u32, TARGET_CHILD, 0)?;
+    let child: i32 = pipelens_ebpf::tp_field(ctx, sched_off!(fork_child_pid))?;
+    add_target(child as u32, TARGET_CHILD);
     Ok(())
 }
 
@@ -69,7 +89,7 @@ fn try_exec() -> Result<(), i32> {
         // SAFETY: `Global<T>` is `repr(transparent)` over an initialised `T`.
         let wanted = unsafe { core::ptr::read_volatile(&raw const (*cfg).comms[i]) };
         if (i as u32) < count && comm_eq(&comm, &wanted) {
-            TARGETS.insert(tgid, TARGET_COMM, 0)?;
+            add_target(tgid, TARGET_COMM);
             return Ok(());
         }
         i += 1;
@@ -108,12 +128,11 @@ fn try_exit(ctx: &TracePointContext) -> Result<(), i32> {
     if tid != tgid {
         let _ = TARGETS.remove(tid);
     }
-    let off = SCHED_OFFSETS.load();
-    let group_dead = if off.exit_group_dead == FIELD_ABSENT {
+    let group_dead_at = sched_off!(exit_group_dead);
+    let group_dead = if group_dead_at == FIELD_ABSENT {
         tid == tgid
     } else {
-        // SAFETY: the offset comes from this tracepoint's format file.
-        unsafe { ctx.read_at::<u8>(off.exit_group_dead as usize)? != 0 }
+        pipelens_ebpf::tp_field::<u8>(ctx, group_dead_at)? != 0
     };
     if group_dead {
         let _ = TARGETS.remove(tgid);

@@ -19,7 +19,8 @@ use aya::{
     programs::RawTracePoint,
 };
 use pipelens_common::connections::{
-    ConnEvent, ConnTracepointOffsets, STAT_RING_LOST, SeedKey, SeedValue, SockState,
+    CONN_MAP_ERRORS, ConnEvent, ConnTracepointOffsets, STAT_RING_LOST, SeedKey, SeedValue,
+    SockState,
 };
 use tokio_util::sync::CancellationToken;
 pub use tracker::ConnectionTracker;
@@ -186,6 +187,7 @@ impl ConnectionsCollector {
         objects::attach_tracepoints(&mut ebpf, optional)?;
         let state_hook = attach_state_hooks(&mut ebpf)?;
         let byte_hook = bytes::attach(&mut ebpf).map_err(ProbeError::NoHook)?;
+        objects::export_map_errors(&ebpf, "connections", "CONN_STATS", &CONN_MAP_ERRORS)?;
         Ok(Self {
             ebpf,
             tracker: Arc::new(Mutex::new(ConnectionTracker::new())),
@@ -286,6 +288,7 @@ impl ConnectionsCollector {
             .collect();
         lock(&self.tracker).poll(&snapshot);
 
+        objects::export_map_errors(&self.ebpf, "connections", "CONN_STATS", &CONN_MAP_ERRORS)?;
         let lost = objects::per_cpu_total(&self.ebpf, "CONN_STATS", STAT_RING_LOST)?;
         if lost > *lost_seen {
             metrics::counter!("pipelens_events_lost_total", "collector" => "connections")

@@ -260,7 +260,13 @@ impl ConnectionTracker {
     }
 
     fn on_open(&mut self, ev: &ConnEvent) {
-        let labels = self.labels(ev.tgid, &ev.comm, ev.direction, ev.lport, ev.rport);
+        let labels = self.labels(
+            ev.tgid,
+            &ev.comm,
+            ev.direction,
+            ev.addr.lport,
+            ev.addr.rport,
+        );
         let series = self.series(labels);
         series.opened.increment(1);
         series.active.increment(1.0);
@@ -271,15 +277,7 @@ impl ConnectionTracker {
     }
 
     fn on_seed_matched(&mut self, ev: &ConnEvent) {
-        let key = SeedKey {
-            saddr: ev.saddr,
-            daddr: ev.daddr,
-            family: ev.family,
-            lport: ev.lport,
-            rport: ev.rport,
-            _pad: 0,
-        };
-        let Some((labels, _)) = self.seeds.remove(&key) else {
+        let Some((labels, _)) = self.seeds.remove(&ev.addr) else {
             return;
         };
         self.follow(ev, labels);
@@ -305,7 +303,13 @@ impl ConnectionTracker {
             Some(c) => (c.stream, true, (c.sent, c.received, c.retransmits)),
             // The open record was lost (ring full): count what the close says.
             None => (
-                self.labels(ev.tgid, &ev.comm, ev.direction, ev.lport, ev.rport),
+                self.labels(
+                    ev.tgid,
+                    &ev.comm,
+                    ev.direction,
+                    ev.addr.lport,
+                    ev.addr.rport,
+                ),
                 false,
                 (0, 0, 0),
             ),
@@ -364,7 +368,13 @@ impl ConnectionTracker {
     }
 
     fn on_connect_failed(&mut self, ev: &ConnEvent) {
-        let labels = self.labels(ev.tgid, &ev.comm, DIR_OUTBOUND, ev.lport, ev.rport);
+        let labels = self.labels(
+            ev.tgid,
+            &ev.comm,
+            DIR_OUTBOUND,
+            ev.addr.lport,
+            ev.addr.rport,
+        );
         let reason = errno_name(ev.reason);
         let stream = &mut self.streams[labels];
         let names = &stream.labels;
@@ -499,6 +509,15 @@ mod tests {
     use super::*;
     use crate::distribution::RELATIVE_ERROR;
 
+    fn test_tuple() -> SockTuple {
+        SockTuple {
+            family: AF_INET,
+            lport: 8080,
+            rport: 50000,
+            ..SockTuple::EMPTY
+        }
+    }
+
     fn event(kind: u32, sk: u64, direction: u16, ts: u64, dur: u64) -> ConnEvent {
         let mut comm = [0u8; 16];
         comm[..6].copy_from_slice(b"server");
@@ -509,17 +528,14 @@ mod tests {
             bytes_sent: 0,
             bytes_received: 0,
             retransmits: 0,
-            saddr: [0; 16],
-            daddr: [0; 16],
             comm,
+            addr: test_tuple(),
             tgid: 4242,
             kind,
             reason: 0,
             flags: SOCK_ESTABLISHED,
-            family: AF_INET,
-            lport: 8080,
-            rport: 50000,
             direction,
+            _pad: [0; 6],
         }
     }
 
@@ -529,15 +545,12 @@ mod tests {
             bytes_sent: sent,
             bytes_received: received,
             retransmits: 0,
-            saddr: [0; 16],
-            daddr: [0; 16],
             comm: [0; 16],
+            addr: test_tuple(),
             tgid: 4242,
             flags: SOCK_ESTABLISHED,
-            family: AF_INET,
-            lport: 8080,
-            rport: 50000,
             direction: DIR_INBOUND,
+            _pad: [0; 6],
         }
     }
 
@@ -605,14 +618,7 @@ mod tests {
     #[test]
     fn seeded_connections_are_active_until_closed() {
         let mut t = ConnectionTracker::new();
-        let key = SeedKey {
-            saddr: [0; 16],
-            daddr: [0; 16],
-            family: AF_INET,
-            lport: 8080,
-            rport: 50000,
-            _pad: 0,
-        };
+        let key: SeedKey = test_tuple();
         t.add_seed(key, 4242, DIR_INBOUND);
         let mut matched = event(EV_SEED_MATCHED, 9, DIR_INBOUND, 100, 0);
         matched.flags |= SOCK_SEEDED;

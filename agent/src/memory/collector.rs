@@ -234,6 +234,7 @@ impl State {
             .absolute(counts.lost);
         metrics::counter!("pipelens_map_evictions_total", "map" => "memory_live")
             .absolute(counts.live_full);
+        probes.export_map_errors();
         let mut gone = Vec::new();
         for (tgid, r) in &self.growth {
             let p = r.profile(Vec::new());

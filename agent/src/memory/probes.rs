@@ -13,8 +13,8 @@ use aya::{
     },
 };
 use pipelens_common::memory::{
-    CallSite, DRAW_ONE, DRAWS, MSTAT_CALLS, MSTAT_FAULTS, MSTAT_LIVE_FULL, MSTAT_LOST,
-    MSTAT_SAMPLES, MSTAT_STACK_UNREADABLE, MemConfig, MemNote, MemSampleHeader, call,
+    CallSite, DRAW_ONE, DRAWS, MEMORY_MAP_ERRORS, MSTAT_CALLS, MSTAT_FAULTS, MSTAT_LIVE_FULL,
+    MSTAT_LOST, MSTAT_SAMPLES, MSTAT_STACK_UNREADABLE, MemConfig, MemNote, MemSampleHeader, call,
 };
 use tokio::io::unix::AsyncFd;
 
@@ -141,20 +141,25 @@ impl MemoryProbes {
     pub fn load(loader: &Loader, settings: SamplerSettings) -> Result<Self, ProbeError> {
         let fault = TracepointFormat::load("exceptions", "page_fault_user")?;
         let mmap = TracepointFormat::load("syscalls", "sys_enter_mmap")?;
-        let exit = TracepointFormat::load("syscalls", "sys_exit_mmap")?;
+        let mmap_exit = TracepointFormat::load("syscalls", "sys_exit_mmap")?;
+        let munmap = TracepointFormat::load("syscalls", "sys_enter_munmap")?;
+        let brk_exit = TracepointFormat::load("syscalls", "sys_exit_brk")?;
         let config = MemConfig {
             alloc_mean: settings.alloc_mean,
             growth_mean: settings.growth_mean,
             track_frees: u32::from(settings.track_frees),
             fault_address: fault.offset("address")?,
-            sys_arg0: mmap.offset("addr")?,
-            sys_ret: exit.offset("ret")?,
+            fault_error_code: fault.offset("error_code")?,
+            mmap_len: mmap.offset("len")?,
+            mmap_flags: mmap.offset("flags")?,
+            mmap_ret: mmap_exit.offset("ret")?,
+            munmap_addr: munmap.offset("addr")?,
+            munmap_len: munmap.offset("len")?,
+            brk_ret: brk_exit.offset("ret")?,
             stack_bytes: settings.stack_bytes,
             thread_size: thread_size(),
+            _pad: 0,
         };
-        if fault.offset("error_code")? != config.fault_address + 16 {
-            return Err(ProbeError::Layout("exceptions:page_fault_user".into()));
-        }
         let mut ebpf = loader.load("memory", objects::MEMORY, |l| {
             l.override_global("MEMORY_CONFIG", &config, true)
                 .map_max_entries("MEMORY_EVENTS", settings.ring_bytes);
@@ -362,6 +367,15 @@ impl MemoryProbes {
 
     pub fn take_ring(&mut self) -> Result<AsyncFd<RingBuf<MapData>>, ProbeError> {
         objects::take_ring(&mut self.ebpf, "MEMORY_EVENTS")
+    }
+
+    /// See [`objects::export_map_errors`].
+    pub fn export_map_errors(&self) {
+        if let Err(e) =
+            objects::export_map_errors(&self.ebpf, "memory", "MEMORY_STATS", &MEMORY_MAP_ERRORS)
+        {
+            log::debug!("memory: map error counts: {e}");
+        }
     }
 
     pub fn counts(&self) -> KernelCounts {

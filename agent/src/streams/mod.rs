@@ -12,8 +12,9 @@ use aya::{
     programs::TracePoint,
 };
 use pipelens_common::streams::{
-    CaptureState, MAX_CAPTURE, MAX_PIECES, PIECE_LAST, STREAM_CLOSED, STREAM_RECEIVED,
-    STREAM_STAT_RING_LOST, STREAM_STAT_UNWALKED, StreamHeader, StreamTracepointOffsets,
+    CaptureState, MAX_CAPTURE, MAX_PIECES, PIECE_LAST, STREAM_CLOSED, STREAM_MAP_ERRORS,
+    STREAM_RECEIVED, STREAM_STAT_RING_LOST, STREAM_STAT_UNWALKED, StreamHeader,
+    StreamTracepointOffsets,
 };
 
 /// Syscalls whose data is being reassembled from several records, at most.
@@ -37,35 +38,39 @@ use crate::{
     tracefs::TracepointFormat,
 };
 
-/// (program, category, tracepoint, name of the buffer argument)
-pub const HOOKS: &[(&str, &str, &str, &str)] = &[
-    ("enter_read", "syscalls", "sys_enter_read", "buf"),
-    ("enter_read", "syscalls", "sys_enter_recvfrom", "ubuf"),
-    ("enter_write", "syscalls", "sys_enter_write", "buf"),
-    ("enter_write", "syscalls", "sys_enter_sendto", "buff"),
-    ("enter_readv", "syscalls", "sys_enter_readv", "vec"),
-    ("enter_writev", "syscalls", "sys_enter_writev", "vec"),
-    ("enter_recvmsg", "syscalls", "sys_enter_recvmsg", "msg"),
-    ("enter_sendmsg", "syscalls", "sys_enter_sendmsg", "msg"),
-    ("exit_io", "syscalls", "sys_exit_read", ""),
-    ("exit_io", "syscalls", "sys_exit_recvfrom", ""),
-    ("exit_io", "syscalls", "sys_exit_write", ""),
-    ("exit_io", "syscalls", "sys_exit_sendto", ""),
-    ("exit_io", "syscalls", "sys_exit_readv", ""),
-    ("exit_io", "syscalls", "sys_exit_writev", ""),
-    ("exit_io", "syscalls", "sys_exit_recvmsg", ""),
-    ("exit_io", "syscalls", "sys_exit_sendmsg", ""),
-    ("enter_close", "syscalls", "sys_enter_close", ""),
-    ("stream_sock_state", "sock", "inet_sock_set_state", ""),
+/// (program, category, tracepoint, name of the buffer argument, name of
+/// the third argument)
+#[rustfmt::skip]
+pub const HOOKS: &[(&str, &str, &str, &str, &str)] = &[
+    ("enter_read", "syscalls", "sys_enter_read", "buf", "count"),
+    ("enter_read", "syscalls", "sys_enter_recvfrom", "ubuf", "size"),
+    ("enter_write", "syscalls", "sys_enter_write", "buf", "count"),
+    ("enter_write", "syscalls", "sys_enter_sendto", "buff", "len"),
+    ("enter_readv", "syscalls", "sys_enter_readv", "vec", "vlen"),
+    ("enter_writev", "syscalls", "sys_enter_writev", "vec", "vlen"),
+    ("enter_recvmsg", "syscalls", "sys_enter_recvmsg", "msg", "flags"),
+    ("enter_sendmsg", "syscalls", "sys_enter_sendmsg", "msg", "flags"),
+    ("exit_io", "syscalls", "sys_exit_read", "", ""),
+    ("exit_io", "syscalls", "sys_exit_recvfrom", "", ""),
+    ("exit_io", "syscalls", "sys_exit_write", "", ""),
+    ("exit_io", "syscalls", "sys_exit_sendto", "", ""),
+    ("exit_io", "syscalls", "sys_exit_readv", "", ""),
+    ("exit_io", "syscalls", "sys_exit_writev", "", ""),
+    ("exit_io", "syscalls", "sys_exit_recvmsg", "", ""),
+    ("exit_io", "syscalls", "sys_exit_sendmsg", "", ""),
+    ("enter_close", "syscalls", "sys_enter_close", "", ""),
+    ("stream_sock_state", "sock", "inet_sock_set_state", "", ""),
 ];
 
-/// Offsets for this kernel. Every hooked `sys_enter_*` must have its fd,
-/// pointer and third argument at the same place (they do: syscall
-/// tracepoint records are the syscall number followed by 8-byte arguments).
+/// Offsets for this kernel, each field from its own tracepoint's format
+/// file. One program serves several `sys_enter_*`, so each field must be at
+/// the same place in all of them (it is: syscall tracepoint records are the
+/// syscall number followed by 8-byte arguments); a kernel where it is not,
+/// or where a field is missing, is an error naming it, never a guess.
 pub fn tracepoint_offsets(capture_bytes: usize) -> Result<StreamTracepointOffsets, ProbeError> {
     let mut offsets: Option<(u32, u32, u32)> = None;
     let mut exit_ret = None;
-    for (_, category, name, ptr_field) in HOOKS {
+    for (_, category, name, ptr_field, third_field) in HOOKS {
         if *category != "syscalls" {
             continue;
         }
@@ -73,7 +78,7 @@ pub fn tracepoint_offsets(capture_bytes: usize) -> Result<StreamTracepointOffset
         if name.starts_with("sys_exit") {
             let ret = f.offset("ret")?;
             if exit_ret.is_some_and(|r| r != ret) {
-                return Err(ProbeError::Layout(format!("{category}:{name}")));
+                return Err(ProbeError::Layout(format!("{category}:{name} field `ret`")));
             }
             exit_ret = Some(ret);
             continue;
@@ -82,12 +87,22 @@ pub fn tracepoint_offsets(capture_bytes: usize) -> Result<StreamTracepointOffset
         if ptr_field.is_empty() {
             continue;
         }
-        let ptr = f.offset(ptr_field)?;
-        let third = ptr + 8;
-        if offsets.is_some_and(|o| o != (fd, ptr, third)) {
-            return Err(ProbeError::Layout(format!("{category}:{name}")));
+        let found = (fd, f.offset(ptr_field)?, f.offset(third_field)?);
+        if let Some(seen) = offsets
+            && seen != found
+        {
+            let field = if seen.0 != found.0 {
+                "fd"
+            } else if seen.1 != found.1 {
+                ptr_field
+            } else {
+                third_field
+            };
+            return Err(ProbeError::Layout(format!(
+                "{category}:{name} field `{field}`"
+            )));
         }
-        offsets = Some((fd, ptr, third));
+        offsets = Some(found);
     }
     let (fd, ptr, third) = offsets.ok_or_else(|| ProbeError::Layout("sys_enter_*".into()))?;
     let iss = TracepointFormat::load("sock", "inet_sock_set_state")?;
@@ -204,8 +219,9 @@ impl StreamsCollector {
             l.override_global("STREAM_TP_OFFSETS", &offsets, true);
         })?;
         install_iov_walker(&mut ebpf)?;
-        let hooks: Vec<_> = HOOKS.iter().map(|(p, c, n, _)| (*p, *c, *n)).collect();
+        let hooks: Vec<_> = HOOKS.iter().map(|(p, c, n, _, _)| (*p, *c, *n)).collect();
         objects::attach_tracepoints(&mut ebpf, &hooks)?;
+        objects::export_map_errors(&ebpf, "streams", "STREAM_STATS", &STREAM_MAP_ERRORS)?;
         Ok(Self {
             ebpf,
             router: Router::new(analysers),
@@ -301,8 +317,8 @@ impl StreamsCollector {
             len: h.len,
             data,
             tail: &h.tail[..tail_len],
-            lport: h.lport,
-            rport: h.rport,
+            lport: h.addr.lport,
+            rport: h.addr.rport,
         };
         self.router.deliver(&chunk);
     }
@@ -336,6 +352,7 @@ impl StreamsCollector {
     /// Exports the kernel's loss counters: records the ring had no room
     /// for, bytes of vectored calls left unwalked.
     fn count_lost(&mut self, seen: &mut [u64; 2]) -> Result<(), ProbeError> {
+        objects::export_map_errors(&self.ebpf, "streams", "STREAM_STATS", &STREAM_MAP_ERRORS)?;
         let lost = objects::per_cpu_total(&self.ebpf, "STREAM_STATS", STREAM_STAT_RING_LOST)?;
         if lost > seen[0] {
             metrics::counter!("pipelens_events_lost_total", "collector" => "streams")

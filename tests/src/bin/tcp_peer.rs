@@ -9,6 +9,7 @@
 //! tcp-peer hold-client ADDR                          connect, then per stdin line "send N" / "close"
 //! tcp-peer fork-client ADDR N                        wait for a stdin line, fork, child connects N times
 //! tcp-peer churn PORT SECS THREADS                   benchmark: connect, 64 B each way, close, in a loop
+//! tcp-peer not-sockets DIR                           an HTTP exchange over a pipe, a file in DIR, then a Unix socket pair
 //! ```
 //! Every mode prints `ready` once set up and `done` with its own counts.
 
@@ -55,6 +56,7 @@ fn main() {
         "hold-client" => hold_client(arg(2).parse().expect("addr")),
         "fork-client" => fork_client(arg(2).parse().expect("addr"), num(3)),
         "churn" => churn(num(2) as u16, num(3), num(4)),
+        "not-sockets" => not_sockets(&arg(2)),
         _ => {
             eprintln!("usage: see the doc comment of tests/src/bin/tcp_peer.rs");
             std::process::exit(2);
@@ -315,4 +317,44 @@ fn churn(port: u16, secs: u64, threads: u64) {
         .collect();
     let total: u64 = handles.into_iter().map(|h| h.join().expect("client")).sum();
     say(&format!("done {total}"));
+}
+
+const HTTP_REQUEST: &[u8] = b"GET /not-a-socket HTTP/1.1\r\nHost: peer\r\n\r\n";
+const HTTP_RESPONSE: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+
+/// The same server-side HTTP exchange (read a request, write its response)
+/// on a pipe, on a regular file, and on a Unix socket pair. Each request
+/// is written before `ready`, that is before the agent is started, so that
+/// the first call the agent sees on each is the read of a request, as on a
+/// server's socket. Waits for a `go` line on stdin after `ready`.
+fn not_sockets(dir: &str) {
+    use std::io::{Seek, SeekFrom};
+    let (mut pipe_r, mut pipe_w) = std::io::pipe().expect("pipe");
+    pipe_w.write_all(HTTP_REQUEST).expect("write pipe");
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(std::path::Path::new(dir).join("http.txt"))
+        .expect("file");
+    file.write_all(HTTP_REQUEST).expect("write file");
+    let (mut client, mut server) = std::os::unix::net::UnixStream::pair().expect("socketpair");
+    client.write_all(HTTP_REQUEST).expect("write socket");
+    println!("ready");
+    let mut line = String::new();
+    std::io::stdin().lock().read_line(&mut line).expect("stdin");
+    let mut buf = vec![0u8; HTTP_REQUEST.len()];
+
+    pipe_r.read_exact(&mut buf).expect("read pipe");
+    pipe_w.write_all(HTTP_RESPONSE).expect("write pipe");
+    file.seek(SeekFrom::Start(0)).expect("seek");
+    file.read_exact(&mut buf).expect("read file");
+    file.write_all(HTTP_RESPONSE).expect("write file");
+    server.read_exact(&mut buf).expect("read socket");
+    server.write_all(HTTP_RESPONSE).expect("write socket");
+    let mut reply = vec![0u8; HTTP_RESPONSE.len()];
+    client.read_exact(&mut reply).expect("read socket");
+    drop((server, client));
+    println!("done 1");
 }

@@ -39,7 +39,13 @@ const GUEST_TESTS: &[(&str, &[&str])] = &[
             "vectored_statements_are_exact",
         ],
     ),
-    ("websocket", &["demo_pipeline_sessions_are_exact"]),
+    (
+        "websocket",
+        &[
+            "demo_pipeline_sessions_are_exact",
+            "pipes_and_files_are_not_taken_for_sockets",
+        ],
+    ),
     (
         "memory",
         &[
