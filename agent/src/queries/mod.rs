@@ -93,6 +93,10 @@ pub struct QueriesAnalyser {
     series_index: HashMap<QueryKey, usize>,
     stats: QueriesSummary,
     parse_errors_seen: HashMap<u64, u64>,
+    /// Every completed statement with its socket, in order, for tests that
+    /// compare runs statement by statement.
+    #[cfg(test)]
+    pub(crate) log: Arc<Mutex<Vec<(u64, Completed)>>>,
 }
 
 impl QueriesAnalyser {
@@ -109,6 +113,8 @@ impl QueriesAnalyser {
                 series_index: HashMap::new(),
                 stats: stats.clone(),
                 parse_errors_seen: HashMap::new(),
+                #[cfg(test)]
+                log: Arc::default(),
             },
             stats,
         )
@@ -433,6 +439,11 @@ impl Analyser for QueriesAnalyser {
         // The memo is taken out while series are resolved, so that the
         // connection is looked up once per chunk, not once per statement.
         let mut memo = std::mem::take(&mut entry.memo);
+        #[cfg(test)]
+        self.log
+            .lock()
+            .expect("log")
+            .extend(done.iter().map(|d| (c.sk, d.clone())));
         for d in done {
             let ptr = Arc::as_ptr(&d.sql) as *const u8 as usize;
             let known = memo
