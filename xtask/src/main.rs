@@ -307,7 +307,7 @@ impl Tally {
 
     /// Moves the tests named in `file` (one a line, written by
     /// `pipelens_tests::probes_available`) from passed to skipped.
-    fn skipped_from(&mut self, file: &std::path::Path) {
+    fn skipped_from(&mut self, file: &Path) {
         let names = std::fs::read_to_string(file).unwrap_or_default();
         let _ = std::fs::remove_file(file);
         let n = names.lines().filter(|l| !l.trim().is_empty()).count() as u64;
@@ -335,11 +335,7 @@ impl Tally {
 
     /// [`run`](Self::run), then counts the skips the tests wrote to
     /// `skipped`.
-    fn run_skipping(
-        &mut self,
-        cmd: &mut Command,
-        skipped: Option<&std::path::Path>,
-    ) -> anyhow::Result<()> {
+    fn run_skipping(&mut self, cmd: &mut Command, skipped: Option<&Path>) -> anyhow::Result<()> {
         use std::io::{BufRead as _, BufReader};
         let shown = format!("{cmd:?}");
         eprintln!("xtask: {shown}");
