@@ -7,9 +7,8 @@
 //! queries, unbounded per-connection buffers) so that a fix can be measured.
 //!
 //! [`loadgen`] drives it and prints an exact account of what it did, which
-//! the tests use as ground truth. [`testpg`] starts a private PostgreSQL for
-//! any test in the workspace.
+//! the tests use as ground truth. Its tests start their private PostgreSQL
+//! with the workspace's one harness, `pipelens_tests::pg`.
 
 pub mod loadgen;
 pub mod pipeline;
-pub mod testpg;

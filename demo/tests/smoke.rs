@@ -13,8 +13,8 @@ use std::{
 use pipelens_demo::{
     loadgen::plan::CloseMix,
     pipeline::{session::SUBSCRIBED, store::SEEDED_KINDS},
-    testpg::{self, TestPostgres},
 };
+use pipelens_tests::pg::{self, TestPostgres};
 use serde_json::Value;
 
 const PIPELINE: &str = env!("CARGO_BIN_EXE_pipeline");
@@ -25,7 +25,7 @@ fn in_ci() -> bool {
 }
 
 fn postgres() -> Option<TestPostgres> {
-    if !testpg::is_available() {
+    if !pg::is_available() {
         assert!(
             !in_ci(),
             "PostgreSQL server binaries are missing (CI=true: not skipping)"
@@ -33,7 +33,7 @@ fn postgres() -> Option<TestPostgres> {
         eprintln!("skipping test - no PostgreSQL server under /usr/lib/postgresql/*/bin");
         return None;
     }
-    Some(TestPostgres::start().unwrap_or_else(|e| panic!("starting PostgreSQL: {e}")))
+    Some(TestPostgres::start())
 }
 
 /// A running `pipeline`; killed on drop if the test did not stop it.
@@ -44,7 +44,7 @@ struct Pipeline {
 
 impl Pipeline {
     fn start(database_url: &str, extra: &[&str]) -> Pipeline {
-        let port = testpg::free_port().expect("free port");
+        let port = pipelens_tests::free_port();
         let addr = format!("127.0.0.1:{port}");
         let child = Command::new(PIPELINE)
             .args(["--listen", &addr, "--database-url", database_url])
@@ -153,7 +153,7 @@ fn http_get(addr: &str, path: &str) -> std::io::Result<(u16, String)> {
 }
 
 fn count(pg: &TestPostgres, sql: &str) -> u64 {
-    let out = pg.psql(sql).unwrap_or_else(|e| panic!("{sql}: {e}"));
+    let out = pg.query(sql);
     out.trim()
         .parse()
         .unwrap_or_else(|e| panic!("{sql} gave {out:?}: {e}"))

@@ -1,6 +1,9 @@
 //! A private PostgreSQL cluster for the probe tests: `initdb` in a
 //! temporary directory, a free port on loopback, its own socket directory,
-//! run as the `postgres` system user (the server refuses to run as root).
+//! run as the `postgres` system user when the caller is root (the server
+//! refuses to run as root), as the caller otherwise. The one PostgreSQL
+//! harness of the workspace: the probe tests, xtask and the demo's smoke
+//! test use it.
 //! Stopped and removed on drop.
 
 use std::{
@@ -14,6 +17,11 @@ pub struct TestPostgres {
     pub port: u16,
     pub dir: TempDir,
     bin: PathBuf,
+}
+
+/// Whether [`TestPostgres::start`] can be expected to work here.
+pub fn is_available() -> bool {
+    bin_dir().is_some()
 }
 
 /// The newest installed server's binaries (`/usr/lib/postgresql/<v>/bin`).
@@ -36,7 +44,9 @@ impl TestPostgres {
         let bin = bin_dir().expect("PostgreSQL server binaries (cargo xtask setup installs them)");
         let dir = TempDir::new("pg");
         std::fs::create_dir_all(dir.path.join("sock")).expect("socket dir");
-        chown_postgres(&dir.path);
+        if is_root() {
+            chown_postgres(&dir.path);
+        }
         let port = free_port();
         let data = dir.path.join("data");
         let pg = TestPostgres { port, dir, bin };
@@ -134,13 +144,16 @@ impl TestPostgres {
     /// harness needs no PAM stack: the kernel-matrix guests have none.
     pub fn command(&self, program: &str, args: &[&str]) -> Command {
         use std::os::unix::process::CommandExt as _;
-        let (uid, gid) = postgres_ids();
         let mut c = Command::new(program);
         c.args(args)
-            .uid(uid)
-            .gid(gid)
             .current_dir(&self.dir.path)
             .stdin(Stdio::null());
+        // The server refuses to run as root; any other user runs it as
+        // itself.
+        if is_root() {
+            let (uid, gid) = postgres_ids();
+            c.uid(uid).gid(gid);
+        }
         c
     }
 
@@ -161,9 +174,54 @@ impl TestPostgres {
             .expect("psql")
     }
 
+    /// `psql -X -A -t -v ON_ERROR_STOP=1 -c SQL` over TCP: its output
+    /// (unaligned, tuples only: `SELECT count(*) …` gives `"42\n"`),
+    /// panicking with psql's stderr when the statement fails.
+    pub fn query(&self, sql: &str) -> String {
+        let mut args: Vec<String> = self.conn_args(false);
+        args.extend(
+            [
+                "-X",
+                "-A",
+                "-t",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-d",
+                "postgres",
+                "-c",
+                sql,
+            ]
+            .map(String::from),
+        );
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        String::from_utf8_lossy(&self.as_postgres(&self.bin("psql"), &args).stdout).into_owned()
+    }
+
+    /// A libpq key/value connection string over TCP to `postgres`.
+    pub fn tcp_url(&self) -> String {
+        format!(
+            "host=127.0.0.1 port={} user=postgres dbname=postgres",
+            self.port
+        )
+    }
+
+    /// A libpq key/value connection string over the Unix socket.
+    pub fn unix_url(&self) -> String {
+        format!(
+            "host={} port={} user=postgres dbname=postgres",
+            self.socket_dir().display(),
+            self.port
+        )
+    }
+
     pub fn path(&self) -> &Path {
         &self.dir.path
     }
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
 }
 
 /// The `postgres` system user's uid and gid, from `/etc/passwd`.

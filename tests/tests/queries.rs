@@ -501,8 +501,8 @@ s.close()
         .status()
         .expect("python3");
     assert!(status.success());
-    // A 1 MiB statement: counted once, its text cut to the capture, its
-    // literal still never shown.
+    // A 1 MiB statement, far past the capture: counted once, its literal
+    // never shown.
     let big = format!("SELECT length('{}') AS big;\n", "x".repeat(1 << 20));
     let mut args: Vec<String> = pg.conn_args(false);
     args.extend(["-X".into(), "-q".into(), "-d".into(), "postgres".into()]);
@@ -534,7 +534,7 @@ s.close()
         ),
         1.0
     );
-    // The agent is still healthy and small.
+    // The agent is still healthy (its size is the bench's to measure).
     let (code, _) = pipelens_tests::http_get(agent.port, "/healthz").expect("healthz");
     assert_eq!(code, 200);
     agent.stop();

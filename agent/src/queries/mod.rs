@@ -100,6 +100,10 @@ pub struct QueriesAnalyser {
     series_index: HashMap<QueryKey, usize>,
     stats: QueriesSummary,
     parse_errors_seen: HashMap<u64, u64>,
+    /// Every completed statement with its socket, in order, for tests that
+    /// compare runs statement by statement.
+    #[cfg(test)]
+    pub(crate) log: Arc<Mutex<Vec<(u64, Completed)>>>,
 }
 
 impl QueriesAnalyser {
@@ -116,6 +120,8 @@ impl QueriesAnalyser {
                 series_index: HashMap::new(),
                 stats: stats.clone(),
                 parse_errors_seen: HashMap::new(),
+                #[cfg(test)]
+                log: Arc::default(),
             },
             stats,
         )
@@ -258,15 +264,30 @@ pub fn recognise(data: &[u8], side: Side) -> Recognised {
     if data.len() < 5 {
         return Recognised::TooShort;
     }
-    if side == Side::Frontend && data.len() >= 8 {
+    if side == Side::Frontend {
+        // The untagged startup-phase messages: a length, then a code. The
+        // opening may hold only their first bytes (a driver that writes
+        // the length and code before the parameters, or any split of the
+        // write): a plausible start asks for more rather than ruling out.
         let len = u32::from_be_bytes(data[..4].try_into().expect("4"));
-        let code = u32::from_be_bytes(data[4..8].try_into().expect("4"));
-        let startup = matches!(
-            code,
-            wire::PROTOCOL_V3 | wire::SSL_REQUEST | wire::GSSENC_REQUEST | wire::CANCEL_REQUEST
-        );
-        if startup && (8..=10_000).contains(&len) && len as usize <= data.len() {
-            return Recognised::Startup;
+        let plausible = (8..=10_000).contains(&len);
+        if data.len() < 8 {
+            if plausible {
+                return Recognised::TooShort;
+            }
+        } else {
+            let code = u32::from_be_bytes(data[4..8].try_into().expect("4"));
+            let startup = matches!(
+                code,
+                wire::PROTOCOL_V3 | wire::SSL_REQUEST | wire::GSSENC_REQUEST | wire::CANCEL_REQUEST
+            );
+            if startup && plausible {
+                return if len as usize <= data.len() {
+                    Recognised::Startup
+                } else {
+                    Recognised::TooShort
+                };
+            }
         }
     }
     let distinctive = match side {
@@ -413,6 +434,11 @@ impl Analyser for QueriesAnalyser {
         // The memo is taken out while series are resolved, so that the
         // connection is looked up once per chunk, not once per statement.
         let mut memo = std::mem::take(&mut entry.memo);
+        #[cfg(test)]
+        self.log
+            .lock()
+            .expect("log")
+            .extend(done.iter().map(|d| (c.sk, d.clone())));
         for d in done {
             let ptr = Arc::as_ptr(&d.sql) as *const u8 as usize;
             let known = memo
@@ -445,5 +471,40 @@ impl Analyser for QueriesAnalyser {
     fn forget_all(&mut self) {
         self.conns.clear();
         self.parse_errors_seen.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Found by `streams::reassembly_tests`: a StartupMessage whose first
+    /// piece held 5 to `len - 1` of its bytes was ruled out (`No`), so the
+    /// socket's capture was switched off before the rest arrived.
+    #[test]
+    fn a_startup_message_seen_in_part_asks_for_more() {
+        let mut startup = 88u32.to_be_bytes().to_vec();
+        startup.extend(wire::PROTOCOL_V3.to_be_bytes());
+        startup.extend(b"user\0postgres\0database\0fixtures\0\0");
+        startup.resize(88, 0);
+        for n in 1..88 {
+            assert_eq!(
+                recognise(&startup[..n], Side::Frontend),
+                Recognised::TooShort,
+                "first {n} bytes"
+            );
+        }
+        assert_eq!(recognise(&startup, Side::Frontend), Recognised::Startup);
+        // An SSLRequest is whole at 8 bytes.
+        let mut ssl = 8u32.to_be_bytes().to_vec();
+        ssl.extend(wire::SSL_REQUEST.to_be_bytes());
+        assert_eq!(recognise(&ssl, Side::Frontend), Recognised::Startup);
+        // A length no startup message has, or a code none has, still
+        // rules PostgreSQL out at once.
+        assert_eq!(recognise(b"\xff\0\0\0\0", Side::Frontend), Recognised::No);
+        assert_eq!(
+            recognise(b"\0\0\0\x58\x12\x34\x56\x78", Side::Frontend),
+            Recognised::No
+        );
     }
 }

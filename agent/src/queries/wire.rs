@@ -258,7 +258,15 @@ impl Framer {
                 }
                 State::Body { remaining } => {
                     let take = (remaining as usize).min(b.len());
-                    let room = MAX_BODY.saturating_sub(self.body.len());
+                    // Bytes after a gap are not the body's next bytes: kept,
+                    // they would glue a statement's end (the capture's
+                    // tail, a later piece) onto its start, a text nobody
+                    // sent. The body stays the prefix that was seen.
+                    let room = if self.body_complete {
+                        MAX_BODY.saturating_sub(self.body.len())
+                    } else {
+                        0
+                    };
                     let keep = take.min(room);
                     self.body.extend_from_slice(&b[..keep]);
                     if keep < take {
@@ -422,6 +430,32 @@ mod tests {
         assert_eq!(tags, b"DCZ");
         assert!(!out[0].complete);
         assert_eq!(out[1].body, b"SELECT 1\0");
+    }
+
+    /// Found by `streams::reassembly_tests`: the tail of a long Query
+    /// was appended to its prefix, and the statement reported was the two
+    /// glued together.
+    #[test]
+    fn a_body_cut_by_the_capture_is_its_seen_prefix_only() {
+        let text = format!(
+            "SELECT * FROM t WHERE id IN ({}) AND k = 1\0",
+            "7, ".repeat(400)
+        );
+        let q = msg(b'Q', text.as_bytes());
+        let mut f = Framer::new(Side::Frontend, false);
+        f.state = State::Header;
+        let tail_from = q.len() - 30;
+        let out = run(
+            &mut f,
+            &[
+                (Segment::Bytes(&q[..64]), true),
+                (Segment::Gap((tail_from - 64) as u64), false),
+                (Segment::Bytes(&q[tail_from..]), false),
+            ],
+        );
+        assert_eq!(out.len(), 1);
+        assert!(!out[0].complete);
+        assert_eq!(out[0].body, &q[5..64]);
     }
 
     #[test]

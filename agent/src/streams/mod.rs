@@ -20,6 +20,8 @@ use pipelens_common::streams::{
 /// Syscalls whose data is being reassembled from several records, at most.
 const MAX_ASSEMBLIES: usize = 4096;
 
+#[cfg(test)]
+mod reassembly_tests;
 mod router;
 use router::Router;
 

@@ -154,6 +154,17 @@ impl Opening {
     }
 }
 
+/// The whole data of a chunk whose captured prefix and tail meet.
+fn covered(c: &Chunk<'_>) -> Option<Vec<u8>> {
+    let (seen, len) = (c.data.len() as u64, c.len);
+    if seen >= len || c.tail.is_empty() || seen + c.tail.len() as u64 <= len {
+        return None;
+    }
+    let mut whole = c.data.to_vec();
+    whole.extend_from_slice(&c.tail[(seen + c.tail.len() as u64 - len) as usize..]);
+    Some(whole)
+}
+
 /// Hands each socket's chunks to the analyser that claimed it, and offers
 /// the openings of the others.
 pub struct Router {
@@ -205,6 +216,21 @@ impl Router {
                 self.analysers[i].forget_all();
             }
         }
+        // A chunk just over the capture is whole once its tail is added:
+        // so offered, a StartupMessage longer than the capture is still
+        // recognised, and the opening can still grow.
+        let whole;
+        let chunk = match covered(chunk) {
+            Some(bytes) => {
+                whole = bytes;
+                &Chunk {
+                    data: &whole,
+                    tail: &[],
+                    ..*chunk
+                }
+            }
+            None => chunk,
+        };
         let Some(mut opening) = self.openings.remove(&chunk.sk) else {
             // A socket's first chunk: offered alone (most are claimed at
             // once), kept only while no analyser can tell yet.
@@ -452,6 +478,36 @@ mod tests {
         let count = stats.iter().map(|(_, s)| s.count).sum();
         let errors = stats.iter().flat_map(|(_, s)| s.errors.values()).sum();
         (count, errors)
+    }
+
+    /// Found by `streams::reassembly_tests`: a StartupMessage longer than
+    /// the capture, whose tail made it whole, was not recognised; the
+    /// opening stopped growing and the connection was lost.
+    #[test]
+    fn an_opening_made_whole_by_its_tail_is_recognised() {
+        let records = fixture_tests::load("pgbench_simple.pgw");
+        let startup = &records[0].head;
+        assert_eq!(startup.len(), 88);
+        let (analyser, summary) = QueriesAnalyser::new();
+        let mut router = Router::new(vec![Box::new(analyser)]);
+        let mut c = chunk(1, Flow::Sent, records[0].ts, 88, &startup[..64], true);
+        c.tail = &startup[88 - 40..];
+        router.deliver(&c);
+        for r in records.iter().filter(|r| r.conn == 0).skip(1) {
+            let flow = match r.side {
+                Side::Frontend => Flow::Sent,
+                Side::Backend => Flow::Received,
+            };
+            let mut c = chunk(1, flow, r.ts, r.len, &r.head, false);
+            c.tail = &r.tail;
+            router.deliver(&c);
+        }
+        let stats = summary.lock().unwrap();
+        assert_eq!(stats.iter().map(|(_, s)| s.count).sum::<u64>(), 2);
+        assert!(
+            stats.iter().all(|(k, _)| k.db_name == "fixtures"),
+            "{stats:?}"
+        );
     }
 
     #[test]

@@ -62,6 +62,10 @@ pub struct WebAnalyser {
     port_cap: LabelCap,
     code_cap: LabelCap,
     stats: WebSummary,
+    /// Every event with its socket, in order, for tests that compare runs
+    /// event by event.
+    #[cfg(test)]
+    pub(crate) log: Arc<Mutex<Vec<(u64, WebEvent)>>>,
 }
 
 impl WebAnalyser {
@@ -76,6 +80,8 @@ impl WebAnalyser {
                 port_cap: LabelCap::new(PORT_CAP, "websocket", "port"),
                 code_cap: LabelCap::new(CODE_CAP, "websocket", "code"),
                 stats: stats.clone(),
+                #[cfg(test)]
+                log: Arc::default(),
             },
             stats,
         )
@@ -362,6 +368,11 @@ impl Analyser for WebAnalyser {
         conn.stream
             .feed_with_tail(direction(c.flow), c.data, c.tail, c.len as usize, ts);
         let events: Vec<WebEvent> = conn.stream.drain_events().collect();
+        #[cfg(test)]
+        self.log
+            .lock()
+            .expect("log")
+            .extend(events.iter().map(|e| (c.sk, e.clone())));
         if !events.is_empty() {
             let series = conn.series;
             self.publish(series, events);
@@ -372,6 +383,11 @@ impl Analyser for WebAnalyser {
         if let Some(mut conn) = self.conns.remove(&sk) {
             conn.stream.on_connection_closed(ts);
             let events: Vec<WebEvent> = conn.stream.drain_events().collect();
+            #[cfg(test)]
+            self.log
+                .lock()
+                .expect("log")
+                .extend(events.iter().map(|e| (sk, e.clone())));
             self.publish(conn.series, events);
         }
     }

@@ -78,7 +78,7 @@ macro_rules! capture {
 }
 
 /// Where an HTTP head at the start of `bytes` ends.
-fn head_len(bytes: &[u8]) -> Option<usize> {
+pub(crate) fn head_len(bytes: &[u8]) -> Option<usize> {
     let is_head =
         bytes.starts_with(b"HTTP/1.") || classify_first_bytes(bytes) == FirstBytes::Request;
     is_head.then(|| {
@@ -295,11 +295,11 @@ fn errors(events: &[WebEvent]) -> Vec<ParseError> {
 }
 
 /// Holds every WebSocket connection of `cap` to the recorder's truth.
-fn check_truth(cap: &Capture, run: &Run, traced: Role) {
+pub(crate) fn check_truth(cap: &Capture, run: &BTreeMap<u32, Vec<WebEvent>>, traced: Role) {
     let truth = cap.truth["websocket"].as_array().expect("websocket truth");
     for t in truth {
         let conn = t["conn"].as_u64().expect("conn") as u32;
-        let events = run.conn(conn);
+        let events = &run[&conn];
         assert_eq!(t["status"], 101, "conn {conn} was upgraded");
         let opened: Vec<_> = events
             .iter()
@@ -397,7 +397,7 @@ fn untimed(events: &[WebEvent]) -> Vec<WebEvent> {
         .collect()
 }
 
-const GOOD_WEBSOCKET: &[(&str, &str)] = &[
+pub(crate) const GOOD_WEBSOCKET: &[(&str, &str)] = &[
     ("ws_echo", include_str!("fixtures/ws_echo.cap")),
     ("ws_fragments", include_str!("fixtures/ws_fragments.cap")),
     (
@@ -418,7 +418,7 @@ const GOOD_WEBSOCKET: &[(&str, &str)] = &[
     ),
 ];
 
-const GOOD_HTTP: &[(&str, &str)] = &[
+pub(crate) const GOOD_HTTP: &[(&str, &str)] = &[
     (
         "http_keepalive",
         include_str!("fixtures/http_keepalive.cap"),
@@ -430,7 +430,7 @@ const GOOD_HTTP: &[(&str, &str)] = &[
     ),
 ];
 
-fn check_http_truth(cap: &Capture, run: &Run, traced: Role) {
+pub(crate) fn check_http_truth(cap: &Capture, run: &BTreeMap<u32, Vec<WebEvent>>, traced: Role) {
     let want: Vec<(String, u64)> = cap.truth["http"]
         .as_array()
         .expect("http truth")
@@ -442,7 +442,7 @@ fn check_http_truth(cap: &Capture, run: &Run, traced: Role) {
             )
         })
         .collect();
-    let events = run.conn(0);
+    let events = &run[&0];
     let got: Vec<(String, u64)> = requests(events)
         .iter()
         .map(|r| (r.method.as_str().to_owned(), u64::from(r.status_code)))
@@ -467,7 +467,7 @@ fn every_good_websocket_capture_matches_its_truth_from_both_ends() {
         let cap = load(text);
         for traced in [Role::Server, Role::Client] {
             eprintln!("{name}, traced {traced:?}");
-            check_truth(&cap, &run(&cap.records, traced), traced);
+            check_truth(&cap, &run(&cap.records, traced).events, traced);
         }
     }
 }
@@ -757,7 +757,7 @@ fn every_good_http_capture_matches_its_truth_from_both_ends() {
         let cap = load(text);
         for traced in [Role::Server, Role::Client] {
             eprintln!("{name}, traced {traced:?}");
-            check_http_truth(&cap, &run(&cap.records, traced), traced);
+            check_http_truth(&cap, &run(&cap.records, traced).events, traced);
         }
     }
 }
