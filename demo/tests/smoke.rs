@@ -3,9 +3,8 @@
 //! database and the pipeline's own counters exactly.
 
 use std::{
-    io::{Read as _, Write as _},
-    net::TcpStream,
-    process::{Child, Command, Stdio},
+    path::Path,
+    process::{Command, Stdio},
     thread::sleep,
     time::{Duration, Instant},
 };
@@ -14,7 +13,10 @@ use pipelens_demo::{
     loadgen::plan::CloseMix,
     pipeline::{session::SUBSCRIBED, store::SEEDED_KINDS},
 };
-use pipelens_tests::pg::{self, TestPostgres};
+use pipelens_tests::{
+    demo::Pipeline,
+    pg::{self, TestPostgres},
+};
 use serde_json::Value;
 
 const PIPELINE: &str = env!("CARGO_BIN_EXE_pipeline");
@@ -36,120 +38,14 @@ fn postgres() -> Option<TestPostgres> {
     Some(TestPostgres::start())
 }
 
-/// A running `pipeline`; killed on drop if the test did not stop it.
-struct Pipeline {
-    child: Child,
-    addr: String,
+fn start(database_url: &str, extra: &[&str]) -> Pipeline {
+    Pipeline::start(Path::new(PIPELINE), database_url, extra)
 }
 
-impl Pipeline {
-    fn start(database_url: &str, extra: &[&str]) -> Pipeline {
-        let port = pipelens_tests::free_port();
-        let addr = format!("127.0.0.1:{port}");
-        let child = Command::new(PIPELINE)
-            .args(["--listen", &addr, "--database-url", database_url])
-            .args(extra)
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("spawn pipeline");
-        let mut p = Pipeline { child, addr };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Ok((200, _)) = http_get(&p.addr, "/health") {
-                return p;
-            }
-            if let Some(status) = p.child.try_wait().expect("wait") {
-                panic!("pipeline exited before serving: {status}");
-            }
-            assert!(
-                Instant::now() < deadline,
-                "pipeline did not answer /health within 30 s"
-            );
-            sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn get_json(&self, path: &str) -> Value {
-        let (status, body) = http_get(&self.addr, path).expect("HTTP GET");
-        assert_eq!(status, 200, "GET {path}: {body}");
-        serde_json::from_str(&body).unwrap_or_else(|e| panic!("GET {path}: {e}: {body}"))
-    }
-
-    /// `/stats` once every session has ended on the server side.
-    fn settled_stats(&self) -> Value {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let stats = self.get_json("/stats");
-            if stats["sessions_active"] == 0 && stats["outbound_queued"] == 0 {
-                return stats;
-            }
-            assert!(Instant::now() < deadline, "sessions still active: {stats}");
-            sleep(Duration::from_millis(50));
-        }
-    }
-
-    /// Runs loadgen with whitespace-separated `args`; its summary.
-    fn loadgen(&self, args: &str) -> Value {
-        let out = Command::new(LOADGEN)
-            .args(["--target", &self.addr])
-            .args(args.split_whitespace())
-            .stdin(Stdio::null())
-            .output()
-            .expect("run loadgen");
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            out.status.success(),
-            "loadgen failed: {}\n{stdout}{}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("loadgen summary: {e}\n{stdout}"))
-    }
-
-    /// SIGTERM, then the exit status (it must stop on its own).
-    fn terminate(mut self) -> std::process::ExitStatus {
-        let pid = i32::try_from(self.child.id()).expect("pid");
-        // SAFETY: kill(2) with a pid we spawned and still own (not reaped).
-        let rc = unsafe { libc::kill(pid, libc::SIGTERM) };
-        assert_eq!(rc, 0, "kill: {}", std::io::Error::last_os_error());
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
-            if let Some(status) = self.child.try_wait().expect("wait") {
-                return status;
-            }
-            assert!(Instant::now() < deadline, "pipeline ignored SIGTERM");
-            sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Drop for Pipeline {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// `GET path` on a fresh connection (`Connection: close`), as (status, body).
-fn http_get(addr: &str, path: &str) -> std::io::Result<(u16, String)> {
-    let mut s = TcpStream::connect(addr)?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut response = String::new();
-    s.read_to_string(&mut response)?;
-    let status = response
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    Ok((status, body))
+/// Runs loadgen with whitespace-separated `args`; its summary.
+fn loadgen(pipeline: &Pipeline, args: &str) -> Value {
+    let args: Vec<&str> = args.split_whitespace().collect();
+    pipeline.loadgen(Path::new(LOADGEN), &args)
 }
 
 fn count(pg: &TestPostgres, sql: &str) -> u64 {
@@ -187,12 +83,15 @@ fn loadgen_summary_matches_the_database_and_the_pipeline() {
     let Some(pg) = postgres() else { return };
 
     // 1. One INSERT per event, PostgreSQL over its Unix socket.
-    let pipeline = Pipeline::start(&pg.unix_url(), &["--insert-mode", "per-event"]);
+    let pipeline = start(&pg.unix_url(), &["--insert-mode", "per-event"]);
     let mix = "1000=1,1001=1,abrupt=1";
-    let s = pipeline.loadgen(&format!(
-        "--sessions 6 --subscriber-share 0.34 --messages 40 --rate 200 --message-size 200 \
+    let s = loadgen(
+        &pipeline,
+        &format!(
+            "--sessions 6 --subscriber-share 0.34 --messages 40 --rate 200 --message-size 200 \
          --close-mix {mix} --ping-every 10 --http-requests 5 --per-session"
-    ));
+        ),
+    );
     let (publishers, subscribers) = (4u64, 2u64);
     let sent = publishers * 40;
     assert_eq!(s["sessions"]["planned"], 6, "{s}");
@@ -269,7 +168,7 @@ fn loadgen_summary_matches_the_database_and_the_pipeline() {
     assert!(pipeline.terminate().success());
 
     // 2. Batched inserts, N+1 reads, unbounded buffers, PostgreSQL over TCP.
-    let pipeline = Pipeline::start(
+    let pipeline = start(
         &pg.tcp_url(),
         &[
             "--insert-mode",
@@ -280,7 +179,8 @@ fn loadgen_summary_matches_the_database_and_the_pipeline() {
             "--unbounded-buffer",
         ],
     );
-    let s = pipeline.loadgen(
+    let s = loadgen(
+        &pipeline,
         "--sessions 5 --subscriber-share 0.2 --duration 1.5 --rate 100 --message-size 100 \
          --close-mix 1000=1,abrupt=1",
     );
@@ -311,8 +211,8 @@ fn loadgen_summary_matches_the_database_and_the_pipeline() {
     assert_eq!(count(&pg, "SELECT count(*) FROM events"), sent + sent2);
 
     // 3. The server closes live sessions with 1001 when it is stopped.
-    let pipeline = Pipeline::start(&pg.unix_url(), &[]);
-    let addr = pipeline.addr.clone();
+    let pipeline = start(&pg.unix_url(), &[]);
+    let addr = pipeline.addr();
     let loadgen = std::thread::spawn(move || {
         let out = Command::new(LOADGEN)
             .args([

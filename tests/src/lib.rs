@@ -1,15 +1,18 @@
 //! Harness for the probe tests: runs the real `pipelens` binary as root
 //! against peers started here, and reads back what it exported.
 
+pub mod child;
+pub mod demo;
 pub mod memory;
 pub mod pg;
 
+use child::Owned;
 use std::{
     collections::BTreeMap,
     io::{BufRead, BufReader, Read, Write},
     net::TcpStream,
     path::PathBuf,
-    process::{Child, ChildStdin, ChildStdout, Command, Stdio},
+    process::{ChildStdin, ChildStdout, Command, Stdio},
     time::{Duration, Instant},
 };
 
@@ -91,7 +94,7 @@ pub fn free_port() -> u16 {
 
 /// A running `pipelens run`, stopped (SIGINT) when dropped.
 pub struct Agent {
-    child: Option<Child>,
+    process: Owned,
     pub port: u16,
     pub summary_path: PathBuf,
     _dir: TempDir,
@@ -111,9 +114,10 @@ impl Agent {
             .arg("--summary-json")
             .arg(&summary_path)
             .env("RUST_LOG", "info");
-        let child = cmd.spawn().expect("spawn pipelens");
+        // SIGINT on drop: the agent detaches and writes its summary.
+        let process = Owned::spawn("pipelens", &mut cmd, libc::SIGINT);
         let mut agent = Agent {
-            child: Some(child),
+            process,
             port,
             summary_path,
             _dir: dir,
@@ -123,29 +127,15 @@ impl Agent {
     }
 
     fn wait_healthy(&mut self, timeout: Duration) {
-        let start = Instant::now();
-        loop {
-            if let Ok((200, _)) = http_get(self.port, "/healthz") {
-                return;
-            }
-            if let Some(status) = self
-                .child
-                .as_mut()
-                .and_then(|c| c.try_wait().ok().flatten())
-            {
-                panic!("pipelens exited before it was healthy: {status}");
-            }
-            assert!(
-                start.elapsed() < timeout,
-                "pipelens not healthy after {timeout:?}"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        let port = self.port;
+        self.process.wait_until("healthy", timeout, || {
+            matches!(http_get(port, "/healthz"), Ok((200, _)))
+        });
     }
 
     /// The agent's process id.
     pub fn pid(&self) -> u32 {
-        self.child.as_ref().expect("running").id()
+        self.process.pid()
     }
 
     pub fn metrics_text(&self) -> String {
@@ -181,24 +171,13 @@ impl Agent {
     }
 
     /// SIGINT, wait for exit, and return the summary it wrote.
-    pub fn stop(mut self) -> serde_json::Value {
-        let mut child = self.child.take().expect("running");
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
-        let status = child.wait().expect("wait pipelens");
+    pub fn stop(self) -> serde_json::Value {
+        let status = self
+            .process
+            .stop(libc::SIGINT, patience(Duration::from_secs(60)));
         assert!(status.success(), "pipelens exited with {status}");
         let text = std::fs::read_to_string(&self.summary_path).expect("summary written");
         serde_json::from_str(&text).expect("summary is JSON")
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            // SAFETY: signalling our own child.
-            unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
-            let _ = child.wait();
-        }
     }
 }
 
@@ -326,30 +305,32 @@ fn parse_labels(s: &str) -> BTreeMap<String, String> {
 
 /// A helper process speaking the `tcp-peer` line protocol.
 pub struct Peer {
-    pub child: Child,
+    process: Owned,
     stdin: Option<ChildStdin>,
     stdout: BufReader<ChildStdout>,
 }
 
 impl Peer {
     pub fn spawn(bin: &str, args: &[&str]) -> Peer {
-        let mut child = Command::new(bin)
-            .args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn {bin}: {e}"));
-        let stdout = BufReader::new(child.stdout.take().expect("stdout"));
-        let stdin = child.stdin.take();
+        let mut process = Owned::spawn(
+            bin,
+            Command::new(bin)
+                .args(args)
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped()),
+            libc::SIGKILL,
+        );
+        let stdout = BufReader::new(process.child_mut().stdout.take().expect("stdout"));
+        let stdin = process.child_mut().stdin.take();
         Peer {
-            child,
+            process,
             stdin,
             stdout,
         }
     }
 
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        self.process.pid()
     }
 
     /// Next line printed by the peer.
@@ -377,15 +358,8 @@ impl Peer {
 
     pub fn wait(mut self) {
         drop(self.stdin.take());
-        let status = self.child.wait().expect("wait peer");
+        let status = self.process.wait();
         assert!(status.success(), "peer failed: {status}");
-    }
-}
-
-impl Drop for Peer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

@@ -1,5 +1,7 @@
 //! The allocation fixtures do what their `done` line says, so the memory
-//! tests can take it as ground truth. No root and no probes needed.
+//! tests can take it as ground truth: the line is checked against what
+//! the fixture really did, as seen from outside it (valgrind's count of
+//! allocator calls, the resident set). No root and no probes needed.
 
 use std::process::Command;
 
@@ -46,6 +48,72 @@ fn check_workload(bin: &str, allocator: &str) {
         grown / 1024
     );
     f.finish();
+}
+
+/// `valgrind`'s own count of the allocator calls the system fixture makes
+/// is the `done` line's, give or take the Rust runtime's few dozen.
+#[test]
+fn valgrind_counts_the_calls_and_bytes_done_reports() {
+    let bin = fixture_bin("alloc-fixture");
+    let out = match Command::new("valgrind")
+        .args(["--tool=memcheck", "--leak-check=no"])
+        .arg(&bin)
+        .args(["--phases", "retain,churn", "--no-wait", "--exit-when-done"])
+        .output()
+    {
+        Ok(out) => out,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "valgrind is not on PATH: `cargo xtask setup` installs it"
+            );
+            use std::io::Write as _;
+            let _ = writeln!(std::io::stderr(), "skipping test - valgrind is not on PATH");
+            return;
+        }
+        Err(e) => panic!("valgrind: {e}"),
+    };
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}{stderr}");
+    let done: serde_json::Value = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("done "))
+        .map(|j| serde_json::from_str(j).expect("done is JSON"))
+        .unwrap_or_else(|| panic!("no done line:\n{stdout}"));
+    // "total heap usage: 35,872 allocs, 25,631 frees, 115,348,690 bytes allocated"
+    let usage = stderr
+        .lines()
+        .find_map(|l| l.split_once("total heap usage: ").map(|(_, u)| u))
+        .unwrap_or_else(|| panic!("no heap summary:\n{stderr}"));
+    let numbers: Vec<u64> = usage
+        .split(|c: char| !c.is_ascii_digit() && c != ',')
+        .filter(|w| !w.is_empty() && *w != ",")
+        .map(|w| w.replace(',', "").parse().expect("number"))
+        .collect();
+    let [allocs, frees, bytes] = numbers[..] else {
+        panic!("heap summary `{usage}`")
+    };
+    let n = |key: &str| {
+        done[key]
+            .as_u64()
+            .unwrap_or_else(|| panic!("{key}: {done}"))
+    };
+    let calls = n("retain_blocks") + n("churn_blocks");
+    let allocated = n("retain_bytes") + n("churn_bytes");
+    assert!(
+        (calls..calls + 256).contains(&allocs),
+        "valgrind saw {allocs} allocations, done says {calls}"
+    );
+    assert!(
+        frees >= n("churn_blocks"),
+        "valgrind saw {frees} frees, the churn alone frees {}",
+        n("churn_blocks")
+    );
+    assert!(
+        (allocated..allocated + 64 * 1024).contains(&bytes),
+        "valgrind saw {bytes} bytes allocated, done says {allocated}"
+    );
 }
 
 #[test]

@@ -4,15 +4,16 @@
 
 use std::{
     io::{BufRead as _, BufReader},
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     sync::mpsc,
     time::Duration,
 };
 
 use pipelens_tests::{
     TempDir,
+    child::Owned,
     memory::{Fixture, build_forwards, build_noalloc, fixture_bin, stripped_copy},
-    pipelens_bin, probes_available,
+    patience, pipelens_bin, probes_available,
 };
 use serde_json::Value;
 
@@ -20,7 +21,7 @@ const MIB: f64 = 1024.0 * 1024.0;
 
 /// A running `pipelens memory`, attached (its "profiling" line seen).
 struct Profiler {
-    child: Child,
+    process: Owned,
     stderr: mpsc::Receiver<String>,
     out: std::path::PathBuf,
     _dir: TempDir,
@@ -30,17 +31,20 @@ impl Profiler {
     fn start(pid: u32, args: &[&str]) -> Profiler {
         let dir = TempDir::new("memory");
         let out = dir.path.join("profile.json");
-        let mut child = Command::new(pipelens_bin())
-            .args(["memory", "--pid", &pid.to_string(), "--duration", "120"])
-            .args(args)
-            .args(["--format", "json", "-o"])
-            .arg(&out)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start pipelens memory");
+        // SIGINT on drop: a failed test leaves no profiler attached.
+        let mut process = Owned::spawn(
+            "pipelens memory",
+            Command::new(pipelens_bin())
+                .args(["memory", "--pid", &pid.to_string(), "--duration", "120"])
+                .args(args)
+                .args(["--format", "json", "-o"])
+                .arg(&out)
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped()),
+            libc::SIGINT,
+        );
         let (tx, rx) = mpsc::channel();
-        let err = child.stderr.take().expect("piped");
+        let err = process.child_mut().stderr.take().expect("piped");
         std::thread::spawn(move || {
             for line in BufReader::new(err).lines().map_while(Result::ok) {
                 eprintln!("pipelens: {line}");
@@ -48,7 +52,7 @@ impl Profiler {
             }
         });
         let profiler = Profiler {
-            child,
+            process,
             stderr: rx,
             out,
             _dir: dir,
@@ -69,21 +73,41 @@ impl Profiler {
 
     /// Stops the profile (SIGINT) and reads what it wrote.
     fn finish(self) -> (Value, Vec<String>) {
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
-        self.wait()
+        let Profiler {
+            process,
+            stderr,
+            out,
+            _dir,
+        } = self;
+        let status = process.stop(libc::SIGINT, patience(Duration::from_secs(120)));
+        written(status, &stderr, &out)
     }
 
-    fn wait(mut self) -> (Value, Vec<String>) {
-        let status = self.child.wait().expect("wait pipelens");
-        let lines: Vec<String> = self.stderr.try_iter().collect();
-        assert!(
-            status.success(),
-            "pipelens memory failed: {status} {lines:?}"
-        );
-        let text = std::fs::read_to_string(&self.out).expect("profile written");
-        (serde_json::from_str(&text).expect("json profile"), lines)
+    /// Waits for the profile to end by itself and reads what it wrote.
+    fn wait(self) -> (Value, Vec<String>) {
+        let Profiler {
+            process,
+            stderr,
+            out,
+            _dir,
+        } = self;
+        written(process.wait(), &stderr, &out)
     }
+}
+
+/// The profile a finished `pipelens memory` wrote, and what it said.
+fn written(
+    status: std::process::ExitStatus,
+    stderr: &mpsc::Receiver<String>,
+    out: &std::path::Path,
+) -> (Value, Vec<String>) {
+    let lines: Vec<String> = stderr.try_iter().collect();
+    assert!(
+        status.success(),
+        "pipelens memory failed: {status} {lines:?}"
+    );
+    let text = std::fs::read_to_string(out).expect("profile written");
+    (serde_json::from_str(&text).expect("json profile"), lines)
 }
 
 fn column(profile: &Value, name: &str) -> usize {

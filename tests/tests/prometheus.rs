@@ -3,16 +3,17 @@
 //! quantile from the bucketed histograms.
 
 use std::{
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
-use pipelens_tests::{Agent, Peer, TempDir, free_port, http_get, probes_available};
+use pipelens_tests::{Agent, Peer, TempDir, child::Owned, free_port, http_get, probes_available};
 
 const PEER: &str = env!("CARGO_BIN_EXE_tcp-peer");
 
 struct Prometheus {
-    child: Child,
+    /// Read by nobody: stopped (SIGTERM) and reaped on drop.
+    _process: Owned,
     port: u16,
     _dir: TempDir,
 }
@@ -29,19 +30,21 @@ impl Prometheus {
             ),
         )
         .expect("config");
-        let child = Command::new("prometheus")
-            .arg(format!("--config.file={}", config.display()))
-            .arg(format!(
-                "--storage.tsdb.path={}",
-                dir.path.join("data").display()
-            ))
-            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("prometheus (cargo xtask setup installs it)");
+        let process = Owned::spawn(
+            "prometheus (cargo xtask setup installs it)",
+            Command::new("prometheus")
+                .arg(format!("--config.file={}", config.display()))
+                .arg(format!(
+                    "--storage.tsdb.path={}",
+                    dir.path.join("data").display()
+                ))
+                .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+                .stdout(Stdio::null())
+                .stderr(Stdio::null()),
+            libc::SIGTERM,
+        );
         Prometheus {
-            child,
+            _process: process,
             port,
             _dir: dir,
         }
@@ -85,13 +88,6 @@ impl Prometheus {
             );
             std::thread::sleep(Duration::from_millis(250));
         }
-    }
-}
-
-impl Drop for Prometheus {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

@@ -4,56 +4,24 @@
 //! (Rust, tokio-tungstenite) and Python's `websockets`.
 
 use std::{
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     time::Duration,
 };
 
 use pipelens_tests::{
-    Agent, Metrics, Peer, TempDir, free_port, http_get, pg::TestPostgres, probes_available,
+    Agent, Metrics, Peer, TempDir, demo::Pipeline, http_get, pg::TestPostgres, probes_available,
     workspace_root,
 };
 
 const WAIT: Duration = Duration::from_secs(20);
 
-struct Pipeline {
-    child: Child,
-    port: u16,
-}
-
-impl Pipeline {
-    fn start(pg: &TestPostgres) -> Pipeline {
-        let port = free_port();
-        let child = Command::new(workspace_root().join("target/release/pipeline"))
-            .args(["--listen", &format!("127.0.0.1:{port}")])
-            .args([
-                "--database-url",
-                &format!(
-                    "host=127.0.0.1 port={} user=postgres dbname=postgres",
-                    pg.port
-                ),
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("demo pipeline (cargo xtask build)");
-        // Owned at once, so that it is stopped and reaped however we leave.
-        let pipeline = Pipeline { child, port };
-        for _ in 0..100 {
-            if let Ok((200, _)) = http_get(port, "/health") {
-                return pipeline;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        panic!("the demo pipeline did not come up");
-    }
-}
-
-impl Drop for Pipeline {
-    fn drop(&mut self) {
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let _ = self.child.wait();
-    }
+/// The demo pipeline on `pg`, untraced until an agent follows `pipeline`.
+fn start_pipeline(pg: &TestPostgres) -> Pipeline {
+    let url = format!(
+        "host=127.0.0.1 port={} user=postgres dbname=postgres",
+        pg.port
+    );
+    Pipeline::start(&workspace_root().join("target/release/pipeline"), &url, &[])
 }
 
 /// A private PostgreSQL, the agent's websocket collector following every
@@ -63,22 +31,12 @@ impl Drop for Pipeline {
 fn traced_pipeline() -> (TestPostgres, Agent, Pipeline) {
     let pg = TestPostgres::start();
     let agent = Agent::start(&["--comm", "pipeline", "--collectors", "websocket"]);
-    let app = Pipeline::start(&pg);
+    let app = start_pipeline(&pg);
     (pg, agent, app)
 }
 
-fn loadgen(port: u16, args: &[&str]) -> serde_json::Value {
-    let out = Command::new(workspace_root().join("target/release/loadgen"))
-        .args(["--target", &format!("127.0.0.1:{port}")])
-        .args(args)
-        .output()
-        .expect("loadgen");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("loadgen prints its summary as JSON")
+fn loadgen(app: &Pipeline, args: &[&str]) -> serde_json::Value {
+    app.loadgen(&workspace_root().join("target/release/loadgen"), args)
 }
 
 fn ws(m: &Metrics, name: &str, port: u16, extra: &[(&str, &str)]) -> f64 {
@@ -114,7 +72,7 @@ fn demo_pipeline_sessions_are_exact() {
         &[("method", "GET"), ("status_code", "200")],
     );
     let s = loadgen(
-        app.port,
+        &app,
         &[
             "--sessions",
             "35",
@@ -366,7 +324,7 @@ s = upgraded(); s.sendall(bytes([0x81, 0xFE, 0x01])); time.sleep(0.2); s.close()
     assert_eq!(code, 200);
     // The server still serves, and is still analysed.
     let s = loadgen(
-        app.port,
+        &app,
         &[
             "--sessions",
             "2",
@@ -555,7 +513,7 @@ else:
             .expect("python3")
     };
     let pg = TestPostgres::start();
-    let app = Pipeline::start(&pg);
+    let app = start_pipeline(&pg);
     const REQUESTS: usize = 24;
     const MESSAGES: usize = 12;
     let mut server = spawn(&["server", &REQUESTS.to_string()]);
@@ -645,9 +603,9 @@ fn every_series_carries_process_and_container() {
     }
     let pg = TestPostgres::start();
     let agent = Agent::start(&["--comm", "pipeline", "--comm", "postgres"]);
-    let app = Pipeline::start(&pg);
+    let app = start_pipeline(&pg);
     loadgen(
-        app.port,
+        &app,
         &[
             "--sessions",
             "4",

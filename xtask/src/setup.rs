@@ -12,7 +12,8 @@ use crate::{is_root, run_cmd};
 /// (jemalloc is built from source, the no-allocator program with gcc, the
 /// stripped copy with strip); qemu, busybox and cpio for the kernel
 /// matrix's guests; Go for `go tool pprof`, which reads our pprof
-/// output in a test; bpftrace, the baseline of the memory benchmark.
+/// output in a test; bpftrace, the baseline of the memory benchmark;
+/// valgrind, whose count of allocator calls checks the fixture's own.
 /// Node.js and npm (see [`PROGRAMS`]) for the node-postgres test peer.
 const PACKAGES: &[&str] = &[
     "llvm-22-dev",
@@ -29,6 +30,7 @@ const PACKAGES: &[&str] = &[
     "binutils",
     "golang-go",
     "bpftrace",
+    "valgrind",
     // The kernel matrix: guests under emulation, their initramfs.
     "qemu-system-x86",
     "busybox-static",
