@@ -22,9 +22,7 @@ const MIB: f64 = 1024.0 * 1024.0;
 /// A running `pipelens memory`, attached (its "profiling" line seen).
 struct Profiler {
     process: Owned,
-    stderr: mpsc::Receiver<String>,
-    out: std::path::PathBuf,
-    _dir: TempDir,
+    output: Output,
 }
 
 impl Profiler {
@@ -53,9 +51,11 @@ impl Profiler {
         });
         let profiler = Profiler {
             process,
-            stderr: rx,
-            out,
-            _dir: dir,
+            output: Output {
+                stderr: rx,
+                out,
+                _dir: dir,
+            },
         };
         profiler.wait_line("profiling ");
         profiler
@@ -63,7 +63,7 @@ impl Profiler {
 
     fn wait_line(&self, needle: &str) -> String {
         loop {
-            match self.stderr.recv_timeout(Duration::from_secs(60)) {
+            match self.output.stderr.recv_timeout(Duration::from_secs(60)) {
                 Ok(line) if line.contains(needle) => return line,
                 Ok(_) => {}
                 Err(e) => panic!("pipelens memory never said `{needle}`: {e}"),
@@ -73,41 +73,37 @@ impl Profiler {
 
     /// Stops the profile (SIGINT) and reads what it wrote.
     fn finish(self) -> (Value, Vec<String>) {
-        let Profiler {
-            process,
-            stderr,
-            out,
-            _dir,
-        } = self;
-        let status = process.stop(libc::SIGINT, patience(Duration::from_secs(120)));
-        written(status, &stderr, &out)
+        let status = self
+            .process
+            .stop(libc::SIGINT, patience(Duration::from_secs(120)));
+        self.output.read(status)
     }
 
     /// Waits for the profile to end by itself and reads what it wrote.
     fn wait(self) -> (Value, Vec<String>) {
-        let Profiler {
-            process,
-            stderr,
-            out,
-            _dir,
-        } = self;
-        written(process.wait(), &stderr, &out)
+        let status = self.process.wait();
+        self.output.read(status)
     }
 }
 
-/// The profile a finished `pipelens memory` wrote, and what it said.
-fn written(
-    status: std::process::ExitStatus,
-    stderr: &mpsc::Receiver<String>,
-    out: &std::path::Path,
-) -> (Value, Vec<String>) {
-    let lines: Vec<String> = stderr.try_iter().collect();
-    assert!(
-        status.success(),
-        "pipelens memory failed: {status} {lines:?}"
-    );
-    let text = std::fs::read_to_string(out).expect("profile written");
-    (serde_json::from_str(&text).expect("json profile"), lines)
+/// Where a `pipelens memory` run writes: its stderr lines and its profile.
+struct Output {
+    stderr: mpsc::Receiver<String>,
+    out: std::path::PathBuf,
+    _dir: TempDir,
+}
+
+impl Output {
+    /// The profile a finished run wrote, and what it said.
+    fn read(self, status: std::process::ExitStatus) -> (Value, Vec<String>) {
+        let lines: Vec<String> = self.stderr.try_iter().collect();
+        assert!(
+            status.success(),
+            "pipelens memory failed: {status} {lines:?}"
+        );
+        let text = std::fs::read_to_string(&self.out).expect("profile written");
+        (serde_json::from_str(&text).expect("json profile"), lines)
+    }
 }
 
 fn column(profile: &Value, name: &str) -> usize {
