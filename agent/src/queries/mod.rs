@@ -205,14 +205,23 @@ impl QueriesAnalyser {
             })
             .record(service);
         if let Some(state) = &c.error {
-            let mut with_state = labels(status);
-            with_state.pop();
-            with_state.push(metrics::Label::new("sqlstate", state.clone()));
-            series
-                .errors
-                .entry(state.clone())
-                .or_insert_with(|| metrics::counter!("pipelens_db_query_errors_total", with_state))
-                .increment(1);
+            // The label set is built once per SQLSTATE, not per error.
+            let counter = match series.errors.get(state) {
+                Some(counter) => counter,
+                None => {
+                    let mut with_state = labels(status);
+                    with_state.pop();
+                    with_state.push(metrics::Label::new("sqlstate", state.clone()));
+                    series
+                        .errors
+                        .entry(state.clone())
+                        .or_insert(metrics::counter!(
+                            "pipelens_db_query_errors_total",
+                            with_state
+                        ))
+                }
+            };
+            counter.increment(1);
         }
         let mut stats = self.stats.lock().unwrap_or_else(|e| e.into_inner());
         let s = &mut stats[i].1;
