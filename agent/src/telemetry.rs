@@ -53,6 +53,10 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
             QUERY_DURATION_BUCKETS,
         )?
         .set_buckets_for_metric(
+            Matcher::Full("pipelens_websocket_response_duration_seconds".to_owned()),
+            QUERY_DURATION_BUCKETS,
+        )?
+        .set_buckets_for_metric(
             Matcher::Full("pipelens_websocket_session_duration_seconds".to_owned()),
             CONNECTION_DURATION_BUCKETS,
         )?
@@ -153,6 +157,15 @@ fn describe() {
         "pipelens_websocket_session_duration_seconds",
         Unit::Seconds,
         "WebSocket session lifetime, 101 to the end of the close handshake or connection"
+    );
+    describe_histogram!(
+        "pipelens_websocket_response_duration_seconds",
+        Unit::Seconds,
+        "Sessions a target serves: from each data message it receives to the next data message it sends on that session"
+    );
+    describe_counter!(
+        "pipelens_websocket_responses_untimed_total",
+        "Data messages received while 256 earlier ones of their session still awaited an answer, so not timed"
     );
     describe_counter!(
         "pipelens_websocket_messages_total",

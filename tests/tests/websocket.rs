@@ -592,6 +592,125 @@ else:
     agent.stop();
 }
 
+/// A Python `websockets` server that answers each message 20 ms after it
+/// arrives, traced by pid, and a client that times every round trip: the
+/// agent's response time of each message is at least the server's delay and
+/// at most the client's round trip, and exactly one per message. HTTP
+/// requests to `/items/<id>?token=…` are counted under their route class,
+/// and neither the id nor the token appears in any series.
+#[test]
+fn served_messages_have_a_response_time_and_routes_are_classes() {
+    if !probes_available("served_messages_have_a_response_time_and_routes_are_classes") {
+        return;
+    }
+    const SERVER: &str = r#"
+import asyncio, http, websockets
+async def handler(ws, path=None):
+    async for msg in ws:
+        await asyncio.sleep(0.02)
+        await ws.send("ack " + msg[:8])
+async def plain(path, headers):
+    if path.startswith("/items/"):
+        return http.HTTPStatus.OK, [("Content-Length", "2")], b"ok"
+async def main():
+    async with websockets.serve(handler, "127.0.0.1", 0, process_request=plain) as srv:
+        print("port", srv.sockets[0].getsockname()[1], flush=True)
+        await asyncio.Future()
+asyncio.run(main())
+"#;
+    const CLIENT: &str = r#"
+import asyncio, sys, time, websockets
+async def main():
+    total = 0.0
+    async with websockets.connect("ws://127.0.0.1:%s/ws" % sys.argv[1]) as ws:
+        for i in range(int(sys.argv[2])):
+            t = time.monotonic()
+            await ws.send("event %d" % i)
+            await ws.recv()
+            total += time.monotonic() - t
+    print(total, flush=True)
+asyncio.run(main())
+"#;
+    const MESSAGES: usize = 20;
+    const PLANTED: &str = "plantedt0ken";
+    let mut server = Peer::spawn("/usr/bin/python3", &["-c", SERVER]);
+    let port: u16 = server.expect("port").parse().expect("port");
+    let agent = Agent::start(&[
+        "--pid",
+        &server.pid().to_string(),
+        "--collectors",
+        "websocket",
+    ]);
+    for id in [101, 202, 303] {
+        // HTTP/1.1: `websockets` refuses 1.0 before its `process_request`.
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        s.set_read_timeout(Some(WAIT)).expect("timeout");
+        let request = format!("GET /items/{id}?token={PLANTED} HTTP/1.1\r\nHost: x\r\n\r\n");
+        std::io::Write::write_all(&mut s, request.as_bytes()).expect("GET /items");
+        let mut reply = String::new();
+        std::io::Read::read_to_string(&mut s, &mut reply).expect("the reply, then the close");
+        assert!(reply.starts_with("HTTP/1.1 200 "), "{reply}");
+    }
+    let out = Command::new("/usr/bin/python3")
+        .args(["-c", CLIENT, &port.to_string(), &MESSAGES.to_string()])
+        .output()
+        .expect("python3 client");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let client_total: f64 = String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .expect("the client's total round-trip time");
+    let port_label = port.to_string();
+    let served = [("process", "python3"), ("port", port_label.as_str())];
+    let m = agent.wait_for("every message's response", WAIT, |m| {
+        m.sum(
+            "pipelens_websocket_response_duration_seconds_count",
+            &served,
+        ) >= MESSAGES as f64
+            && m.sum(
+                "pipelens_http_server_request_duration_seconds_count",
+                &served,
+            ) >= 3.0
+    });
+    let count = m.sum(
+        "pipelens_websocket_response_duration_seconds_count",
+        &served,
+    );
+    let sum = m.sum("pipelens_websocket_response_duration_seconds_sum", &served);
+    assert_eq!(count, MESSAGES as f64, "{}", m.dump());
+    assert!(
+        sum >= 0.02 * MESSAGES as f64 && sum <= client_total,
+        "response time sum {sum} s: at least {} s of server delay, at most the client's {client_total} s",
+        0.02 * MESSAGES as f64
+    );
+    let mut items = served.to_vec();
+    items.extend([("route", "/items/{id}"), ("status_code", "200")]);
+    assert_eq!(
+        m.sum(
+            "pipelens_http_server_request_duration_seconds_count",
+            &items
+        ),
+        3.0,
+        "{}",
+        m.dump()
+    );
+    let text = agent.metrics_text();
+    for literal in [PLANTED, "/items/101", "/items/202", "token="] {
+        assert!(
+            !text
+                .lines()
+                .any(|l| l.starts_with("pipelens_http") && l.contains(literal)),
+            "`{literal}` in an HTTP series"
+        );
+    }
+    agent.stop();
+    drop(server);
+}
+
 /// The demo pipeline and its database traced by every collector at once:
 /// every series of connections, queries, WebSocket and HTTP carries the
 /// same identity labels, `process` and `container` (the memory collector's

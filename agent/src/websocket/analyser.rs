@@ -12,6 +12,7 @@ use serde::Serialize;
 use super::{
     Direction, Role, WebEvent,
     http::{FirstBytes, classify_first_bytes},
+    response::Responses,
     stream::WebStream,
 };
 use crate::{
@@ -24,6 +25,8 @@ const PORT_CAP: usize = 200;
 /// Distinct close codes reported; others are `other` (a peer may send any
 /// number in 3000–4999).
 const CODE_CAP: usize = 50;
+/// Distinct HTTP route classes reported; others are `other`.
+const ROUTE_CAP: usize = 100;
 
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 pub struct PortKey {
@@ -52,6 +55,8 @@ struct Conn {
     stream: WebStream,
     /// Index into `WebAnalyser::series`.
     series: usize,
+    /// Response timing, once a session the traced process serves is open.
+    responses: Option<Responses>,
 }
 
 pub struct WebAnalyser {
@@ -61,6 +66,7 @@ pub struct WebAnalyser {
     ids: Identities,
     port_cap: LabelCap,
     code_cap: LabelCap,
+    route_cap: LabelCap,
     stats: WebSummary,
     /// Every event with its socket, in order, for tests that compare runs
     /// event by event.
@@ -79,6 +85,7 @@ impl WebAnalyser {
                 ids: Identities::new("websocket"),
                 port_cap: LabelCap::new(PORT_CAP, "websocket", "port"),
                 code_cap: LabelCap::new(CODE_CAP, "websocket", "code"),
+                route_cap: LabelCap::new(ROUTE_CAP, "websocket", "route"),
                 stats: stats.clone(),
                 #[cfg(test)]
                 log: Arc::default(),
@@ -97,7 +104,7 @@ impl WebAnalyser {
         self.series.len() - 1
     }
 
-    fn publish(&mut self, series: usize, events: Vec<WebEvent>) {
+    fn publish(&mut self, series: usize, responses: &mut Option<Responses>, events: Vec<WebEvent>) {
         let m = &mut self.series[series];
         let mut stats = self.stats.lock().unwrap_or_else(|e| e.into_inner());
         if !stats.contains_key(&m.key) {
@@ -111,11 +118,15 @@ impl WebAnalyser {
                         .entry(format!("{} {}", r.method.as_str(), r.status_code))
                         .or_default() += 1;
                     if r.role == Role::Server {
-                        m.request(r.method.as_str(), r.status_code)
+                        let route = self.route_cap.admit(&r.route);
+                        m.request(r.method.as_str(), route, r.status_code)
                             .record(r.duration_ns() as f64 / 1e9);
                     }
                 }
-                WebEvent::SessionOpened { .. } => {
+                WebEvent::SessionOpened { role, .. } => {
+                    if role == Role::Server {
+                        *responses = Some(Responses::default());
+                    }
                     s.sessions += 1;
                     m.sessions.increment(1);
                     m.active.increment(1.0);
@@ -124,8 +135,22 @@ impl WebAnalyser {
                     direction,
                     opcode,
                     size,
+                    ts_ns,
                     ..
                 } => {
+                    if let Some(r) = responses.as_mut() {
+                        match direction {
+                            Direction::Received if !r.received(ts_ns) => {
+                                m.untimed.increment(1);
+                            }
+                            Direction::Received => {}
+                            Direction::Sent => {
+                                for seconds in r.sent(ts_ns) {
+                                    m.response.record(seconds);
+                                }
+                            }
+                        }
+                    }
                     match direction {
                         Direction::Received => {
                             s.messages_received += 1;
@@ -183,7 +208,9 @@ struct PortSeries {
     sessions: metrics::Counter,
     active: metrics::Gauge,
     duration: metrics::Histogram,
-    requests: HashMap<(&'static str, u16), metrics::Histogram>,
+    response: metrics::Histogram,
+    untimed: metrics::Counter,
+    requests: HashMap<(&'static str, String, u16), metrics::Histogram>,
     messages: HashMap<(Direction, &'static str), (metrics::Counter, metrics::Histogram)>,
     controls: HashMap<(Direction, &'static str), metrics::Counter>,
     closes: HashMap<(String, &'static str), metrics::Counter>,
@@ -202,6 +229,11 @@ impl PortSeries {
                 "pipelens_websocket_session_duration_seconds",
                 base.clone()
             ),
+            response: metrics::histogram!(
+                "pipelens_websocket_response_duration_seconds",
+                base.clone()
+            ),
+            untimed: metrics::counter!("pipelens_websocket_responses_untimed_total", base.clone()),
             base,
             key: key.clone(),
             requests: HashMap::new(),
@@ -212,18 +244,21 @@ impl PortSeries {
         }
     }
 
-    fn request(&mut self, method: &'static str, status: u16) -> &metrics::Histogram {
+    fn request(&mut self, method: &'static str, route: String, status: u16) -> &metrics::Histogram {
         let base = &self.base;
-        self.requests.entry((method, status)).or_insert_with(|| {
-            let labels = with(
-                base,
-                &[
-                    ("method", method.to_owned()),
-                    ("status_code", status.to_string()),
-                ],
-            );
-            metrics::histogram!("pipelens_http_server_request_duration_seconds", labels)
-        })
+        self.requests
+            .entry((method, route.clone(), status))
+            .or_insert_with(|| {
+                let labels = with(
+                    base,
+                    &[
+                        ("method", method.to_owned()),
+                        ("route", route),
+                        ("status_code", status.to_string()),
+                    ],
+                );
+                metrics::histogram!("pipelens_http_server_request_duration_seconds", labels)
+            })
     }
 
     fn message(
@@ -352,6 +387,7 @@ impl Analyser for WebAnalyser {
             Conn {
                 stream: WebStream::with_role(role),
                 series,
+                responses: None,
             },
         );
         Claim::Mine
@@ -375,7 +411,11 @@ impl Analyser for WebAnalyser {
             .extend(events.iter().map(|e| (c.sk, e.clone())));
         if !events.is_empty() {
             let series = conn.series;
-            self.publish(series, events);
+            let mut responses = conn.responses.take();
+            self.publish(series, &mut responses, events);
+            if let Some(conn) = self.conns.get_mut(&c.sk) {
+                conn.responses = responses;
+            }
         }
     }
 
@@ -388,7 +428,7 @@ impl Analyser for WebAnalyser {
                 .lock()
                 .expect("log")
                 .extend(events.iter().map(|e| (sk, e.clone())));
-            self.publish(conn.series, events);
+            self.publish(conn.series, &mut conn.responses, events);
         }
     }
 

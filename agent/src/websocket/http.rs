@@ -83,6 +83,8 @@ pub(super) enum Upgrade {
 #[derive(Debug)]
 pub(super) struct RequestHead {
     pub method: Method,
+    /// The target's route class, folded as soon as it is parsed.
+    pub route: String,
     pub body: BodyLength,
     /// The connection ends after the response (`Connection: close`, or
     /// HTTP/1.0 without keep-alive).
@@ -254,6 +256,7 @@ pub(super) fn parse_request(buf: &[u8]) -> Result<Option<(usize, RequestHead)>, 
         n,
         RequestHead {
             method,
+            route: super::route::route_class(req.path.unwrap_or("/")),
             body,
             close: f.close || (http10 && !f.keep_alive),
             upgrade,

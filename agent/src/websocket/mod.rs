@@ -10,9 +10,9 @@
 //!
 //! | event | metric |
 //! |---|---|
-//! | [`WebEvent::HttpRequest`] (role server) | `pipelens_http_server_request_duration_seconds{method,status_code}` |
+//! | [`WebEvent::HttpRequest`] (role server) | `pipelens_http_server_request_duration_seconds{method,route,status_code}` |
 //! | [`WebEvent::SessionOpened`] | `pipelens_websocket_sessions_total`, `_sessions_active` +1 |
-//! | [`WebEvent::Message`] | `pipelens_websocket_messages_total{direction,opcode}`, `_message_size_bytes` |
+//! | [`WebEvent::Message`] | `pipelens_websocket_messages_total{direction,opcode}`, `_message_size_bytes`; on a session the target serves, `_response_duration_seconds` ([`response`]) |
 //! | [`WebEvent::Control`] | control frames, counted apart from messages |
 //! | [`WebEvent::SessionClosed`] | `pipelens_websocket_closes_total{code,initiator}`, `_session_duration_seconds`, `_sessions_active` −1 |
 //! | [`WebEvent::ParseError`] | `pipelens_http_parse_errors_total{reason}` |
@@ -30,6 +30,8 @@
 pub mod analyser;
 pub mod frame;
 pub mod http;
+pub mod response;
+pub mod route;
 pub mod stream;
 #[cfg(test)]
 pub(crate) mod tests;
@@ -100,6 +102,9 @@ impl Role {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HttpRequest {
     pub method: Method,
+    /// The request target's route class ([`route::route_class`]): never the
+    /// raw path or its query.
+    pub route: String,
     pub status_code: u16,
     /// The traced process's end: `Server` for the server-side latency
     /// metric, `Client` when it made the request.

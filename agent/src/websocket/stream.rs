@@ -36,6 +36,7 @@ pub enum StreamState {
 #[derive(Debug)]
 struct Pending {
     method: Method,
+    route: String,
     start_ns: u64,
     upgrade: Upgrade,
     close: bool,
@@ -45,6 +46,7 @@ struct Pending {
 #[derive(Debug)]
 struct Exchange {
     method: Method,
+    route: String,
     status: u16,
     start_ns: u64,
     head_ns: u64,
@@ -430,6 +432,7 @@ impl WebStream {
         let hold = head.upgrade != Upgrade::None;
         self.pending.push_back(Pending {
             method: head.method,
+            route: head.route,
             start_ns,
             upgrade: head.upgrade,
             close: head.close,
@@ -457,6 +460,7 @@ impl WebStream {
             .ok_or(ParseError::UnsolicitedResponse)?;
         let mut exchange = Exchange {
             method: req.method,
+            route: req.route,
             status: head.status,
             start_ns: req.start_ns,
             head_ns: ts,
@@ -603,6 +607,7 @@ impl WebStream {
     fn emit_exchange(&mut self, exchange: &Exchange, end_ns: u64) {
         self.events.push_back(WebEvent::HttpRequest(HttpRequest {
             method: exchange.method,
+            route: exchange.route.clone(),
             status_code: exchange.status,
             role: self.traced_role(),
             start_ns: exchange.start_ns,
