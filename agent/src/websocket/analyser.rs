@@ -104,9 +104,16 @@ impl WebAnalyser {
         self.series.len() - 1
     }
 
-    fn publish(&mut self, series: usize, responses: &mut Option<Responses>, events: Vec<WebEvent>) {
-        let m = &mut self.series[series];
-        let mut stats = self.stats.lock().unwrap_or_else(|e| e.into_inner());
+    /// Counts `events` of one connection into its series `m` and the summary.
+    fn publish(
+        m: &mut PortSeries,
+        route_cap: &mut LabelCap,
+        code_cap: &mut LabelCap,
+        stats: &WebSummary,
+        responses: &mut Option<Responses>,
+        events: Vec<WebEvent>,
+    ) {
+        let mut stats = stats.lock().unwrap_or_else(|e| e.into_inner());
         if !stats.contains_key(&m.key) {
             stats.insert(m.key.clone(), PortStats::default());
         }
@@ -118,8 +125,7 @@ impl WebAnalyser {
                         .entry(format!("{} {}", r.method.as_str(), r.status_code))
                         .or_default() += 1;
                     if r.role == Role::Server {
-                        let route = self.route_cap.admit(&r.route);
-                        m.request(r.method.as_str(), route, r.status_code)
+                        m.request(r.method.as_str(), &r.route, r.status_code, route_cap)
                             .record(r.duration_ns() as f64 / 1e9);
                     }
                 }
@@ -178,7 +184,7 @@ impl WebAnalyser {
                     ..
                 } => {
                     let code = code.map_or_else(|| "unknown".to_owned(), |c| c.to_string());
-                    let code = self.code_cap.admit(&code);
+                    let code = code_cap.admit(&code);
                     let initiator = match closed_by {
                         Some(Role::Client) => "client",
                         Some(Role::Server) => "server",
@@ -210,7 +216,8 @@ struct PortSeries {
     duration: metrics::Histogram,
     response: metrics::Histogram,
     untimed: metrics::Counter,
-    requests: HashMap<(&'static str, String, u16), metrics::Histogram>,
+    /// By (method, status), then route class.
+    requests: HashMap<(&'static str, u16), HashMap<String, metrics::Histogram>>,
     messages: HashMap<(Direction, &'static str), (metrics::Counter, metrics::Histogram)>,
     controls: HashMap<(Direction, &'static str), metrics::Counter>,
     closes: HashMap<(String, &'static str), metrics::Counter>,
@@ -244,21 +251,35 @@ impl PortSeries {
         }
     }
 
-    fn request(&mut self, method: &'static str, route: String, status: u16) -> &metrics::Histogram {
+    /// The request histogram of `method`, `route`, `status`; a route class
+    /// already seen is looked up without allocating.
+    fn request(
+        &mut self,
+        method: &'static str,
+        route: &str,
+        status: u16,
+        cap: &mut LabelCap,
+    ) -> &metrics::Histogram {
         let base = &self.base;
-        self.requests
-            .entry((method, route.clone(), status))
-            .or_insert_with(|| {
-                let labels = with(
-                    base,
-                    &[
-                        ("method", method.to_owned()),
-                        ("route", route),
-                        ("status_code", status.to_string()),
-                    ],
-                );
-                metrics::histogram!("pipelens_http_server_request_duration_seconds", labels)
-            })
+        let routes = self.requests.entry((method, status)).or_default();
+        if routes.contains_key(route) {
+            return &routes[route];
+        }
+        let admitted = cap.admit(route);
+        if !routes.contains_key(&admitted) {
+            let labels = with(
+                base,
+                &[
+                    ("method", method.to_owned()),
+                    ("route", admitted.clone()),
+                    ("status_code", status.to_string()),
+                ],
+            );
+            let histogram =
+                metrics::histogram!("pipelens_http_server_request_duration_seconds", labels);
+            routes.insert(admitted.clone(), histogram);
+        }
+        &routes[&admitted]
     }
 
     fn message(
@@ -410,12 +431,14 @@ impl Analyser for WebAnalyser {
             .expect("log")
             .extend(events.iter().map(|e| (c.sk, e.clone())));
         if !events.is_empty() {
-            let series = conn.series;
-            let mut responses = conn.responses.take();
-            self.publish(series, &mut responses, events);
-            if let Some(conn) = self.conns.get_mut(&c.sk) {
-                conn.responses = responses;
-            }
+            Self::publish(
+                &mut self.series[conn.series],
+                &mut self.route_cap,
+                &mut self.code_cap,
+                &self.stats,
+                &mut conn.responses,
+                events,
+            );
         }
     }
 
@@ -428,7 +451,14 @@ impl Analyser for WebAnalyser {
                 .lock()
                 .expect("log")
                 .extend(events.iter().map(|e| (sk, e.clone())));
-            self.publish(conn.series, &mut conn.responses, events);
+            Self::publish(
+                &mut self.series[conn.series],
+                &mut self.route_cap,
+                &mut self.code_cap,
+                &self.stats,
+                &mut conn.responses,
+                events,
+            );
         }
     }
 
