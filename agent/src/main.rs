@@ -8,6 +8,7 @@ mod connections;
 mod distribution;
 mod memory;
 mod objects;
+mod output;
 mod privileges;
 mod process;
 mod queries;

@@ -3,7 +3,7 @@
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration, time::Instant};
 
-use anyhow::bail;
+use anyhow::{Context as _, bail};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
@@ -97,6 +97,10 @@ fn analyser(kind: CollectorKind) -> Option<Box<dyn Analyser>> {
 pub async fn run(opts: Options) -> anyhow::Result<()> {
     let started = Instant::now();
     opts.selection.validate()?;
+    // A summary that cannot be written must fail now, not after the run.
+    if let Some(path) = &opts.summary_json {
+        crate::output::check_writable(path).context("--summary-json")?;
+    }
     let requested = opts.requested();
 
     let handle = telemetry::install()?;

@@ -2,8 +2,6 @@
 
 use std::{path::Path, time::Duration};
 
-use anyhow::Context as _;
-
 use crate::collector::{Health, Section};
 
 /// The run's header (version, duration, every collector's health) and the
@@ -20,12 +18,7 @@ pub fn build(elapsed: Duration, health: &Health, sections: Vec<Section>) -> serd
     doc
 }
 
-/// Written to a temporary file and renamed, so that a reader never sees a
-/// half-written summary.
+/// Written atomically, so that a reader never sees a half-written summary.
 pub fn write(path: &Path, doc: &serde_json::Value) -> anyhow::Result<()> {
-    let tmp = path.with_extension("json.tmp");
-    std::fs::write(&tmp, serde_json::to_vec_pretty(doc)?)
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
-    Ok(())
+    crate::output::write_atomically(path, &serde_json::to_vec_pretty(doc)?)
 }

@@ -40,6 +40,30 @@ fn bad_invocations_say_what_is_wrong() {
     let (ok, err) = run(&["run", "--all", "--listen", &addr, "--duration", "1"]);
     assert!(!ok);
     assert!(err.contains("address already in use"), "{err}");
+
+    // An unwritable summary path fails at once, before anything attaches,
+    // not after the whole run (the run would be lost).
+    let started = std::time::Instant::now();
+    let (ok, err) = run(&[
+        "run",
+        "--all",
+        "--listen",
+        "127.0.0.1:0",
+        "--duration",
+        "30",
+        "--summary-json",
+        "/nonexistent-dir/summary.json",
+    ]);
+    assert!(!ok);
+    assert!(
+        err.contains("--summary-json") && err.contains("/nonexistent-dir/summary.json"),
+        "{err}"
+    );
+    assert!(!err.contains("attached in"), "{err}");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(30),
+        "waited for the run"
+    );
 }
 
 #[test]
