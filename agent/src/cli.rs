@@ -77,10 +77,12 @@ pub struct RunArgs {
     pub syscall_hooks: bool,
 
     /// Bytes captured from the start of each read or write on a socket that
-    /// a protocol parser follows (64 to 65536, sent in 4 KiB records).
-    /// Framing survives shorter captures (unseen bytes are skipped by
-    /// message lengths); statement text longer than this is cut.
-    #[arg(long, default_value_t = 16384, value_name = "BYTES", value_parser = clap::value_parser!(u32).range(64..=65536))]
+    /// a protocol parser follows (4096 to 65536, sent in 4 KiB records).
+    /// Unseen bytes of a message are skipped by its length; a message that
+    /// starts past the capture (a read holding a burst of queued messages)
+    /// is lost and counted as a parse error; statement text longer than
+    /// this is cut.
+    #[arg(long, default_value_t = 16384, value_name = "BYTES", value_parser = clap::value_parser!(u32).range(4096..=65536))]
     pub capture_bytes: u32,
 
     /// Memory collector: mean bytes of growth between samples of the write

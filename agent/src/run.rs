@@ -102,6 +102,17 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         crate::output::check_writable(path).context("--summary-json")?;
     }
     let requested = opts.requested();
+    if opts.memory_allocs {
+        if opts.selection.pids.is_empty() {
+            bail!(
+                "--memory-allocs puts uprobes on the allocator of --pid targets only, and none \
+                 is given: add --pid PID (--comm and --all targets are profiled by growth only)"
+            );
+        }
+        if !requested.contains(&CollectorKind::Memory) {
+            bail!("--memory-allocs needs the memory collector: add memory to --collectors");
+        }
+    }
 
     let handle = telemetry::install()?;
     let health = Health::new(&requested);
@@ -117,6 +128,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         listener,
         handle.clone(),
         health.clone(),
+        server::Limits::default(),
         shutdown.clone(),
     ));
     let upkeep = {

@@ -64,6 +64,38 @@ fn bad_invocations_say_what_is_wrong() {
         started.elapsed() < std::time::Duration::from_secs(30),
         "waited for the run"
     );
+
+    // Below one 4 KiB record a PostgreSQL startup reply or a burst of
+    // frames read at once is no longer framed (README, --capture-bytes).
+    let (ok, err) = run(&["run", "--all", "--capture-bytes", "1024"]);
+    assert!(!ok);
+    assert!(
+        err.contains("--capture-bytes") && err.contains("4096"),
+        "{err}"
+    );
+
+    // Allocator uprobes go into --pid targets only: without one the flag
+    // would profile nothing, silently.
+    let (ok, err) = run(&["run", "--comm", "postgres", "--memory-allocs"]);
+    assert!(!ok);
+    assert!(
+        err.contains("--memory-allocs") && err.contains("--pid"),
+        "{err}"
+    );
+    let me = std::process::id().to_string();
+    let (ok, err) = run(&[
+        "run",
+        "--pid",
+        &me,
+        "--collectors",
+        "queries",
+        "--memory-allocs",
+    ]);
+    assert!(!ok);
+    assert!(
+        err.contains("--memory-allocs") && err.contains("memory collector"),
+        "{err}"
+    );
 }
 
 #[test]

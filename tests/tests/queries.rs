@@ -814,3 +814,50 @@ fn templates_past_the_cap_are_folded_and_counted() {
     assert!(peak_kib < 128 * 1024, "agent peak RSS {peak_kib} KiB");
     agent.stop();
 }
+
+/// `--capture-bytes` at its minimum, 4096: pgbench in the simple, extended
+/// and prepared protocols still counts exactly on both ends, with no parse
+/// error. (Below 512 the server's startup reply, about 400 bytes of
+/// ParameterStatus and the like in one write, loses framing once per
+/// connection: the measurement the minimum rests on.)
+#[test]
+fn the_minimum_capture_keeps_postgres_in_frame() {
+    if !probes_available("the_minimum_capture_keeps_postgres_in_frame") {
+        return;
+    }
+    let pg = TestPostgres::start();
+    init_pgbench(&pg);
+    let agent = Agent::start(&[
+        "--comm",
+        "pgbench",
+        "--comm",
+        "postgres",
+        "--collectors",
+        "queries",
+        "--capture-bytes",
+        "4096",
+    ]);
+    let mut expected = 0u64;
+    for mode in ["simple", "extended", "prepared"] {
+        expected += pgbench(&pg, mode, false, &["-t", "100"]);
+        let m = agent.wait_for(&format!("{expected} after {mode}"), WAIT, |m| {
+            count(m, "pgbench", SELECT_TEMPLATE) >= expected as f64
+                && count(m, "postgres", SELECT_TEMPLATE) >= expected as f64
+        });
+        for process in ["pgbench", "postgres"] {
+            assert_eq!(
+                count(&m, process, SELECT_TEMPLATE),
+                expected as f64,
+                "{process} after {mode}:\n{}",
+                m.dump()
+            );
+        }
+        assert_eq!(
+            m.sum("pipelens_db_parse_errors_total", &[]),
+            0.0,
+            "after {mode}:\n{}",
+            m.dump()
+        );
+    }
+    agent.stop();
+}

@@ -797,3 +797,116 @@ fn pipes_and_files_are_not_taken_for_sockets() {
     peer.wait();
     agent.stop();
 }
+
+/// `--capture-bytes` at its minimum, 4096, with 700-byte messages:
+/// upgrades, sessions, messages, bytes, closes by code and keep-alive HTTP
+/// requests exact, no parse error. Each session's five messages fit one
+/// capture even when the server reads them in one call; a burst past the
+/// capture loses the frames that start beyond it (counted as
+/// `capture_too_short`: measured at 64, 1,024 and 4,096 bytes with twelve).
+#[test]
+fn the_minimum_capture_keeps_http_and_websocket_in_frame() {
+    if !probes_available("the_minimum_capture_keeps_http_and_websocket_in_frame") {
+        return;
+    }
+    let pg = TestPostgres::start();
+    let agent = Agent::start(&[
+        "--comm",
+        "pipeline",
+        "--collectors",
+        "websocket",
+        "--capture-bytes",
+        "4096",
+    ]);
+    let app = start_pipeline(&pg);
+    let ready = agent.wait_for("the readiness probe", WAIT, |m| {
+        ws(
+            m,
+            "pipelens_http_server_request_duration_seconds_count",
+            app.port,
+            &[],
+        ) >= 1.0
+    });
+    let ok = [("status_code", "200")];
+    let before = ws(
+        &ready,
+        "pipelens_http_server_request_duration_seconds_count",
+        app.port,
+        &ok,
+    );
+    let s = loadgen(
+        &app,
+        &[
+            "--sessions",
+            "30",
+            "--subscriber-share",
+            "0",
+            "--messages",
+            "5",
+            "--rate",
+            "0",
+            "--message-size",
+            "700",
+            "--close-mix",
+            "1000=20,abrupt=10",
+            "--http-requests",
+            "50",
+        ],
+    );
+    let sent = s["publishers"]["messages_sent"].as_u64().expect("messages");
+    let bytes = s["publishers"]["bytes_sent"].as_u64().expect("bytes");
+    assert_eq!(sent, 150);
+    let m = agent.wait_for("every session closed", WAIT, |m| {
+        ws(m, "pipelens_websocket_closes_total", app.port, &[]) >= 30.0
+            && ws(
+                m,
+                "pipelens_http_server_request_duration_seconds_count",
+                app.port,
+                &[],
+            ) >= before + 50.0
+    });
+    let received = [("direction", "received")];
+    for (name, extra, want) in [
+        ("pipelens_websocket_sessions_total", &[][..], 30.0),
+        ("pipelens_websocket_sessions_active", &[][..], 0.0),
+        (
+            "pipelens_websocket_messages_total",
+            &received[..],
+            sent as f64,
+        ),
+        (
+            "pipelens_websocket_message_size_bytes_sum",
+            &received[..],
+            bytes as f64,
+        ),
+        (
+            "pipelens_websocket_closes_total",
+            &[("code", "1000")][..],
+            20.0,
+        ),
+        (
+            "pipelens_websocket_closes_total",
+            &[("code", "1006")][..],
+            10.0,
+        ),
+        (
+            "pipelens_http_server_request_duration_seconds_count",
+            &ok[..],
+            before + 50.0,
+        ),
+        (
+            "pipelens_http_server_request_duration_seconds_count",
+            &[("status_code", "101")][..],
+            30.0,
+        ),
+        ("pipelens_http_parse_errors_total", &[][..], 0.0),
+    ] {
+        assert_eq!(
+            ws(&m, name, app.port, extra),
+            want,
+            "{name} {extra:?}:\n{}",
+            m.dump()
+        );
+    }
+    agent.stop();
+}
