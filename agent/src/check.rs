@@ -13,7 +13,7 @@ pub const MIN_KERNEL: (u32, u32) = (5, 10);
 pub const TESTED_KERNELS: &str = "5.10, 6.1, 6.12, 6.18";
 
 /// `(major, minor)` of a kernel release string such as `6.1.0-41-cloud-amd64`.
-fn kernel_version(release: &str) -> Option<(u32, u32)> {
+pub fn kernel_version(release: &str) -> Option<(u32, u32)> {
     let mut parts = release.split(|c: char| !c.is_ascii_digit());
     Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
 }
@@ -58,7 +58,7 @@ pub fn run() -> anyhow::Result<bool> {
         privileged.is_ok(),
         privileged
             .as_ref()
-            .map_or_else(|e| e.to_string(), |()| "root".to_owned()),
+            .map_or_else(|e| e.to_string(), privileges::Privileges::describe),
     );
     let btf = btf::kernel_offsets();
     push(
@@ -122,7 +122,7 @@ pub fn run() -> anyhow::Result<bool> {
     // A collector is usable when its object passes the verifier here and
     // all its hooks exist.
     let mut all_ok = privileged.is_ok() && btf.is_ok() && tfs.is_ok();
-    if let (Ok(()), Ok(offsets)) = (&privileged, &btf) {
+    if let (Ok(_), Ok(offsets)) = (&privileged, &btf) {
         match objects::Loader::new(AgentConfig::empty(), *offsets) {
             Ok(loader) => {
                 let t = verify(&loader, "targets", objects::TARGETS);

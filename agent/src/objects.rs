@@ -3,6 +3,7 @@
 
 use std::{
     fs,
+    os::unix::fs::{MetadataExt as _, PermissionsExt as _},
     path::{Path, PathBuf},
 };
 
@@ -36,7 +37,11 @@ const BPFFS: &str = "/sys/fs/bpf";
 
 #[derive(Debug, Error)]
 pub enum LoadError {
-    #[error("cannot prepare {path} for pinning the shared target map: {source}")]
+    #[error(
+        "cannot prepare {path} for pinning the shared target map: {source} \
+         (a non-root agent needs /sys/fs/bpf/pipelens writable: run once as root, \
+         or `install -d -m 1777 /sys/fs/bpf/pipelens`)"
+    )]
     PinDir {
         path: PathBuf,
         source: std::io::Error,
@@ -207,12 +212,15 @@ impl Loader {
     pub fn new(config: AgentConfig, offsets: KernelOffsets) -> Result<Self, LoadError> {
         ensure_bpffs()?;
         let base = Path::new(BPFFS).join("pipelens");
+        prepare_pin_base(&base);
         remove_stale_pins(&base);
         let pin_dir = base.join(std::process::id().to_string());
-        fs::create_dir_all(&pin_dir).map_err(|source| LoadError::PinDir {
-            path: pin_dir.clone(),
-            source,
-        })?;
+        fs::create_dir_all(&pin_dir)
+            .and_then(|()| fs::set_permissions(&pin_dir, fs::Permissions::from_mode(0o700)))
+            .map_err(|source| LoadError::PinDir {
+                path: pin_dir.clone(),
+                source,
+            })?;
         Ok(Self {
             pin_dir,
             config,
@@ -272,6 +280,23 @@ fn ensure_bpffs() -> Result<(), LoadError> {
         });
     }
     Ok(())
+}
+
+/// `/sys/fs/bpf/pipelens` is shared like `/tmp` (sticky, writable by all)
+/// so that an agent running as root with only its four capabilities (no
+/// `CAP_DAC_OVERRIDE`) and one running as another user can each make their
+/// own private (0700) directory in it, whoever made it first. Whoever owns
+/// it sets the mode; a base made by someone else is left as it is (the
+/// error at the pin directory then names it).
+fn prepare_pin_base(base: &Path) {
+    if fs::create_dir(base).is_ok() || base.metadata().is_ok_and(|m| m.uid() == euid()) {
+        let _ = fs::set_permissions(base, fs::Permissions::from_mode(0o1777));
+    }
+}
+
+fn euid() -> u32 {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() }
 }
 
 /// Pins left behind by an agent that was killed before it could clean up.

@@ -1,64 +1,194 @@
 //! Checking, before anything is attempted, that the agent has the
 //! capabilities it needs, so that a missing one is named instead of
 //! surfacing as an EPERM from deep inside a load.
+//!
+//! Least privilege: from Linux 5.8 on, loading and attaching take
+//! `CAP_BPF` and `CAP_PERFMON` only (the kernel's `bpf_capable()` and
+//! `perfmon_capable()` accept `CAP_SYS_ADMIN` in their place). Reading other
+//! processes' `/proc/<pid>/{maps,exe,root}` takes `CAP_SYS_PTRACE`, and
+//! reading root-only files (tracefs formats, `/proc` of other users) as a
+//! non-root user takes `CAP_DAC_READ_SEARCH`. Before 5.8 only
+//! `CAP_SYS_ADMIN` will do, and uprobes (allocator profiling) need it on
+//! every current kernel.
 
 use thiserror::Error;
 
+const CAP_DAC_READ_SEARCH: u32 = 2;
+const CAP_SYS_PTRACE: u32 = 19;
 const CAP_SYS_ADMIN: u32 = 21;
 const CAP_PERFMON: u32 = 38;
 const CAP_BPF: u32 = 39;
 
+/// The first kernel with `CAP_BPF` and `CAP_PERFMON`.
+const SPLIT_CAPS: (u32, u32) = (5, 8);
+
 #[derive(Debug, Error)]
 #[error(
-    "pipelens needs root privileges to load kernel programs; missing capabilities: {missing}. \
-     Run it as root or with sudo (`cargo xtask run` does)"
+    "missing capabilities: {missing} ({why}). Grant them (a DaemonSet's \
+     securityContext.capabilities.add, `setpriv --inh-caps`, `capsh`) or run as root"
 )]
 pub struct PrivilegeError {
     missing: String,
+    why: &'static str,
 }
 
-pub fn check() -> Result<(), PrivilegeError> {
+/// Capabilities present, and what works without the ones that are not.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Privileges {
+    /// Capabilities that are missing but only narrow what can be seen,
+    /// each with what it costs.
+    pub limits: Vec<(&'static str, &'static str)>,
+}
+
+impl Privileges {
+    /// What `pipelens check` prints on the privileges line.
+    pub fn describe(&self) -> String {
+        if self.limits.is_empty() {
+            return "every capability pipelens uses".to_owned();
+        }
+        self.limits
+            .iter()
+            .map(|(cap, cost)| format!("without {cap}: {cost}"))
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+}
+
+/// Linux took uprobes back from `CAP_PERFMON` ("perf: Require
+/// CAP_SYS_ADMIN for uprobes", 6.13, backported to the stable kernels): a
+/// uprobe on a data word could corrupt the traced process.
+pub const UPROBES_NEED_SYS_ADMIN: &str = "the kernel refuses uprobes, so allocator profiling \
+     (`run --memory-allocs`, `pipelens memory --mode allocs`) is unavailable; \
+     growth profiling and every other collector work";
+
+/// Whether uprobes can be attached (see [`UPROBES_NEED_SYS_ADMIN`]).
+pub fn can_attach_uprobes() -> bool {
+    effective() & (1u64 << CAP_SYS_ADMIN) != 0
+}
+
+fn effective() -> u64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let eff = status
+    status
         .lines()
         .find_map(|l| l.strip_prefix("CapEff:"))
         .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
-        .unwrap_or(0);
-    let missing = missing_caps(eff);
-    if missing.is_empty() {
-        Ok(())
-    } else {
-        Err(PrivilegeError {
-            missing: missing.join(", "),
-        })
-    }
+        .unwrap_or(0)
 }
 
-/// CAP_SYS_ADMIN implies the others on kernels before 5.8; it is also what
-/// mounting tracefs and bpffs takes.
-pub fn missing_caps(eff: u64) -> Vec<&'static str> {
+pub fn check() -> Result<Privileges, PrivilegeError> {
+    let eff = effective();
+    let kernel = nix::sys::utsname::uname()
+        .ok()
+        .and_then(|u| crate::check::kernel_version(&u.release().to_string_lossy()))
+        .unwrap_or(SPLIT_CAPS);
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    judge(eff, kernel, unsafe { libc::geteuid() } == 0)
+}
+
+/// The verdict for effective capabilities `eff` on kernel `kernel`.
+pub fn judge(eff: u64, kernel: (u32, u32), root: bool) -> Result<Privileges, PrivilegeError> {
     let has = |bit: u32| eff & (1u64 << bit) != 0;
-    let mut missing = Vec::new();
-    if !has(CAP_SYS_ADMIN) {
-        missing.push("CAP_SYS_ADMIN");
-        if !has(CAP_BPF) {
-            missing.push("CAP_BPF");
+    if kernel < SPLIT_CAPS {
+        if !has(CAP_SYS_ADMIN) {
+            return Err(PrivilegeError {
+                missing: "CAP_SYS_ADMIN".to_owned(),
+                why: "kernels before 5.8 load BPF programs for CAP_SYS_ADMIN only",
+            });
         }
-        if !has(CAP_PERFMON) {
-            missing.push("CAP_PERFMON");
+    } else {
+        let missing: Vec<&str> = [(CAP_BPF, "CAP_BPF"), (CAP_PERFMON, "CAP_PERFMON")]
+            .into_iter()
+            .filter(|&(bit, _)| !has(bit) && !has(CAP_SYS_ADMIN))
+            .map(|(_, name)| name)
+            .collect();
+        if !missing.is_empty() {
+            return Err(PrivilegeError {
+                missing: missing.join(", "),
+                why: "loading BPF programs and attaching them to tracepoints and uprobes \
+                      takes CAP_BPF and CAP_PERFMON (or CAP_SYS_ADMIN), every collector needs them",
+            });
         }
     }
-    missing
+    let mut limits = Vec::new();
+    if !has(CAP_SYS_ADMIN) {
+        limits.push(("CAP_SYS_ADMIN", UPROBES_NEED_SYS_ADMIN));
+    }
+    if !has(CAP_SYS_PTRACE) {
+        limits.push((
+            "CAP_SYS_PTRACE",
+            "other users' processes cannot be symbolised or given allocator uprobes \
+             (memory collector), nor named from /proc/<pid>/exe",
+        ));
+    }
+    if !root && !has(CAP_DAC_READ_SEARCH) {
+        limits.push((
+            "CAP_DAC_READ_SEARCH",
+            "root-only files (tracefs formats, /proc of other users) are unreadable: \
+             collectors whose hooks need them fail",
+        ));
+    }
+    Ok(Privileges { limits })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    const FOUR: u64 =
+        1 << CAP_BPF | 1 << CAP_PERFMON | 1 << CAP_SYS_PTRACE | 1 << CAP_DAC_READ_SEARCH;
+
     #[test]
-    fn names_missing_capabilities() {
-        assert!(missing_caps(u64::MAX).is_empty());
-        assert_eq!(missing_caps(0), ["CAP_SYS_ADMIN", "CAP_BPF", "CAP_PERFMON"]);
-        assert_eq!(missing_caps(1 << CAP_BPF), ["CAP_SYS_ADMIN", "CAP_PERFMON"]);
+    fn the_four_capabilities_are_enough_from_5_8() {
+        for kernel in [(5, 8), (5, 10), (6, 1), (6, 18)] {
+            for root in [true, false] {
+                let limits = judge(FOUR, kernel, root).unwrap().limits;
+                let names: Vec<_> = limits.iter().map(|(c, _)| *c).collect();
+                assert_eq!(names, ["CAP_SYS_ADMIN"], "uprobes only");
+            }
+        }
+        assert!(judge(u64::MAX, (6, 1), false).unwrap().limits.is_empty());
+    }
+
+    #[test]
+    fn a_missing_capability_is_named_with_why() {
+        let err = judge(FOUR & !(1 << CAP_PERFMON), (6, 1), true)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("missing capabilities: CAP_PERFMON ("), "{err}");
+        assert!(!err.contains("CAP_BPF,"), "{err}");
+        let err = judge(0, (6, 1), true).unwrap_err().to_string();
+        assert!(err.contains("CAP_BPF, CAP_PERFMON"), "{err}");
+        // CAP_SYS_ADMIN stands in for both.
+        assert!(judge(1 << CAP_SYS_ADMIN, (6, 1), true).is_ok());
+    }
+
+    #[test]
+    fn before_5_8_only_cap_sys_admin_loads() {
+        let err = judge(FOUR, (5, 4), true).unwrap_err().to_string();
+        assert!(
+            err.contains("CAP_SYS_ADMIN") && err.contains("5.8"),
+            "{err}"
+        );
+        assert!(judge(FOUR | 1 << CAP_SYS_ADMIN, (5, 4), true).is_ok());
+    }
+
+    #[test]
+    fn missing_visibility_capabilities_are_limits_not_errors() {
+        let bare = 1 << CAP_BPF | 1 << CAP_PERFMON;
+        let p = judge(bare, (6, 1), false).unwrap();
+        let names: Vec<_> = p.limits.iter().map(|(c, _)| *c).collect();
+        assert_eq!(
+            names,
+            ["CAP_SYS_ADMIN", "CAP_SYS_PTRACE", "CAP_DAC_READ_SEARCH"]
+        );
+        assert!(p.describe().contains("without CAP_SYS_PTRACE: "));
+        // Root owns the root-only files.
+        let names: Vec<_> = judge(bare, (6, 1), true)
+            .unwrap()
+            .limits
+            .iter()
+            .map(|(c, _)| *c)
+            .collect();
+        assert_eq!(names, ["CAP_SYS_ADMIN", "CAP_SYS_PTRACE"]);
     }
 }

@@ -112,6 +112,12 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         if !requested.contains(&CollectorKind::Memory) {
             bail!("--memory-allocs needs the memory collector: add memory to --collectors");
         }
+        if !crate::privileges::can_attach_uprobes() {
+            bail!(
+                "--memory-allocs needs CAP_SYS_ADMIN: without it {}",
+                crate::privileges::UPROBES_NEED_SYS_ADMIN
+            );
+        }
     }
 
     let handle = telemetry::install()?;

@@ -26,7 +26,9 @@ impl Session {
     /// Checks and prepares everything a kernel object needs to load, then
     /// starts following the selected processes.
     pub fn open(selection: Selection) -> anyhow::Result<Self> {
-        privileges::check()?;
+        for (cap, cost) in privileges::check()?.limits {
+            log::warn!("running without {cap}: {cost}");
+        }
         tracefs::ensure_mounted()?;
         let offsets = btf::kernel_offsets().context("resolving kernel structure offsets")?;
         let loader = Loader::new(selection.agent_config(), offsets)?;

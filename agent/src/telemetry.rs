@@ -107,6 +107,10 @@ fn describe() {
         "Segments retransmitted on a target's TCP connections"
     );
     describe_counter!(
+        "pipelens_exporter_connections_rejected_total",
+        "Connections to /metrics and /healthz closed on accept: the 64 allowed were open"
+    );
+    describe_counter!(
         "pipelens_label_overflow_total",
         "Times a new label value was reported as `other` because its label reached its cap"
     );

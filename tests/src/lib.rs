@@ -93,6 +93,46 @@ pub fn free_port() -> u16 {
 }
 
 /// A running `pipelens run`, stopped (SIGINT) when dropped.
+/// How probe tests run the agent: as the test's own user with every
+/// capability, or with `PIPELENS_TEST_CAPS=root` / `=user` under exactly
+/// `CAP_BPF`, `CAP_PERFMON`, `CAP_SYS_PTRACE` and `CAP_DAC_READ_SEARCH`
+/// (bounding, inheritable and ambient sets), as root or as `nobody`.
+pub const CAPS_ENV: &str = "PIPELENS_TEST_CAPS";
+/// The four capabilities the agent is documented to need.
+pub const LEAST_CAPS: &str = "+bpf,+perfmon,+sys_ptrace,+dac_read_search";
+
+fn least_privilege(dir: &TempDir) -> Command {
+    let mode = std::env::var(CAPS_ENV).unwrap_or_default();
+    if mode.is_empty() {
+        return Command::new(pipelens_bin());
+    }
+    let mut cmd = Command::new("setpriv");
+    match mode.as_str() {
+        "root" => {}
+        "user" => {
+            // nobody writes its summary into the agent's directory.
+            std::fs::set_permissions(
+                &dir.path,
+                std::os::unix::fs::PermissionsExt::from_mode(0o777),
+            )
+            .expect("chmod the agent's directory");
+            cmd.args(["--reuid", "65534", "--regid", "65534", "--clear-groups"]);
+        }
+        other => panic!("{CAPS_ENV}={other}: expected root or user"),
+    }
+    let caps = format!("-all,{LEAST_CAPS}");
+    cmd.args([
+        "--inh-caps",
+        &caps,
+        "--ambient-caps",
+        &caps,
+        "--bounding-set",
+        &caps,
+    ])
+    .arg(pipelens_bin());
+    cmd
+}
+
 pub struct Agent {
     process: Owned,
     pub port: u16,
@@ -107,7 +147,7 @@ impl Agent {
         let port = free_port();
         let summary_path = dir.path.join("summary.json");
         let listen = format!("127.0.0.1:{port}");
-        let mut cmd = Command::new(pipelens_bin());
+        let mut cmd = least_privilege(&dir);
         cmd.arg("run")
             .args(args)
             .args(["--listen", &listen])
@@ -123,7 +163,30 @@ impl Agent {
             _dir: dir,
         };
         agent.wait_healthy(patience(Duration::from_secs(30)));
+        agent.assert_privileges();
         agent
+    }
+
+    /// Under `PIPELENS_TEST_CAPS`, the agent really holds the four
+    /// capabilities and nothing else, as the user asked for.
+    fn assert_privileges(&self) {
+        let Ok(mode) = std::env::var(CAPS_ENV) else {
+            return;
+        };
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .expect("the agent's status");
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .map(|v| v.split_whitespace().next().unwrap_or_default().to_owned())
+                .unwrap_or_default()
+        };
+        // CAP_DAC_READ_SEARCH 2, CAP_SYS_PTRACE 19, CAP_PERFMON 38, CAP_BPF 39.
+        let four = format!("{:016x}", (1u64 << 2) | (1 << 19) | (1 << 38) | (1 << 39));
+        assert_eq!(field("CapEff:"), four, "{status}");
+        let uid = if mode == "user" { "65534" } else { "0" };
+        assert_eq!(field("Uid:"), uid, "{status}");
     }
 
     fn wait_healthy(&mut self, timeout: Duration) {

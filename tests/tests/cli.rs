@@ -115,3 +115,49 @@ fn check_reports_usable_collectors() {
         "{text}"
     );
 }
+
+/// Under exactly the four documented capabilities the kernel refuses
+/// uprobes (they need CAP_SYS_ADMIN since "perf: Require CAP_SYS_ADMIN for
+/// uprobes"): allocator profiling says so before attaching anything, and
+/// names what still works.
+#[test]
+fn allocator_profiling_without_cap_sys_admin_is_refused() {
+    if !probes_available("allocator_profiling_without_cap_sys_admin_is_refused") {
+        return;
+    }
+    let caps = format!("-all,{}", pipelens_tests::LEAST_CAPS);
+    let me = std::process::id().to_string();
+    for args in [
+        &["run", "--pid", &me, "--memory-allocs", "--duration", "5"][..],
+        &[
+            "memory",
+            "--pid",
+            &me,
+            "--mode",
+            "allocs",
+            "--duration",
+            "5",
+        ][..],
+    ] {
+        let out = Command::new("setpriv")
+            .args([
+                "--inh-caps",
+                &caps,
+                "--ambient-caps",
+                &caps,
+                "--bounding-set",
+                &caps,
+            ])
+            .arg(pipelens_bin())
+            .args(args)
+            .output()
+            .expect("setpriv");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?}: {err}");
+        assert!(
+            err.contains("needs CAP_SYS_ADMIN") && err.contains("growth profiling"),
+            "{args:?}: {err}"
+        );
+        assert!(!err.contains("attached in"), "{err}");
+    }
+}

@@ -207,6 +207,16 @@ fn run_agent(args: &[String]) -> anyhow::Result<()> {
     run_cmd(&mut cmd)
 }
 
+/// The probe tests run a second time with the agent under exactly
+/// `CAP_BPF`, `CAP_PERFMON`, `CAP_SYS_PTRACE` and `CAP_DAC_READ_SEARCH`.
+const LEAST_PRIVILEGE_TESTS: &[&str] = &[
+    "churn_ipv4",
+    "refused_and_reset",
+    "pgbench_counts_are_exact",
+    "errors_by_sqlstate",
+    "demo_pipeline_sessions_are_exact",
+];
+
 /// Host crates are linted together; the kernel crate for its own target.
 fn test(with_matrix: bool) -> anyhow::Result<()> {
     run_cmd(cargo().args(["fmt", "--all", "--check"]))?;
@@ -246,28 +256,47 @@ fn test(with_matrix: bool) -> anyhow::Result<()> {
         "pipelens-tests",
     ]))?;
     // Probe tests share kernel state: one at a time, as root.
-    let mut probe = if is_root() {
-        let mut c = cargo();
+    let probe_tests = || {
+        let mut c = if is_root() {
+            cargo()
+        } else {
+            let mut c = Command::new("sudo");
+            c.current_dir(root()).args([
+                "-E",
+                &std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()),
+            ]);
+            c
+        };
         c.args(["test", "--release", "--package", "pipelens-tests"]);
         c
-    } else {
-        let mut c = Command::new("sudo");
-        c.current_dir(root()).args([
-            "-E",
-            &std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()),
-            "test",
-            "--release",
-            "--package",
-            "pipelens-tests",
-        ]);
-        c
     };
-    probe.args(["--", "--test-threads=1"]);
     // Each probe test that skips (outside CI only) names itself here.
     let skipped = std::env::temp_dir().join(format!("pipelens-skipped-{}", std::process::id()));
     let _ = std::fs::remove_file(&skipped);
+    let mut probe = probe_tests();
+    probe.args(["--", "--test-threads=1"]);
     probe.env(pipelens_tests::SKIPPED_ENV, &skipped);
     tally.run_skipping(&mut probe, Some(&skipped))?;
+    // Least privilege: the connections, queries and websocket tests that
+    // cover each collector's hooks again, the agent holding exactly its
+    // four capabilities, as root and as nobody.
+    for mode in ["root", "user"] {
+        let mut probe = probe_tests();
+        probe.args([
+            "--test",
+            "connections",
+            "--test",
+            "queries",
+            "--test",
+            "websocket",
+        ]);
+        probe.args(["--", "--test-threads=1", "--exact"]);
+        probe.args(LEAST_PRIVILEGE_TESTS);
+        probe
+            .env(pipelens_tests::SKIPPED_ENV, &skipped)
+            .env(pipelens_tests::CAPS_ENV, mode);
+        tally.run_skipping(&mut probe, Some(&skipped))?;
+    }
     if with_matrix {
         let opts = matrix::Options {
             kernels: Vec::new(),

@@ -92,6 +92,12 @@ pub async fn run(args: Options) -> anyhow::Result<()> {
             )
         })?,
     };
+    if args.mode == Mode::Allocs && !crate::privileges::can_attach_uprobes() {
+        bail!(
+            "--mode allocs needs CAP_SYS_ADMIN: without it {} (try --mode growth)",
+            crate::privileges::UPROBES_NEED_SYS_ADMIN
+        );
+    }
     let session = Session::open(targets::Selection {
         all: false,
         pids: vec![args.pid],
