@@ -98,7 +98,7 @@ impl<'a> Reader<'a> {
 
 /// Hidden bytes of one write at most: enough to cross every capture limit
 /// and make lengths the parsers must skip, small enough to stay fast.
-const MAX_HIDDEN: usize = 1 << 20;
+const MAX_HIDDEN: usize = 1 << 18;
 
 pub fn parse(input: &[u8]) -> (Cut, Vec<Event<'_>>) {
     let mut r = Reader(input);
@@ -225,10 +225,17 @@ fn record(h: &StreamHeader, data: &[u8]) -> Vec<u8> {
     r
 }
 
+/// Syscalls one input is cut into at most; past it the rest of each write
+/// is one syscall. Keeps an input to milliseconds (tiny pieces of a long
+/// capture would be tens of thousands of records) so that the fuzzer
+/// explores rather than grinds.
+const MAX_SYSCALLS: usize = 2048;
+
 /// Turns the conversation into ring records, in the order the ring hands
 /// them over.
 pub struct Kernel {
     cut: Cut,
+    syscalls_left: usize,
     ts: u64,
     /// Sockets whose first record was sent (it carries the ports).
     started: [bool; 4],
@@ -241,6 +248,7 @@ impl Kernel {
     pub fn new(cut: Cut) -> Self {
         Self {
             cut,
+            syscalls_left: MAX_SYSCALLS,
             ts: 1_000_000_000,
             started: [false; 4],
             generation: [0; 4],
@@ -314,7 +322,12 @@ impl Kernel {
                 let mut at = 0;
                 let total = known.len();
                 while at < total {
-                    let len = self.cut.piece.min(total - at);
+                    let len = if self.syscalls_left > 0 {
+                        self.syscalls_left -= 1;
+                        self.cut.piece.min(total - at)
+                    } else {
+                        total - at
+                    };
                     self.syscall(sock, sent, Fault::of(fault), &known, at, len, out);
                     at += len;
                 }
