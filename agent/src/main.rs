@@ -1,28 +1,7 @@
 //! pipelens: eBPF observability for a running service, without touching it.
 
-mod btf;
-mod check;
-mod cli;
-mod collector;
-mod connections;
-mod distribution;
-mod memory;
-mod objects;
-mod output;
-mod privileges;
-mod process;
-mod queries;
-mod run;
-mod server;
-mod session;
-mod streams;
-mod summary;
-mod targets;
-mod telemetry;
-mod tracefs;
-mod websocket;
-
 use clap::Parser as _;
+use pipelens::{check, cli, memory, run};
 
 fn main() -> std::process::ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
@@ -88,5 +67,5 @@ mod tests {
         );
     }
 
-    use super::objects;
+    use pipelens::objects;
 }

@@ -1,10 +1,11 @@
-//! Project automation: `cargo xtask setup | build | run | test | bench`.
+//! Project automation: `cargo xtask setup | build | run | test | fuzz | bench`.
 //!
 //! Everything a fresh Debian machine needs is installed by `setup`, which
 //! every other command runs first; it is idempotent and fast when done.
 
 mod bench;
 mod demo;
+mod fuzz;
 mod matrix;
 mod setup;
 
@@ -49,11 +50,21 @@ enum Task {
         args: Vec<String>,
     },
     /// Everything: formatting, clippy (host and kernel crates), unit tests,
-    /// the root-only probe tests one at a time, and the kernel matrix.
+    /// a bounded run of every fuzz target, the root-only probe tests one
+    /// at a time, and the kernel matrix.
     Test {
         /// Skip the kernel matrix (for a quick local run; CI never does).
         #[arg(long)]
         no_matrix: bool,
+    },
+    /// The fuzz targets of `agent/fuzz` (all, or one), seeded from the
+    /// recorded captures; a crash fails with its reproducer's path.
+    Fuzz {
+        /// Only this target (`cargo fuzz list` in agent/ names them).
+        target: Option<String>,
+        /// Seconds per target.
+        #[arg(long, default_value_t = fuzz::TEST_SECONDS)]
+        seconds: u64,
     },
     /// The kernel matrix alone: the agent and probe tests inside Debian's
     /// 5.10, 6.1 and 6.12 cloud kernels under qemu.
@@ -119,6 +130,10 @@ fn main() -> anyhow::Result<()> {
                 bail!("--no-matrix is for local runs: CI runs the whole suite");
             }
             test(!no_matrix)
+        }
+        Task::Fuzz { target, seconds } => {
+            setup::run()?;
+            fuzz::run(target.as_deref(), seconds)
         }
         Task::Matrix {
             kernels,
@@ -220,11 +235,26 @@ const LEAST_PRIVILEGE_TESTS: &[&str] = &[
 /// Host crates are linted together; the kernel crate for its own target.
 fn test(with_matrix: bool) -> anyhow::Result<()> {
     run_cmd(cargo().args(["fmt", "--all", "--check"]))?;
+    run_cmd(cargo().args(["fmt", "--manifest-path", "agent/fuzz/Cargo.toml", "--check"]))?;
     run_cmd(cargo().args([
         "clippy",
         "--workspace",
         "--exclude",
         "pipelens-ebpf",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    // The fuzz crate is its own workspace (cargo-fuzz builds it with its
+    // own flags); linted here with the workspace's target directory, whose
+    // dependencies it shares.
+    run_cmd(cargo().args([
+        "clippy",
+        "--manifest-path",
+        "agent/fuzz/Cargo.toml",
+        "--target-dir",
+        "target",
         "--all-targets",
         "--",
         "-D",
@@ -255,6 +285,12 @@ fn test(with_matrix: bool) -> anyhow::Result<()> {
         "--exclude",
         "pipelens-tests",
     ]))?;
+    // Every parser and decoder under fuzzing, briefly: a crash fails here.
+    if let Err(e) = fuzz::run(None, fuzz::TEST_SECONDS) {
+        tally.failed = tally.failed.max(1);
+        println!("{}", tally.closing_line());
+        return Err(e);
+    }
     // Probe tests share kernel state: one at a time, as root.
     let probe_tests = || {
         let mut c = if is_root() {

@@ -15,6 +15,8 @@ use crate::{is_root, run_cmd};
 /// output in a test; bpftrace, the baseline of the memory benchmark;
 /// valgrind, whose count of allocator calls checks the fixture's own.
 /// Node.js and npm (see [`PROGRAMS`]) for the node-postgres test peer.
+/// g++ for libFuzzer, which the fuzz targets link (libfuzzer-sys builds
+/// it from source).
 const PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -31,6 +33,7 @@ const PACKAGES: &[&str] = &[
     "golang-go",
     "bpftrace",
     "valgrind",
+    "g++",
     // The kernel matrix: guests under emulation, their initramfs.
     "qemu-system-x86",
     "busybox-static",
@@ -38,12 +41,14 @@ const PACKAGES: &[&str] = &[
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
 
 pub fn run() -> anyhow::Result<()> {
     rust_src()?;
     debian_packages()?;
     node_peers()?;
     bpf_linker()?;
+    cargo_fuzz()?;
     tracefs();
     crate::matrix::kernels::ensure_cached();
     Ok(())
@@ -160,6 +165,29 @@ fn bpf_linker() -> anyhow::Result<()> {
             ]),
     )
     .context("building bpf-linker against LLVM 22")
+}
+
+/// cargo-fuzz for `cargo xtask fuzz` (and the fuzz step of `test`). It
+/// works on the stable toolchain: the `-Z` flags it passes are allowed by
+/// the RUSTC_BOOTSTRAP=1 that xtask sets for it.
+fn cargo_fuzz() -> anyhow::Result<()> {
+    let ok = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args(["fuzz", "--version"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if ok {
+        return Ok(());
+    }
+    run_cmd(
+        Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())).args([
+            "install",
+            "cargo-fuzz",
+            "--version",
+            CARGO_FUZZ_VERSION,
+            "--locked",
+        ]),
+    )
+    .context("installing cargo-fuzz")
 }
 
 /// The agent mounts tracefs itself when it runs as root; mounting it here

@@ -5,8 +5,8 @@
 //! seeding connections that predate the agent.
 
 pub mod bytes;
-mod seed;
-mod tracker;
+pub mod seed;
+pub mod tracker;
 
 use std::{
     sync::{Arc, Mutex},
@@ -334,15 +334,21 @@ impl ConnectionsCollector {
 fn drain(ring: &mut RingBuf<MapData>, tracker: &Mutex<ConnectionTracker>) {
     let mut tracker = lock(tracker);
     while let Some(item) = ring.next() {
-        if item.len() < size_of::<ConnEvent>() {
-            log::warn!("short connection record ({} bytes)", item.len());
-            continue;
+        if let Some(ev) = decode(&item) {
+            tracker.handle(&ev);
         }
-        // SAFETY: the length is checked; read_unaligned makes no alignment
-        // assumption about the ring's memory.
-        let ev: ConnEvent = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
-        tracker.handle(&ev);
     }
+}
+
+/// One record of the connections ring, `None` when it is too short.
+pub fn decode(item: &[u8]) -> Option<ConnEvent> {
+    if item.len() < size_of::<ConnEvent>() {
+        log::warn!("short connection record ({} bytes)", item.len());
+        return None;
+    }
+    // SAFETY: the length is checked; read_unaligned makes no alignment
+    // assumption about the ring's memory.
+    Some(unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) })
 }
 
 fn lock(m: &Mutex<ConnectionTracker>) -> std::sync::MutexGuard<'_, ConnectionTracker> {

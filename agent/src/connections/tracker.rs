@@ -286,7 +286,7 @@ impl ConnectionTracker {
     /// Starts exporting byte deltas for the socket of `ev`, as `stream`.
     fn follow(&mut self, ev: &ConnEvent, stream: Sid) {
         self.live.insert(
-            (ev.sk, ev.ts_ns - ev.duration_ns),
+            (ev.sk, opened_at(ev)),
             LiveConn {
                 stream,
                 sent: 0,
@@ -298,7 +298,7 @@ impl ConnectionTracker {
     }
 
     fn on_close(&mut self, ev: &ConnEvent) {
-        let key = (ev.sk, ev.ts_ns - ev.duration_ns);
+        let key = (ev.sk, opened_at(ev));
         let (labels, was_live, prev) = match self.live.remove(&key) {
             Some(c) => (c.stream, true, (c.sent, c.received, c.retransmits)),
             // The open record was lost (ring full): count what the close says.
@@ -400,10 +400,11 @@ impl ConnectionTracker {
         series.bytes_sent.increment(sent);
         series.bytes_received.increment(received);
         series.retransmits.increment(retransmits);
+        // Saturating: a corrupt record's counts must not overflow a total.
         let row = self.row(labels);
-        row.bytes_sent += sent;
-        row.bytes_received += received;
-        row.retransmits += retransmits;
+        row.bytes_sent = row.bytes_sent.saturating_add(sent);
+        row.bytes_received = row.bytes_received.saturating_add(received);
+        row.retransmits = row.retransmits.saturating_add(retransmits);
     }
 
     /// Exports byte and retransmit deltas of every live socket, and takes
@@ -492,6 +493,14 @@ fn label_pairs(l: &Labels, reason: &str) -> Vec<metrics::Label> {
 
 /// `ECONNREFUSED` for 111; unknown numbers stay numeric (`E1234`), still a
 /// bounded set.
+/// When the socket of `ev` was opened: with its address, the identity of
+/// a connection. A record whose duration exceeds its time (a corrupt or
+/// foreign record) gets 0, the same for its open and its close, rather
+/// than a panic.
+fn opened_at(ev: &ConnEvent) -> u64 {
+    ev.ts_ns.saturating_sub(ev.duration_ns)
+}
+
 pub fn errno_name(errno: u32) -> String {
     let e = nix::errno::Errno::from_raw(errno as i32);
     if e == nix::errno::Errno::UnknownErrno {
@@ -552,6 +561,32 @@ mod tests {
             direction: DIR_INBOUND,
             _pad: [0; 6],
         }
+    }
+
+    /// Found by the `kernel_records` fuzz target: a close whose duration
+    /// exceeded its timestamp overflowed computing when it opened (a panic
+    /// with overflow checks, as in the tests and debug builds).
+    #[test]
+    fn a_close_longer_than_its_time_is_counted() {
+        let mut t = ConnectionTracker::new();
+        t.handle(&event(EV_OPEN, 1, DIR_INBOUND, 10, 20));
+        t.handle(&event(EV_CLOSE, 1, DIR_INBOUND, 5, 1_000));
+        let row = t.row_for("server", "inbound", "8080").expect("row");
+        assert_eq!((row.opened, row.closed, row.active), (1, 1, 0));
+    }
+
+    /// Found by the `kernel_records` fuzz target: closes whose byte counts
+    /// add up past `u64::MAX` overflowed the summary's totals.
+    #[test]
+    fn byte_totals_saturate() {
+        let mut t = ConnectionTracker::new();
+        for sk in 1..=2 {
+            let mut close = event(EV_CLOSE, sk, DIR_INBOUND, 2_000, 1_000);
+            close.bytes_sent = u64::MAX - 1;
+            t.handle(&close);
+        }
+        let row = t.row_for("server", "inbound", "8080").expect("row");
+        assert_eq!(row.bytes_sent, u64::MAX);
     }
 
     #[test]

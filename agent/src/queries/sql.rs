@@ -49,6 +49,13 @@ pub fn template(sql: &str) -> String {
             // Words are kept as written: sqlparser's keyword list includes
             // non-reserved words (`id`, `name`, `value`) that are column
             // names far more often than keywords.
+            //
+            // A quoted identifier is written back with PostgreSQL's one
+            // escape, `""` (§4.1.1): sqlparser's Display leaves a quote after
+            // a backslash undoubled, which ends the identifier early.
+            Token::Word(w) if w.quote_style == Some('"') => {
+                format!("\"{}\"", w.value.replace('"', "\"\""))
+            }
             Token::Word(w) => w.to_string(),
             t => t.to_string(),
         };
@@ -62,7 +69,11 @@ pub fn template(sql: &str) -> String {
             break;
         }
     }
-    let mut t = out.trim().trim_end_matches(';').trim_end().to_owned();
+    // Every trailing `;`, also when spaces part them (`SELECT 1; ;`).
+    let mut t = out
+        .trim()
+        .trim_end_matches(|c: char| c == ';' || c.is_whitespace())
+        .to_owned();
     t = collapse_lists(&t);
     if t.len() > MAX_TEMPLATE {
         let mut end = MAX_TEMPLATE;
@@ -233,6 +244,32 @@ fn known_operation(word: &str) -> Option<&'static str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Found by the `sql_template` fuzz target: only the last of several
+    /// trailing semicolons was dropped, so `S; ;` had the template `S;`,
+    /// another template than `S`'s, and a template that was not its own.
+    /// Found by the `sql_template` fuzz target: `"\"""` (the identifier
+    /// `\"`) was templated `"\""`, which does not even tokenise: the
+    /// quote after the backslash was not doubled again.
+    #[test]
+    fn quoted_identifiers_keep_their_doubled_quotes() {
+        assert_eq!(template(r#"SELECT "\""" FROM t"#), r#"SELECT "\""" FROM t"#);
+        assert_eq!(
+            template(r#"SELECT "a""b" FROM "t""#),
+            r#"SELECT "a""b" FROM "t""#
+        );
+        let t = template(r#""\""""#);
+        assert_eq!(template(&t), t);
+    }
+
+    #[test]
+    fn every_trailing_semicolon_is_dropped() {
+        assert_eq!(template("S&CT1TL; ;"), "S&CT1TL");
+        assert_eq!(template("SELECT 1;;\n ; "), "SELECT ?");
+        assert_eq!(template("SELECT 1; SELECT 2;"), "SELECT ?; SELECT ?");
+        let t = template("S&CT1TL; ;");
+        assert_eq!(template(&t), t);
+    }
 
     #[test]
     fn literals_become_placeholders() {

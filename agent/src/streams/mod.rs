@@ -206,6 +206,14 @@ pub trait Analyser: Send {
 /// The attached capture object and the analysers it feeds.
 pub struct StreamsCollector {
     ebpf: Ebpf,
+    records: StreamRecords,
+}
+
+/// The streams ring's records decoded: a syscall sent in several records
+/// joined again, each syscall's data delivered through the [`Router`] to
+/// the analysers. Apart from [`StreamsCollector`] so that the fuzz targets
+/// (`agent/fuzz`) feed it records as the ring hands them over.
+pub struct StreamRecords {
     router: Router,
     assemblies: HashMap<(u32, u64), Assembly>,
 }
@@ -226,8 +234,7 @@ impl StreamsCollector {
         objects::export_map_errors(&ebpf, "streams", "STREAM_STATS", &STREAM_MAP_ERRORS)?;
         Ok(Self {
             ebpf,
-            router: Router::new(analysers),
-            assemblies: HashMap::new(),
+            records: StreamRecords::new(analysers),
         })
     }
 
@@ -246,25 +253,82 @@ impl StreamsCollector {
                 _ = drain_tick.tick() => self.drain(ring.get_mut()),
                 _ = tick.tick() => {
                     self.drain(ring.get_mut());
-                    self.router.tick();
+                    self.records.tick();
                     self.count_lost(&mut lost_seen)?;
                 }
                 () = shutdown.cancelled() => break,
             }
         }
         self.drain(ring.get_mut());
-        self.router.tick();
+        self.records.tick();
         Ok(self)
     }
 
     fn drain(&mut self, ring: &mut RingBuf<MapData>) {
         while let Some(item) = ring.next() {
-            self.dispatch(&item);
+            self.records.dispatch(&item);
         }
         self.apply_decisions();
     }
 
-    fn dispatch(&mut self, bytes: &[u8]) {
+    fn apply_decisions(&mut self) {
+        let decided = self.records.take_decisions();
+        if decided.is_empty() {
+            return;
+        }
+        let Some(map) = self.ebpf.map_mut("CAPTURE_STATE") else {
+            return;
+        };
+        let Ok(mut map) = BpfHashMap::<_, u64, CaptureState>::try_from(map) else {
+            return;
+        };
+        for (sk, state) in decided {
+            // The kernel's record of who owns the socket stays.
+            let tgid = map.get(&sk, 0).map_or(0, |c| c.tgid);
+            let _ = map.insert(
+                sk,
+                CaptureState {
+                    state,
+                    undecided_seen: 0,
+                    tgid,
+                    _pad: 0,
+                },
+                0,
+            );
+        }
+    }
+
+    /// Exports the kernel's loss counters: records the ring had no room
+    /// for, bytes of vectored calls left unwalked.
+    fn count_lost(&mut self, seen: &mut [u64; 2]) -> Result<(), ProbeError> {
+        objects::export_map_errors(&self.ebpf, "streams", "STREAM_STATS", &STREAM_MAP_ERRORS)?;
+        let lost = objects::per_cpu_total(&self.ebpf, "STREAM_STATS", STREAM_STAT_RING_LOST)?;
+        if lost > seen[0] {
+            metrics::counter!("pipelens_events_lost_total", "collector" => "streams")
+                .increment(lost - seen[0]);
+            seen[0] = lost;
+        }
+        let unwalked = objects::per_cpu_total(&self.ebpf, "STREAM_STATS", STREAM_STAT_UNWALKED)?;
+        if unwalked > seen[1] {
+            metrics::counter!("pipelens_streams_unwalked_bytes_total")
+                .increment(unwalked - seen[1]);
+            seen[1] = unwalked;
+        }
+        Ok(())
+    }
+}
+
+impl StreamRecords {
+    pub fn new(analysers: Vec<Box<dyn Analyser>>) -> Self {
+        Self {
+            router: Router::new(analysers),
+            assemblies: HashMap::new(),
+        }
+    }
+
+    /// Decodes one ring record; delivers the syscall's data once its
+    /// last record is in.
+    pub fn dispatch(&mut self, bytes: &[u8]) {
         let hsize = size_of::<StreamHeader>();
         if bytes.len() < hsize {
             return;
@@ -325,49 +389,14 @@ impl StreamsCollector {
         self.router.deliver(&chunk);
     }
 
-    fn apply_decisions(&mut self) {
-        if self.router.decided.is_empty() {
-            return;
-        }
-        let Some(map) = self.ebpf.map_mut("CAPTURE_STATE") else {
-            return;
-        };
-        let Ok(mut map) = BpfHashMap::<_, u64, CaptureState>::try_from(map) else {
-            return;
-        };
-        for (sk, state) in self.router.decided.drain(..) {
-            // The kernel's record of who owns the socket stays.
-            let tgid = map.get(&sk, 0).map_or(0, |c| c.tgid);
-            let _ = map.insert(
-                sk,
-                CaptureState {
-                    state,
-                    undecided_seen: 0,
-                    tgid,
-                    _pad: 0,
-                },
-                0,
-            );
-        }
+    /// Calls every analyser's [`Analyser::tick`].
+    pub fn tick(&mut self) {
+        self.router.tick();
     }
 
-    /// Exports the kernel's loss counters: records the ring had no room
-    /// for, bytes of vectored calls left unwalked.
-    fn count_lost(&mut self, seen: &mut [u64; 2]) -> Result<(), ProbeError> {
-        objects::export_map_errors(&self.ebpf, "streams", "STREAM_STATS", &STREAM_MAP_ERRORS)?;
-        let lost = objects::per_cpu_total(&self.ebpf, "STREAM_STATS", STREAM_STAT_RING_LOST)?;
-        if lost > seen[0] {
-            metrics::counter!("pipelens_events_lost_total", "collector" => "streams")
-                .increment(lost - seen[0]);
-            seen[0] = lost;
-        }
-        let unwalked = objects::per_cpu_total(&self.ebpf, "STREAM_STATS", STREAM_STAT_UNWALKED)?;
-        if unwalked > seen[1] {
-            metrics::counter!("pipelens_streams_unwalked_bytes_total")
-                .increment(unwalked - seen[1]);
-            seen[1] = unwalked;
-        }
-        Ok(())
+    /// Capture decisions for the kernel since the last call: (inode, state).
+    pub fn take_decisions(&mut self) -> Vec<(u64, u32)> {
+        std::mem::take(&mut self.router.decided)
     }
 }
 
@@ -409,7 +438,7 @@ impl Attached for StreamsCollector {
     fn spawn(self: Box<Self>, shutdown: CancellationToken) -> Running {
         tokio::spawn(async move {
             let collector = self.run(shutdown).await?;
-            Ok(collector.router.summaries())
+            Ok(collector.records.router.summaries())
         })
     }
 }
