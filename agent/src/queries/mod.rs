@@ -318,7 +318,7 @@ pub fn recognise(data: &[u8], side: Side) -> Recognised {
             Side::Backend => wire::backend_tag(tag),
         };
         let len = u32::from_be_bytes(data[at + 1..at + 5].try_into().expect("4")) as usize;
-        if !ok || !(4..=1 << 30).contains(&len) {
+        if !ok || !(4..=1 << 30).contains(&len) || !length_fits(side, tag, len) {
             return Recognised::No;
         }
         // A simple query's text ends with its NUL.
@@ -332,6 +332,26 @@ pub fn recognise(data: &[u8], side: Side) -> Recognised {
         Recognised::MidStream
     } else {
         Recognised::No
+    }
+}
+
+/// Messages whose length the protocol fixes: a Terminate is 4 bytes, so
+/// an HTTP request line such as `X / HTTP/1.1` (`X`, then a "length" made
+/// of ` / H`) is not one.
+fn length_fits(side: Side, tag: u8, len: usize) -> bool {
+    match (side, tag) {
+        // Terminate, Sync, Flush.
+        (Side::Frontend, b'X' | b'S' | b'H') => len == 4,
+        // ReadyForQuery.
+        (Side::Backend, b'Z') => len == 5,
+        // ParseComplete, BindComplete, CloseComplete, NoData.
+        (Side::Backend, b'1' | b'2' | b'3' | b'n') => len == 4,
+        // BackendKeyData: a 4-byte pid and a key of 4 (protocol 3.0) to
+        // 256 bytes (3.2).
+        (Side::Backend, b'K') => (12..=264).contains(&len),
+        // Authentication: a 4-byte code, then its data.
+        (Side::Backend, b'R') => len >= 8,
+        _ => true,
     }
 }
 
@@ -513,6 +533,33 @@ mod tests {
         assert_eq!(recognise(b"\xff\0\0\0\0", Side::Frontend), Recognised::No);
         assert_eq!(
             recognise(b"\0\0\0\x58\x12\x34\x56\x78", Side::Frontend),
+            Recognised::No
+        );
+    }
+
+    /// Issue 13: an HTTP request line starting with `X` was taken for a
+    /// PostgreSQL Terminate with a long body.
+    #[test]
+    fn an_http_request_starting_with_x_is_not_postgres() {
+        for line in [
+            &b"X / HTTP/1.1\r\nHost: a\r\n\r\n"[..],
+            b"X-PURGE /cache HTTP/1.1\r\n\r\n",
+            b"X1 / HTTP/1.0\r\n\r\n",
+        ] {
+            assert_eq!(recognise(line, Side::Frontend), Recognised::No, "{line:?}");
+        }
+        // A real Terminate still is.
+        assert_eq!(
+            recognise(b"X\0\0\0\x04", Side::Frontend),
+            Recognised::MidStream
+        );
+        // ReadyForQuery is 5 bytes; a 'Z' with any other length is not one.
+        assert_eq!(
+            recognise(b"Z\0\0\0\x05I", Side::Backend),
+            Recognised::MidStream
+        );
+        assert_eq!(
+            recognise(b"Z\0\0\0\x09IIIII", Side::Backend),
             Recognised::No
         );
     }
