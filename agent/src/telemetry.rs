@@ -107,6 +107,10 @@ fn describe() {
         "Segments retransmitted on a target's TCP connections"
     );
     describe_counter!(
+        "pipelens_db_unanswered_statements_total",
+        "Statements without an outcome: discarded by the server after an earlier one failed, in flight when their connection closed, or dropped past the 65,536 requests one connection may have in flight (counted at close)"
+    );
+    describe_counter!(
         "pipelens_exporter_connections_rejected_total",
         "Connections to /metrics and /healthz closed on accept: the 64 allowed were open"
     );

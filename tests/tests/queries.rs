@@ -541,7 +541,8 @@ s.close()
 }
 
 /// Backends killed in the middle of pipelined batches: the agent survives,
-/// and the next client's statements are counted exactly.
+/// the statements in flight are counted as unanswered, and the next
+/// client's statements are counted exactly, none of them unanswered.
 #[test]
 fn backend_killed_mid_pipeline() {
     if !probes_available("backend_killed_mid_pipeline") {
@@ -577,8 +578,21 @@ fn backend_killed_mid_pipeline() {
         String::from_utf8_lossy(&out.stderr)
     );
     let _ = bench.wait();
+    // The statements in flight when the backends died have no outcome:
+    // the server discards the rest of the pipeline after its 57P01, or
+    // the connection closes under them. Counted, not lost.
+    let unanswered = |m: &Metrics| {
+        m.sum(
+            "pipelens_db_unanswered_statements_total",
+            &[("process", "pgbench"), ("role", "client")],
+        )
+    };
+    agent.wait_for("statements unanswered at the kill", WAIT, |m| {
+        unanswered(m) > 0.0
+    });
     // Let the records of the killed run drain before taking the baseline.
     std::thread::sleep(Duration::from_millis(1500));
+    let unanswered_at_kill = unanswered(&agent.metrics());
     let before = count(&agent.metrics(), "pgbench", SELECT_TEMPLATE);
     let n = pgbench(&pg, "prepared", false, &["-t", "300"]);
     assert_eq!(n, 4 * 300);
@@ -592,6 +606,8 @@ fn backend_killed_mid_pipeline() {
         "{}",
         m.dump()
     );
+    // A run that ends cleanly leaves nothing unanswered.
+    assert_eq!(unanswered(&agent.metrics()), unanswered_at_kill);
     let (code, _) = pipelens_tests::http_get(agent.port, "/healthz").expect("healthz");
     assert_eq!(code, 200);
     agent.stop();

@@ -95,6 +95,9 @@ pub struct PgConnection {
     /// everything up to the next Sync.
     skipping_to_sync: bool,
     pub dropped_requests: u64,
+    /// Statements the server discarded unrun: sent after one that failed,
+    /// before the next Sync (the extended protocol's error recovery).
+    pub skipped_after_error: u64,
     /// When the last statement completed.
     last_end: u64,
 }
@@ -116,6 +119,7 @@ impl PgConnection {
             queue: VecDeque::new(),
             skipping_to_sync: false,
             dropped_requests: 0,
+            skipped_after_error: 0,
             last_end: 0,
         }
     }
@@ -364,6 +368,9 @@ impl PgConnection {
                             if matches!(r, Request::Sync | Request::Query { .. }) {
                                 break;
                             }
+                            if matches!(r, Request::Execute { .. } | Request::Function { .. }) {
+                                self.skipped_after_error += 1;
+                            }
                             self.queue.pop_front();
                         }
                     }
@@ -418,6 +425,20 @@ impl PgConnection {
         while matches!(self.queue.front(), Some(Request::Describe)) {
             self.queue.pop_front();
         }
+    }
+
+    /// Statements sent and not answered yet (a Query, an Execute or a
+    /// function call): at close, those the server never answered.
+    pub fn unanswered(&self) -> u64 {
+        self.queue
+            .iter()
+            .filter(|r| {
+                matches!(
+                    r,
+                    Request::Query { .. } | Request::Execute { .. } | Request::Function { .. }
+                )
+            })
+            .count() as u64
     }
 
     /// Requests still waiting.

@@ -87,6 +87,20 @@ struct ConnEntry {
     db: Option<String>,
     /// SQL text (by address, kept alive here) → series, per status.
     memo: HashMap<usize, (Arc<str>, usize)>,
+    /// `skipped_after_error` already exported.
+    skipped_reported: u64,
+}
+
+impl ConnEntry {
+    fn count_unanswered(&self, reason: &'static str, n: u64) {
+        if n == 0 {
+            return;
+        }
+        let mut labels = self.identity.labels();
+        labels.push(metrics::Label::new("role", self.conn.role.label()));
+        labels.push(metrics::Label::new("reason", reason));
+        metrics::counter!("pipelens_db_unanswered_statements_total", labels).increment(n);
+    }
 }
 
 pub struct QueriesAnalyser {
@@ -419,6 +433,7 @@ impl Analyser for QueriesAnalyser {
                 identity,
                 db: None,
                 memo: HashMap::new(),
+                skipped_reported: 0,
             },
         );
         Claim::Mine
@@ -444,6 +459,11 @@ impl Analyser for QueriesAnalyser {
             metrics::counter!("pipelens_db_parse_errors_total", entry.identity.labels())
                 .increment(errors - *seen);
             *seen = errors;
+        }
+        let skipped = entry.conn.skipped_after_error;
+        if skipped > entry.skipped_reported {
+            entry.count_unanswered("skipped_after_error", skipped - entry.skipped_reported);
+            entry.skipped_reported = skipped;
         }
         if entry.conn.encrypted && !was_encrypted {
             let mut labels = entry.identity.labels();
@@ -493,8 +513,15 @@ impl Analyser for QueriesAnalyser {
     }
 
     fn closed(&mut self, sk: u64, _ts: u64) {
-        self.conns.remove(&sk);
         self.parse_errors_seen.remove(&sk);
+        let Some(entry) = self.conns.remove(&sk) else {
+            return;
+        };
+        // A server that died, or a client that gave up, mid-request: the
+        // statements in flight have no outcome, so they are counted here
+        // instead of in the duration histogram.
+        entry.count_unanswered("closed", entry.conn.unanswered());
+        entry.count_unanswered("queue_full", entry.conn.dropped_requests);
     }
 
     fn forget_all(&mut self) {
