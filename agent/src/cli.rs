@@ -101,6 +101,12 @@ pub struct RunArgs {
     /// Write a JSON summary of everything observed to PATH on exit.
     #[arg(long, value_name = "PATH")]
     pub summary_json: Option<PathBuf>,
+
+    /// Queries: report double-quoted identifiers as `"?"` as well as
+    /// literals. Unquoted names stay: they are the statement's shape, but a
+    /// quoted one can carry anything (`"user@example.com"`).
+    #[arg(long)]
+    pub mask_identifiers: bool,
 }
 
 impl RunArgs {
@@ -119,6 +125,7 @@ impl RunArgs {
             memory_sample_bytes: self.memory_sample_bytes,
             memory_allocs: self.memory_allocs,
             summary_json: self.summary_json,
+            mask_identifiers: self.mask_identifiers,
         }
     }
 }

@@ -33,6 +33,8 @@ pub struct Options {
     pub capture_bytes: usize,
     pub memory_sample_bytes: u64,
     pub memory_allocs: bool,
+    /// Quoted identifiers masked in query templates.
+    pub mask_identifiers: bool,
     pub summary_json: Option<PathBuf>,
 }
 
@@ -120,6 +122,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         }
     }
 
+    crate::queries::sql::mask_quoted_identifiers(opts.mask_identifiers);
     let handle = telemetry::install()?;
     let health = Health::new(&requested);
     let listener = server::bind(opts.listen).await?;
@@ -247,6 +250,7 @@ mod tests {
             capture_bytes: 4096,
             memory_sample_bytes: 0,
             memory_allocs: false,
+            mask_identifiers: false,
             summary_json: None,
         }
     }

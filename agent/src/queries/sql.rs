@@ -13,6 +13,8 @@
 //! tokenizer rejects (an unterminated quote in a truncated capture) is
 //! reported as `unparseable`, never as raw text.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use sqlparser::{
     dialect::PostgreSqlDialect,
     tokenizer::{Token, Tokenizer, Whitespace},
@@ -23,8 +25,22 @@ use sqlparser::{
 pub const MAX_TEMPLATE: usize = 1024;
 pub const UNPARSEABLE: &str = "unparseable";
 
-/// The normalised template of `sql`.
+/// `--mask-identifiers`: quoted identifiers become `"?"` too.
+static MASK_QUOTED: AtomicBool = AtomicBool::new(false);
+
+/// Sets, for the whole run, whether quoted identifiers are masked.
+pub fn mask_quoted_identifiers(on: bool) {
+    MASK_QUOTED.store(on, Ordering::Relaxed);
+}
+
+/// The normalised template of `sql`, masking as the run was told to.
 pub fn template(sql: &str) -> String {
+    template_with(sql, MASK_QUOTED.load(Ordering::Relaxed))
+}
+
+/// The normalised template of `sql`; with `mask_quoted`, a quoted
+/// identifier (which may carry anything: `"user@example.com"`) is `"?"`.
+pub fn template_with(sql: &str, mask_quoted: bool) -> String {
     let dialect = PostgreSqlDialect {};
     let Ok(tokens) = Tokenizer::new(&dialect, sql).tokenize() else {
         return UNPARSEABLE.to_owned();
@@ -53,6 +69,7 @@ pub fn template(sql: &str) -> String {
             // A quoted identifier is written back with PostgreSQL's one
             // escape, `""` (§4.1.1): sqlparser's Display leaves a quote after
             // a backslash undoubled, which ends the identifier early.
+            Token::Word(w) if w.quote_style == Some('"') && mask_quoted => "\"?\"".to_owned(),
             Token::Word(w) if w.quote_style == Some('"') => {
                 format!("\"{}\"", w.value.replace('"', "\"\""))
             }
@@ -347,5 +364,20 @@ mod tests {
         assert_eq!(operation(&template("COPY t FROM STDIN")), "COPY");
         assert_eq!(operation(&template("frobnicate")), "OTHER");
         assert_eq!(operation(UNPARSEABLE), "OTHER");
+    }
+
+    #[test]
+    fn quoted_identifiers_are_kept_unless_masked() {
+        let sql = r#"SELECT "e-mail" FROM "Customers of ACME" WHERE id = 1"#;
+        assert_eq!(
+            template_with(sql, false),
+            r#"SELECT "e-mail" FROM "Customers of ACME" WHERE id = ?"#
+        );
+        assert_eq!(
+            template_with(sql, true),
+            r#"SELECT "?" FROM "?" WHERE id = ?"#
+        );
+        // Unquoted words are never masked: they are the statement's shape.
+        assert_eq!(template_with("SELECT a FROM t", true), "SELECT a FROM t");
     }
 }
