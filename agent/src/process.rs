@@ -16,7 +16,6 @@ pub fn exists(pid: u32) -> bool {
     Path::new("/proc").join(pid.to_string()).exists()
 }
 
-/// `comm` bytes from a kernel record, up to the first NUL.
 /// True while `pid` runs: it exists and is not a zombie waiting to be
 /// reaped (a process that exited but whose parent has not waited yet).
 pub fn alive(pid: u32) -> bool {
@@ -29,6 +28,19 @@ pub fn alive(pid: u32) -> bool {
     }
 }
 
+/// When `pid` started (field 22 of `/proc/<pid>/stat`, in clock ticks
+/// since boot): with the pid, what tells a process from a later one that
+/// reuses its pid.
+pub fn start_time(pid: u32) -> Option<u64> {
+    parse_start_time(&fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
+}
+
+pub fn parse_start_time(stat: &str) -> Option<u64> {
+    let after = &stat[stat.rfind(')')? + 1..];
+    after.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// `comm` bytes from a kernel record, up to the first NUL.
 pub fn comm_from_bytes(bytes: &[u8]) -> Option<String> {
     let end = bytes.iter().position(|b| *b == 0).unwrap_or(bytes.len());
     (end > 0).then(|| String::from_utf8_lossy(&bytes[..end]).into_owned())
@@ -145,6 +157,16 @@ impl ProcessNames {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn start_time_is_field_22_whatever_the_comm() {
+        let stat =
+            "4242 (a (b) c) S 1 4242 4242 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 987654 1000 10";
+        assert_eq!(parse_start_time(stat), Some(987_654));
+        assert_eq!(parse_start_time("4242 (x) S 1"), None);
+        let me = std::process::id();
+        assert!(start_time(me).is_some_and(|t| t > 0));
+    }
 
     #[test]
     fn ppid_survives_odd_comms() {

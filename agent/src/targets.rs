@@ -141,6 +141,49 @@ fn export_stats(stats: PerCpuArray<MapData, u64>, stop: CancellationToken) {
     });
 }
 
+/// Says, once each, when a `--pid` target exits and when its pid is taken
+/// by a new process: that process is not the one asked for, so it is not
+/// traced (its children forked before the exit still are).
+fn watch_explicit(pids: &[u32], stop: CancellationToken) {
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    let mut watched: Vec<(u32, Option<u64>, bool)> = pids
+        .iter()
+        .map(|&pid| (pid, process::start_time(pid), false))
+        .collect();
+    runtime.spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        while !watched.is_empty() {
+            tokio::select! {
+                _ = tick.tick() => {}
+                () = stop.cancelled() => break,
+            }
+            watched.retain_mut(|(pid, started, exited)| {
+                let now = process::alive(*pid)
+                    .then(|| process::start_time(*pid))
+                    .flatten();
+                if !*exited && now != *started {
+                    log::warn!(
+                        "--pid {pid} exited; its children stay traced, \
+                         a new process given pid {pid} will not be"
+                    );
+                    *exited = true;
+                }
+                if *exited && now.is_some() {
+                    log::warn!(
+                        "pid {pid} now belongs to a new process ({}), which is not traced: \
+                         it is not the --pid target",
+                        process::comm(*pid).unwrap_or_default()
+                    );
+                    return false;
+                }
+                true
+            });
+        }
+    });
+}
+
 impl TargetTracker {
     /// Loads and attaches the follow probes first, then seeds the map, so
     /// that a child forked while seeding is not missed.
@@ -178,6 +221,7 @@ impl TargetTracker {
         let mut tracker = Self { ebpf, stats_export };
         if !selection.all {
             tracker.seed(selection)?;
+            watch_explicit(&selection.pids, tracker.stats_export.clone());
         }
         Ok(tracker)
     }

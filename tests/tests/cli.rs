@@ -1,6 +1,6 @@
 //! Wrong input to the agent gets a clear error and a failing exit status.
 
-use std::process::Command;
+use std::{process::Command, time::Duration};
 
 use pipelens_tests::{pipelens_bin, probes_available};
 
@@ -160,4 +160,62 @@ fn allocator_profiling_without_cap_sys_admin_is_refused() {
         );
         assert!(!err.contains("attached in"), "{err}");
     }
+}
+
+/// A `--pid` target that exits, and a new process that is then given its
+/// pid (forced with `ns_last_pid`): the agent says both, once, and names
+/// the newcomer as not traced. It used to say nothing.
+#[test]
+fn a_reused_target_pid_is_logged_and_not_traced() {
+    if !probes_available("a_reused_target_pid_is_logged_and_not_traced") {
+        return;
+    }
+    let sleeper = || Command::new("sleep").arg("120").spawn().expect("sleep");
+    let mut first = sleeper();
+    let pid = first.id();
+    let dir = pipelens_tests::TempDir::new("reuse");
+    let log = dir.path.join("agent.log");
+    let mut cmd = Command::new(pipelens_bin());
+    cmd.args([
+        "run",
+        "--pid",
+        &pid.to_string(),
+        "--collectors",
+        "connections",
+    ])
+    .args(["--listen", "127.0.0.1:0"])
+    .env("RUST_LOG", "info")
+    .stderr(std::fs::File::create(&log).expect("log file"));
+    let mut agent = pipelens_tests::child::Owned::spawn("pipelens", &mut cmd, libc::SIGINT);
+    let said = |what: &str| {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains(what)
+    };
+    agent.wait_until("attached", Duration::from_secs(30), || said("attached in"));
+    first.kill().expect("kill");
+    first.wait().expect("reap");
+    let exited = format!("--pid {pid} exited");
+    agent.wait_until("the exit said", Duration::from_secs(10), || said(&exited));
+    // The next fork gets ns_last_pid + 1, unless another process forks
+    // in between: try until the pid is ours.
+    let mut second = None;
+    for _ in 0..50 {
+        std::fs::write("/proc/sys/kernel/ns_last_pid", (pid - 1).to_string()).expect("ns_last_pid");
+        let mut child = sleeper();
+        if child.id() == pid {
+            second = Some(child);
+            break;
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    let mut second = second.expect("pid reused within 50 forks");
+    let reused = format!("pid {pid} now belongs to a new process (sleep), which is not traced");
+    agent.wait_until("the reuse said", Duration::from_secs(10), || said(&reused));
+    let _ = second.kill();
+    let _ = second.wait();
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert_eq!(text.matches(&exited).count(), 1, "{text}");
+    assert_eq!(text.matches(&reused).count(), 1, "{text}");
 }
