@@ -61,7 +61,7 @@ fn bad_invocations_say_what_is_wrong() {
     );
     assert!(!err.contains("attached in"), "{err}");
     assert!(
-        started.elapsed() < std::time::Duration::from_secs(30),
+        started.elapsed() < Duration::from_secs(30),
         "waited for the run"
     );
 
