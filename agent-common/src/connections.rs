@@ -36,6 +36,18 @@ pub const SOCK_CLOSED_BEFORE_ACCEPT: u32 = 1 << 6;
 pub const CLOSE_FIN: u32 = 0;
 pub const CLOSE_RST_SENT: u32 = 1;
 pub const CLOSE_RST_RECEIVED: u32 = 2;
+/// The state hook never saw this close: the reconciliation found the
+/// tracked socket gone (see [`RECONCILE_PAIRS`]).
+pub const CLOSE_UNOBSERVED: u32 = 3;
+
+/// `(sk, start_ns)` pairs one run of the `reconcile_socks` program checks.
+/// It is never attached: userspace runs it with `BPF_PROG_TEST_RUN`, whose
+/// raw-tracepoint context holds at most 12 arguments (`MAX_BPF_FUNC_ARGS`).
+pub const RECONCILE_PAIRS: usize = 6;
+/// Consecutive reconciliation runs that must find a tracked socket gone
+/// before it is closed as unobserved: one sighting could be a socket whose
+/// address was handed to a new connection an instant before.
+pub const RECONCILE_STRIKES: u16 = 2;
 
 /// TCP states as numbered by the kernel (`include/net/tcp_states.h`).
 pub const TCP_ESTABLISHED: i32 = 1;
@@ -97,7 +109,9 @@ pub struct SockState {
     pub tgid: u32,
     pub flags: u32,
     pub direction: u16,
-    pub _pad: [u8; 6],
+    /// Reconciliation runs in a row that found the socket gone.
+    pub strikes: u16,
+    pub _pad: [u8; 4],
 }
 
 /// Key of the `SEEDS` map: a connection seen in `/proc/net/tcp*` before the
@@ -135,6 +149,9 @@ pub struct ConnEvent {
 
 /// Indices of the per-CPU `CONN_STATS` array.
 pub const STAT_RING_LOST: u32 = 0;
+/// A target closed, in its own context, an established TCP connection that
+/// was never tracked: its open was lost (a failed insert, an eviction, a
+/// skipped program), so the connection is missing from every count.
 pub const STAT_SOCK_UNTRACKED_CLOSE: u32 = 1;
 /// A map insert failed (the map was full, or the kernel had no memory):
 /// one slot per map, exported with [`CONN_MAP_ERRORS`].
@@ -144,7 +161,13 @@ pub const STAT_CALLS_FULL: u32 = 3;
 pub const STAT_LISTENERS_FULL: u32 = 4;
 pub const STAT_PENDING_INBOUND_FULL: u32 = 5;
 pub const STAT_CONNECTING_FULL: u32 = 6;
-pub const STAT_COUNT: u32 = 7;
+/// A tracked connection whose close the state hook never saw, found gone by
+/// the reconciliation and closed then ([`CLOSE_UNOBSERVED`]).
+pub const STAT_RECONCILED: u32 = 7;
+/// A tracked connect (SYN_SENT) whose socket was found gone by the
+/// reconciliation without its outcome (open or failure) ever being seen.
+pub const STAT_RECONCILED_CONNECT: u32 = 8;
+pub const STAT_COUNT: u32 = 9;
 
 /// `CONN_STATS` slots counting failed inserts, with the map each is for
 /// (the `map` label of `pipelens_kernel_map_errors_total`).

@@ -511,3 +511,242 @@ fn container_label_comes_from_the_cgroup() {
     }
     drop(server);
 }
+
+/// Closes the connection series of `labels` know of: by any reason,
+/// including those the agent found closed without seeing the close
+/// (`reason="unobserved"`).
+fn closed(m: &Metrics, labels: &[(&'static str, String)]) -> f64 {
+    sum(m, "pipelens_tcp_connections_closed_total", labels, &[])
+}
+
+/// Issue 13: one process opens 10,000 loopback connection pairs and closes
+/// them all at once. Every close is counted, or its loss is; and the active
+/// gauges come back to zero instead of drifting for good.
+fn close_burst(linger0: bool) {
+    let name = if linger0 {
+        "close_burst_linger0"
+    } else {
+        "close_burst"
+    };
+    if !probes_available(name) {
+        return;
+    }
+    const N: u64 = 10_000;
+    let agent = Agent::start(&["--comm", "tcp-peer", "--collectors", "connections"]);
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let n = N.to_string();
+    let with = |ends: &'static str| {
+        let mut args = vec!["burst", addr.as_str(), n.as_str(), ends];
+        if linger0 {
+            args.push("linger0");
+        }
+        args
+    };
+    // One process holds both ends where the descriptor limit allows 20,000
+    // sockets; elsewhere (a 20,000 hard limit without CAP_SYS_RESOURCE) two
+    // hold one end each and close at the same instant.
+    let one_process = std::process::Command::new(PEER)
+        .args(["burst-fits", &n])
+        .status()
+        .expect("tcp-peer")
+        .success();
+    let mut peers = if one_process {
+        vec![Peer::spawn(PEER, &with("both"))]
+    } else {
+        eprintln!("{name}: the descriptor limit cannot hold 2 x {N} sockets; one process per end");
+        let mut server = Peer::spawn(PEER, &with("server"));
+        server.expect("listening");
+        vec![server, Peer::spawn(PEER, &with("client"))]
+    };
+    for p in &mut peers {
+        p.expect("ready");
+    }
+    let (i, o) = (inbound(port), outbound(port));
+    let m = agent.wait_for("every open", WAIT, |m| {
+        sum(m, "pipelens_tcp_connections_opened_total", &i, &[]) >= N as f64
+            && sum(m, "pipelens_tcp_connections_opened_total", &o, &[]) >= N as f64
+    });
+    for labels in [&i, &o] {
+        assert_eq!(
+            sum(&m, "pipelens_tcp_connections_active", labels, &[]),
+            N as f64,
+            "{}",
+            m.dump()
+        );
+    }
+    for p in &mut peers {
+        p.send("go");
+    }
+    for mut p in peers {
+        assert_eq!(p.expect("done"), n);
+        p.wait();
+    }
+    // The reconciliation takes a socket whose close was never seen as
+    // closed after two checks five seconds apart.
+    let settled = |m: &Metrics| {
+        [&i, &o].iter().all(|l| {
+            closed(m, *l) >= N as f64 && sum(m, "pipelens_tcp_connections_active", *l, &[]) == 0.0
+        })
+    };
+    let m = agent.wait_for("every close, or its loss", Duration::from_secs(30), settled);
+    let unobserved = |l: &[(&'static str, String)]| {
+        sum(
+            &m,
+            "pipelens_tcp_connections_closed_total",
+            l,
+            &[("reason", "unobserved")],
+        )
+    };
+    for (side, labels) in [("inbound", &i), ("outbound", &o)] {
+        eprintln!(
+            "{name} {side}: closed {} (unobserved {}), active {}",
+            closed(&m, labels),
+            unobserved(labels),
+            sum(&m, "pipelens_tcp_connections_active", labels, &[])
+        );
+        assert_eq!(closed(&m, labels), N as f64, "{side}:\n{}", m.dump());
+        assert_eq!(
+            sum(&m, "pipelens_tcp_connections_active", labels, &[]),
+            0.0,
+            "{side}"
+        );
+    }
+    let reconciled = m.sum(
+        "pipelens_tcp_connections_reconciled_total",
+        &[("outcome", "closed")],
+    );
+    eprintln!(
+        "{name}: reconciled {reconciled}, untracked closes {}, events lost {}, evictions {}",
+        m.sum("pipelens_tcp_untracked_closes_total", &[]),
+        m.sum(
+            "pipelens_events_lost_total",
+            &[("collector", "connections")]
+        ),
+        m.sum("pipelens_map_evictions_total", &[]),
+    );
+    // Every close the state hook missed is one the reconciliation found,
+    // and is counted as such.
+    assert_eq!(unobserved(&i) + unobserved(&o), reconciled, "{}", m.dump());
+    if linger0 {
+        // Every accepted end was reset by its owner, and the reset seen.
+        assert_eq!(
+            sum(
+                &m,
+                "pipelens_tcp_connections_closed_total",
+                &i,
+                &[("reason", "reset_sent")]
+            ) + unobserved(&i),
+            N as f64,
+            "{}",
+            m.dump()
+        );
+    }
+}
+
+#[test]
+fn close_burst_is_counted() {
+    close_burst(false);
+}
+
+#[test]
+fn close_burst_of_resets_is_counted() {
+    close_burst(true);
+}
+
+/// Issue 13: every series that counts a loss exists, at zero, in the first
+/// scrape after `/healthz` says the collectors are up, so that there is
+/// something to alert on before the first loss.
+#[test]
+fn loss_series_exist_from_the_first_scrape() {
+    if !probes_available("loss_series_exist_from_the_first_scrape") {
+        return;
+    }
+    let agent = Agent::start(&["--comm", "tcp-peer"]);
+    let m = agent.metrics();
+    let expected: &[(&str, &[(&str, &str)])] = &[
+        (
+            "pipelens_events_lost_total",
+            &[("collector", "connections")],
+        ),
+        ("pipelens_events_lost_total", &[("collector", "streams")]),
+        ("pipelens_events_lost_total", &[("collector", "memory")]),
+        (
+            "pipelens_map_evictions_total",
+            &[("map", "connections_socks")],
+        ),
+        ("pipelens_map_evictions_total", &[("map", "memory_live")]),
+        (
+            "pipelens_map_evictions_total",
+            &[("map", "memory_processes")],
+        ),
+        (
+            "pipelens_kernel_map_errors_total",
+            &[("collector", "connections"), ("map", "socks")],
+        ),
+        (
+            "pipelens_kernel_map_errors_total",
+            &[("collector", "connections"), ("map", "pending_inbound")],
+        ),
+        (
+            "pipelens_kernel_map_errors_total",
+            &[("collector", "streams")],
+        ),
+        (
+            "pipelens_kernel_map_errors_total",
+            &[("collector", "memory")],
+        ),
+        (
+            "pipelens_kernel_map_errors_total",
+            &[("collector", "targets")],
+        ),
+        ("pipelens_tcp_untracked_closes_total", &[]),
+        (
+            "pipelens_tcp_connections_reconciled_total",
+            &[("outcome", "closed")],
+        ),
+        (
+            "pipelens_tcp_connections_reconciled_total",
+            &[("outcome", "connect_unresolved")],
+        ),
+        (
+            "pipelens_parser_give_ups_total",
+            &[("collector", "queries")],
+        ),
+        (
+            "pipelens_parser_give_ups_total",
+            &[("collector", "websocket")],
+        ),
+        ("pipelens_streams_undecided_dropped_total", &[]),
+        ("pipelens_streams_unwalked_bytes_total", &[]),
+    ];
+    for (name, labels) in expected {
+        let found = m.samples.iter().any(|(n, l, _)| {
+            n == name
+                && labels
+                    .iter()
+                    .all(|(k, v)| l.get(*k).is_some_and(|x| x == v))
+        });
+        assert!(
+            found,
+            "no {name}{labels:?} at the first scrape:\n{}",
+            m.dump()
+        );
+        assert_eq!(m.sum(name, labels), 0.0, "{name}{labels:?}");
+    }
+    // The reconciliation runs wherever raw tracepoints do (5.10 and newer).
+    assert_eq!(
+        m.sum(
+            "pipelens_collector_hook_info",
+            &[
+                ("collector", "connections"),
+                ("hook", "reconcile"),
+                ("kind", "test_run")
+            ]
+        ),
+        1.0,
+        "{}",
+        m.dump()
+    );
+    promtool_accepts(&agent.metrics_text());
+}

@@ -180,7 +180,8 @@ fn new_state(tgid: u32, direction: u16, flags: u32, now: u64, addr: SockTuple) -
         tgid,
         flags,
         direction,
-        _pad: [0; 6],
+        strikes: 0,
+        _pad: [0; 4],
     }
 }
 
@@ -331,11 +332,14 @@ impl StateChange<'_> {
     fn by_local_task(&self) -> bool {
         match self.src {
             StateSource::Record(ctx) => in_task_context(ctx),
+            // A received reset sets `sk_err` just before `tcp_done()`; a
+            // local abort sets it, if at all, after the change.
             // SAFETY: copied out.
             StateSource::Sock => {
                 self.new != TCP_CLOSE
-                    || unsafe { PENDING_INBOUND.get(self.sk) }
-                        .is_none_or(|p| p.flags & PENDING_RST_RECEIVED == 0)
+                    || (sock_err(self.sk) == Ok(0)
+                        && unsafe { PENDING_INBOUND.get(self.sk) }
+                            .is_none_or(|p| p.flags & PENDING_RST_RECEIVED == 0))
             }
         }
     }
@@ -462,7 +466,10 @@ fn on_handshake_completed(c: &StateChange<'_>) -> Result<(), i32> {
 
 /// Every other change concerns a tracked socket (or a seeded or pending
 /// one, promoted here). A local close is the last chance for an accepted
-/// connection that was never read or written to be claimed by its owner.
+/// connection that was never read or written to be claimed by its owner;
+/// a target's local close of a connection found nowhere is one whose open
+/// was lost, and is counted (`STAT_SOCK_UNTRACKED_CLOSE`): each connection
+/// makes exactly one local-close transition, so it is counted once.
 #[inline(always)]
 fn on_tracked_change(c: &StateChange<'_>) -> Result<(), i32> {
     let claimant = if c.is_local_close() && c.by_local_task() {
@@ -474,6 +481,9 @@ fn on_tracked_change(c: &StateChange<'_>) -> Result<(), i32> {
     let Some(p) = sock_entry(c.sk, claimant) else {
         if c.new == TCP_CLOSE {
             let _ = PENDING_INBOUND.remove(c.sk);
+        }
+        if claimant.is_some() {
+            bump(STAT_SOCK_UNTRACKED_CLOSE);
         }
         return Ok(());
     };
@@ -578,6 +588,86 @@ fn on_closed(c: &StateChange<'_>, s: &mut SockState) {
         CLOSE_FIN
     };
     emit(EV_CLOSE, c.sk, s, reason, now);
+}
+
+// Reconciliation. A state change can be missed without any counter of
+// ours knowing: the kernel skips a raw tracepoint program that fires while
+// the same program already runs on that CPU (a softirq interrupting it in
+// process context; counted only in the program's `recursion_misses`), and
+// a perf-event tracepoint program nested in any other. A tracked socket
+// whose CLOSE was missed would stay in `SOCKS`, and active, for good.
+
+/// Never attached: the agent runs it with `BPF_PROG_TEST_RUN` (raw
+/// tracepoint test runs exist since 5.10) every few seconds over every
+/// tracked socket, `RECONCILE_PAIRS` `(sk, start_ns)` pairs from its last
+/// snapshot of `SOCKS` per run (a zero `sk` ends the list). A tracked
+/// socket whose `struct sock` is no longer its connection — in TCP_CLOSE,
+/// or with other ports (the address handed to a new socket) — is gone;
+/// found so by `RECONCILE_STRIKES` runs in a row, it is closed as
+/// unobserved. TCP sockets are `SLAB_TYPESAFE_BY_RCU`: a freed one keeps
+/// its memory a socket's, which is read with `bpf_probe_read_kernel`
+/// anyway. Returns how many it closed.
+#[raw_tracepoint(tracepoint = "inet_sock_set_state")]
+pub fn reconcile_socks(ctx: RawTracePointContext) -> u32 {
+    let now = unsafe { bpf_ktime_get_ns() };
+    // Context offsets must be constants for the verifier: no loop.
+    reconcile_one(ctx.arg(0), ctx.arg(1), now)
+        + reconcile_one(ctx.arg(2), ctx.arg(3), now)
+        + reconcile_one(ctx.arg(4), ctx.arg(5), now)
+        + reconcile_one(ctx.arg(6), ctx.arg(7), now)
+        + reconcile_one(ctx.arg(8), ctx.arg(9), now)
+        + reconcile_one(ctx.arg(10), ctx.arg(11), now)
+}
+
+const _: () = assert!(RECONCILE_PAIRS == 6, "reconcile_socks reads six pairs");
+
+#[inline(always)]
+fn reconcile_one(sk: u64, start_ns: u64, now: u64) -> u32 {
+    if sk == 0 {
+        return 0;
+    }
+    let Some(p) = SOCKS.get_ptr_mut(sk) else {
+        return 0;
+    };
+    // SAFETY: `p` points into a live SOCKS value.
+    let s = unsafe { &mut *p };
+    // Another connection on the same address since the snapshot.
+    if s.start_ns != start_ns {
+        return 0;
+    }
+    if still_open(sk, s) {
+        s.strikes = 0;
+        return 0;
+    }
+    s.strikes += 1;
+    if s.strikes < RECONCILE_STRIKES {
+        return 0;
+    }
+    if s.flags & SOCK_ESTABLISHED != 0 {
+        emit(EV_CLOSE, sk, s, CLOSE_UNOBSERVED, now);
+        bump(STAT_RECONCILED);
+    } else {
+        // A connect whose outcome was missed: it was never counted open.
+        bump(STAT_RECONCILED_CONNECT);
+    }
+    let _ = SOCKS.remove(sk);
+    1
+}
+
+/// Whether the socket at `sk` is still the connection `s` tracks.
+#[inline(always)]
+fn still_open(sk: u64, s: &SockState) -> bool {
+    match sock_state(sk) {
+        Ok(state) if state as i32 != TCP_CLOSE => {}
+        _ => return false,
+    }
+    if s.flags & SOCK_ESTABLISHED == 0 || s.addr.family == 0 {
+        return true;
+    }
+    match sock_tuple(sk) {
+        Ok(t) => t.family == s.addr.family && t.lport == s.addr.lport && t.rport == s.addr.rport,
+        Err(_) => false,
+    }
 }
 
 /// `syscalls:sys_exit_accept4` and `syscalls:sys_exit_accept`: the returned

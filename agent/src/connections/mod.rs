@@ -5,6 +5,7 @@
 //! seeding connections that predate the agent.
 
 pub mod bytes;
+mod reconcile;
 pub mod seed;
 pub mod tracker;
 
@@ -19,9 +20,10 @@ use aya::{
     programs::RawTracePoint,
 };
 use pipelens_common::connections::{
-    CONN_MAP_ERRORS, ConnEvent, ConnTracepointOffsets, STAT_RING_LOST, SeedKey, SeedValue,
-    SockState,
+    CONN_MAP_ERRORS, ConnEvent, ConnTracepointOffsets, STAT_RECONCILED, STAT_RECONCILED_CONNECT,
+    STAT_RING_LOST, STAT_SOCK_UNTRACKED_CLOSE, SeedKey, SeedValue, SockState,
 };
+use reconcile::Reconciler;
 use tokio_util::sync::CancellationToken;
 pub use tracker::ConnectionTracker;
 use tracker::SockSnapshot;
@@ -144,6 +146,8 @@ pub struct ConnectionsCollector {
     pub byte_hook: bytes::ByteHookChoice,
     /// `raw_tracepoint` or `tracepoint`, see [`attach_state_hooks`].
     pub state_hook: &'static str,
+    /// `None` where raw tracepoint test runs are refused (see [`reconcile`]).
+    reconciler: Option<Reconciler>,
 }
 
 /// The state, reset and retransmit hooks as raw tracepoints: unlike a
@@ -187,13 +191,25 @@ impl ConnectionsCollector {
         objects::attach_tracepoints(&mut ebpf, optional)?;
         let state_hook = attach_state_hooks(&mut ebpf)?;
         let byte_hook = bytes::attach(&mut ebpf).map_err(ProbeError::NoHook)?;
-        objects::export_map_errors(&ebpf, "connections", "CONN_STATS", &CONN_MAP_ERRORS)?;
-        Ok(Self {
+        let reconciler = match Reconciler::load(&mut ebpf) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                log::warn!(
+                    "connections: {e}; a close the state hook misses leaves its connection active"
+                );
+                None
+            }
+        };
+        let collector = Self {
             ebpf,
             tracker: Arc::new(Mutex::new(ConnectionTracker::new())),
             byte_hook,
             state_hook,
-        })
+            reconciler,
+        };
+        // Every loss series exists, at zero, before anything can be lost.
+        collector.export_losses()?;
+        Ok(collector)
     }
 
     /// Seeds connections that `tgids` hold open right now. Called after the
@@ -249,7 +265,6 @@ impl ConnectionsCollector {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         // The kernel side batches wakeups; this bounds how stale a count gets.
         let mut drain_tick = tokio::time::interval(Duration::from_millis(100));
-        let mut lost_seen = 0u64;
         let mut seed_check = 0u32;
         loop {
             tokio::select! {
@@ -261,9 +276,10 @@ impl ConnectionsCollector {
                 _ = drain_tick.tick() => drain(ring.get_mut(), &self.tracker),
                 _ = tick.tick() => {
                     drain(ring.get_mut(), &self.tracker);
-                    self.poll(&mut lost_seen)?;
                     seed_check += 1;
-                    if seed_check.is_multiple_of(5) {
+                    let every_five = seed_check.is_multiple_of(5);
+                    self.poll(every_five)?;
+                    if every_five {
                         self.reconcile_seeds()?;
                     }
                 }
@@ -271,11 +287,12 @@ impl ConnectionsCollector {
             }
         }
         drain(ring.get_mut(), &self.tracker);
-        self.poll(&mut lost_seen)?;
+        self.poll(false)?;
+        drain(ring.get_mut(), &self.tracker);
         Ok(self)
     }
 
-    fn poll(&mut self, lost_seen: &mut u64) -> Result<(), ProbeError> {
+    fn poll(&mut self, reconcile: bool) -> Result<(), ProbeError> {
         let socks: HashMap<&MapData, u64, SockState> = HashMap::try_from(
             self.ebpf
                 .map("SOCKS")
@@ -286,15 +303,36 @@ impl ConnectionsCollector {
             .filter_map(Result::ok)
             .map(|(sk, state)| SockSnapshot { sk, state })
             .collect();
-        lock(&self.tracker).poll(&snapshot);
-
-        objects::export_map_errors(&self.ebpf, "connections", "CONN_STATS", &CONN_MAP_ERRORS)?;
-        let lost = objects::per_cpu_total(&self.ebpf, "CONN_STATS", STAT_RING_LOST)?;
-        if lost > *lost_seen {
-            metrics::counter!("pipelens_events_lost_total", "collector" => "connections")
-                .increment(lost - *lost_seen);
-            *lost_seen = lost;
+        if reconcile && let Some(r) = &self.reconciler {
+            let tracked: Vec<(u64, u64)> =
+                snapshot.iter().map(|s| (s.sk, s.state.start_ns)).collect();
+            match r.check(&tracked) {
+                Ok(0) => {}
+                Ok(n) => log::debug!("connections: {n} tracked socket(s) found closed unobserved"),
+                Err(e) => log::warn!("connections: {e}"),
+            }
         }
+        lock(&self.tracker).poll(&snapshot);
+        self.export_losses()
+    }
+
+    /// Exports the kernel's loss counters. They run from the object's load,
+    /// so they are set, not added; the first call, at start, exports every
+    /// series at 0.
+    fn export_losses(&self) -> Result<(), ProbeError> {
+        objects::export_map_errors(&self.ebpf, "connections", "CONN_STATS", &CONN_MAP_ERRORS)?;
+        let stat = |slot| objects::per_cpu_total(&self.ebpf, "CONN_STATS", slot);
+        metrics::counter!("pipelens_events_lost_total", "collector" => "connections")
+            .absolute(stat(STAT_RING_LOST)?);
+        metrics::counter!("pipelens_tcp_untracked_closes_total")
+            .absolute(stat(STAT_SOCK_UNTRACKED_CLOSE)?);
+        metrics::counter!("pipelens_tcp_connections_reconciled_total", "outcome" => "closed")
+            .absolute(stat(STAT_RECONCILED)?);
+        metrics::counter!(
+            "pipelens_tcp_connections_reconciled_total",
+            "outcome" => "connect_unresolved"
+        )
+        .absolute(stat(STAT_RECONCILED_CONNECT)?);
         Ok(())
     }
 
@@ -388,6 +426,15 @@ impl Attached for ConnectionsCollector {
                 hook: "bytes",
                 kind: self.byte_hook.hook.name(),
                 target: self.byte_hook.hook.target(),
+            },
+            Hook {
+                hook: "reconcile",
+                kind: if self.reconciler.is_some() {
+                    "test_run"
+                } else {
+                    "none"
+                },
+                target: "SOCKS",
             },
         ]
     }

@@ -128,6 +128,10 @@ impl Default for ConnectionTracker {
 
 impl ConnectionTracker {
     pub fn new() -> Self {
+        // Exported from the first scrape, so that a loss has a series to
+        // alert on before it happens.
+        metrics::counter!("pipelens_map_evictions_total", "map" => "connections_socks")
+            .increment(0);
         Self {
             label_cache: HashMap::new(),
             streams: Vec::new(),
@@ -323,20 +327,22 @@ impl ConnectionTracker {
         let reason = match ev.reason {
             CLOSE_RST_SENT => "reset_sent",
             CLOSE_RST_RECEIVED => "reset_received",
+            CLOSE_UNOBSERVED => "unobserved",
             _ => "fin",
         };
         self.closed_counter(labels, reason).increment(1);
-        let seeded = ev.flags & SOCK_SEEDED != 0;
+        // A seeded connection's start is unknown; an unobserved close's end.
+        let timed = ev.flags & SOCK_SEEDED == 0 && reason != "unobserved";
         let secs = ev.duration_ns as f64 / 1e9;
         let stream = &mut self.streams[labels];
         let series = &mut stream.series;
         if was_live {
             series.active.decrement(1.0);
         }
-        if !seeded {
+        if timed {
             series.duration.record(secs);
         }
-        if reason != "fin" {
+        if reason.starts_with("reset_") {
             let r = if reason == "reset_sent" {
                 "sent"
             } else {
@@ -362,7 +368,7 @@ impl ConnectionTracker {
             "reset_received" => row.resets_received += 1,
             _ => {}
         }
-        if !seeded {
+        if timed {
             row.durations.add(secs);
         }
     }
@@ -559,7 +565,8 @@ mod tests {
             tgid: 4242,
             flags: SOCK_ESTABLISHED,
             direction: DIR_INBOUND,
-            _pad: [0; 6],
+            strikes: 0,
+            _pad: [0; 4],
         }
     }
 

@@ -82,6 +82,9 @@ impl MemoryCollector {
             probes.attach_allocator(*pid, &found, true)?;
             alloc_targets.push(*pid);
         }
+        // Every loss series exists, at zero, before anything can be lost.
+        export_losses(&probes);
+        metrics::counter!("pipelens_map_evictions_total", "map" => "memory_processes").increment(0);
         Ok(Self {
             probes,
             alloc_targets,
@@ -229,12 +232,7 @@ impl State {
     }
 
     fn publish(&mut self, probes: &MemoryProbes) {
-        let counts = probes.counts();
-        metrics::counter!("pipelens_events_lost_total", "collector" => "memory")
-            .absolute(counts.lost);
-        metrics::counter!("pipelens_map_evictions_total", "map" => "memory_live")
-            .absolute(counts.live_full);
-        probes.export_map_errors();
+        export_losses(probes);
         let mut gone = Vec::new();
         for (tgid, r) in &self.growth {
             let p = r.profile(Vec::new());
@@ -272,6 +270,15 @@ fn summary_entry<'a>(
 
 /// The top sites of column `col`, as `pipelens_memory_{what}` series;
 /// returns them for the summary (`[{"site", "bytes"}]`, largest first).
+/// Exports the kernel's loss counters (set: they run from the load).
+fn export_losses(probes: &MemoryProbes) {
+    let counts = probes.counts();
+    metrics::counter!("pipelens_events_lost_total", "collector" => "memory").absolute(counts.lost);
+    metrics::counter!("pipelens_map_evictions_total", "map" => "memory_live")
+        .absolute(counts.live_full);
+    probes.export_map_errors();
+}
+
 fn publish_sites(
     published: &mut HashMap<(u32, &'static str), HashSet<String>>,
     tgid: u32,

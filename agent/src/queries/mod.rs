@@ -123,6 +123,8 @@ pub struct QueriesAnalyser {
 impl QueriesAnalyser {
     pub fn new() -> (Self, QueriesSummary) {
         let stats: QueriesSummary = Arc::default();
+        // The give-ups of every process together, from the first scrape.
+        metrics::counter!("pipelens_parser_give_ups_total", "collector" => "queries").increment(0);
         (
             Self {
                 conns: HashMap::new(),
@@ -457,6 +459,8 @@ impl Analyser for QueriesAnalyser {
         let seen = self.parse_errors_seen.entry(c.sk).or_default();
         if errors > *seen {
             metrics::counter!("pipelens_db_parse_errors_total", entry.identity.labels())
+                .increment(errors - *seen);
+            metrics::counter!("pipelens_parser_give_ups_total", "collector" => "queries")
                 .increment(errors - *seen);
             *seen = errors;
         }

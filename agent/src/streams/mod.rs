@@ -231,18 +231,20 @@ impl StreamsCollector {
         install_iov_walker(&mut ebpf)?;
         let hooks: Vec<_> = HOOKS.iter().map(|(p, c, n, _, _)| (*p, *c, *n)).collect();
         objects::attach_tracepoints(&mut ebpf, &hooks)?;
-        objects::export_map_errors(&ebpf, "streams", "STREAM_STATS", &STREAM_MAP_ERRORS)?;
-        Ok(Self {
+        let collector = Self {
             ebpf,
             records: StreamRecords::new(analysers),
-        })
+        };
+        // Every loss series exists, at zero, before anything can be lost.
+        collector.count_lost()?;
+        metrics::counter!("pipelens_streams_undecided_dropped_total").increment(0);
+        Ok(collector)
     }
 
     pub async fn run(mut self, shutdown: CancellationToken) -> Result<Self, ProbeError> {
         let mut ring = objects::take_ring(&mut self.ebpf, "STREAM_EVENTS")?;
         let mut drain_tick = tokio::time::interval(Duration::from_millis(50));
         let mut tick = tokio::time::interval(Duration::from_secs(1));
-        let mut lost_seen = [0u64; 2];
         loop {
             tokio::select! {
                 guard = ring.readable_mut() => {
@@ -254,7 +256,7 @@ impl StreamsCollector {
                 _ = tick.tick() => {
                     self.drain(ring.get_mut());
                     self.records.tick();
-                    self.count_lost(&mut lost_seen)?;
+                    self.count_lost()?;
                 }
                 () = shutdown.cancelled() => break,
             }
@@ -299,21 +301,15 @@ impl StreamsCollector {
     }
 
     /// Exports the kernel's loss counters: records the ring had no room
-    /// for, bytes of vectored calls left unwalked.
-    fn count_lost(&mut self, seen: &mut [u64; 2]) -> Result<(), ProbeError> {
+    /// for, bytes of vectored calls left unwalked. They run from the
+    /// object's load, so they are set, not added.
+    fn count_lost(&self) -> Result<(), ProbeError> {
         objects::export_map_errors(&self.ebpf, "streams", "STREAM_STATS", &STREAM_MAP_ERRORS)?;
-        let lost = objects::per_cpu_total(&self.ebpf, "STREAM_STATS", STREAM_STAT_RING_LOST)?;
-        if lost > seen[0] {
-            metrics::counter!("pipelens_events_lost_total", "collector" => "streams")
-                .increment(lost - seen[0]);
-            seen[0] = lost;
-        }
-        let unwalked = objects::per_cpu_total(&self.ebpf, "STREAM_STATS", STREAM_STAT_UNWALKED)?;
-        if unwalked > seen[1] {
-            metrics::counter!("pipelens_streams_unwalked_bytes_total")
-                .increment(unwalked - seen[1]);
-            seen[1] = unwalked;
-        }
+        let stat = |slot| objects::per_cpu_total(&self.ebpf, "STREAM_STATS", slot);
+        metrics::counter!("pipelens_events_lost_total", "collector" => "streams")
+            .absolute(stat(STREAM_STAT_RING_LOST)?);
+        metrics::counter!("pipelens_streams_unwalked_bytes_total")
+            .absolute(stat(STREAM_STAT_UNWALKED)?);
         Ok(())
     }
 }

@@ -77,6 +77,9 @@ pub struct WebAnalyser {
 impl WebAnalyser {
     pub fn new() -> (Self, WebSummary) {
         let stats: WebSummary = Arc::default();
+        // The give-ups of every process together, from the first scrape.
+        metrics::counter!("pipelens_parser_give_ups_total", "collector" => "websocket")
+            .increment(0);
         (
             Self {
                 conns: HashMap::new(),
@@ -198,6 +201,8 @@ impl WebAnalyser {
                 WebEvent::ParseError { error, .. } => {
                     s.parse_errors += 1;
                     m.parse_error(error.label()).increment(1);
+                    metrics::counter!("pipelens_parser_give_ups_total", "collector" => "websocket")
+                        .increment(1);
                 }
             }
         }

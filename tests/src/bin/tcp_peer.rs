@@ -9,6 +9,8 @@
 //! tcp-peer hold-client ADDR                          connect, then per stdin line "send N" / "close"
 //! tcp-peer fork-client ADDR N                        wait for a stdin line, fork, child connects N times
 //! tcp-peer churn PORT SECS THREADS                   benchmark: connect, 64 B each way, close, in a loop
+//! tcp-peer burst ADDR N [both|client|server] [linger0]  hold N pairs (or one end of each), on "go" close them all
+//! tcp-peer burst-fits N                              exit 0 if one process may hold 2N descriptors
 //! tcp-peer not-sockets DIR                           an HTTP exchange over a pipe, a file in DIR, then a Unix socket pair
 //! ```
 //! Every mode prints `ready` once set up and `done` with its own counts.
@@ -56,6 +58,31 @@ fn main() {
         "hold-client" => hold_client(arg(2).parse().expect("addr")),
         "fork-client" => fork_client(arg(2).parse().expect("addr"), num(3)),
         "churn" => churn(num(2) as u16, num(3), num(4)),
+        "burst" => burst(
+            arg(2).parse().expect("addr"),
+            num(3),
+            args.iter().any(|s| s == "linger0"),
+            match args.get(4).map(String::as_str) {
+                Some("client") => Ends::Client,
+                Some("server") => Ends::Server,
+                _ => Ends::Both,
+            },
+        ),
+        "burst-fits" => {
+            // Exit status 0 when one process may hold both ends of N pairs.
+            let n = num(2);
+            let want = 2 * n + 8;
+            let fits = fd_limit_allows(want) || {
+                let lim = libc::rlimit {
+                    rlim_cur: want,
+                    rlim_max: want,
+                };
+                // SAFETY: a valid in-pointer; a refusal only answers the question.
+                let rc = unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raw const lim) };
+                rc == 0
+            };
+            std::process::exit(i32::from(!fits));
+        }
         "not-sockets" => not_sockets(&arg(2)),
         _ => {
             eprintln!("usage: see the doc comment of tests/src/bin/tcp_peer.rs");
@@ -317,6 +344,102 @@ fn churn(port: u16, secs: u64, threads: u64) {
         .collect();
     let total: u64 = handles.into_iter().map(|h| h.join().expect("client")).sum();
     say(&format!("done {total}"));
+}
+
+/// Which ends of the burst's connections this process holds.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Ends {
+    Both,
+    Client,
+    Server,
+}
+
+/// One process holds both ends of `n` loopback connections (each end has
+/// carried one byte, so the accepted end is claimed by this process), then,
+/// on a `go` line, closes every one of them as fast as it can: the client
+/// ends first, then the accepted ends, or (`linger0`) the accepted ends
+/// first with SO_LINGER 0 (a RST each), then the clients. The close burst
+/// of issue 13. Where the descriptor limit cannot hold both ends (20,000
+/// without CAP_SYS_RESOURCE), two processes hold one end each (`server`,
+/// started first, and `client`) and close on the same `go`.
+fn burst(addr: SocketAddr, n: u64, linger0: bool, ends: Ends) {
+    let per_end = if ends == Ends::Both { 2 } else { 1 };
+    raise_fd_limit(per_end * n + 8);
+    let listener = (ends != Ends::Client).then(|| TcpListener::bind(addr).expect("bind"));
+    if ends == Ends::Server {
+        say("listening");
+    }
+    let mut clients = Vec::with_capacity(n as usize);
+    let mut servers = Vec::with_capacity(n as usize);
+    let mut byte = [0u8; 1];
+    for _ in 0..n {
+        if ends != Ends::Server {
+            let mut c = TcpStream::connect(addr).expect("connect");
+            c.write_all(b"c").expect("write");
+            clients.push(c);
+        }
+        if let Some(l) = &listener {
+            let (mut s, _) = l.accept().expect("accept");
+            s.read_exact(&mut byte).expect("read");
+            s.write_all(b"s").expect("write");
+            servers.push(s);
+        }
+        if let Some(c) = clients.last_mut() {
+            c.read_exact(&mut byte).expect("read");
+        }
+    }
+    drop(listener);
+    say("ready");
+    let mut line = String::new();
+    std::io::stdin().lock().read_line(&mut line).expect("stdin");
+    if linger0 {
+        for s in &servers {
+            set_linger0(s);
+        }
+        drop(servers);
+        drop(clients);
+    } else {
+        drop(clients);
+        drop(servers);
+    }
+    say(&format!("done {n}"));
+}
+
+/// Whether this process may hold `want` descriptors.
+fn fd_limit_allows(want: u64) -> bool {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: a valid out-pointer.
+    let rc = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut lim) };
+    rc == 0 && lim.rlim_max >= want
+}
+
+/// Lets this process hold `want` descriptors (root may raise the hard limit).
+fn raise_fd_limit(want: u64) {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: a valid out-pointer.
+    assert_eq!(
+        unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut lim) },
+        0
+    );
+    if lim.rlim_cur >= want {
+        return;
+    }
+    lim.rlim_cur = want;
+    lim.rlim_max = lim.rlim_max.max(want);
+    // SAFETY: a valid in-pointer.
+    let rc = unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raw const lim) };
+    assert_eq!(
+        rc,
+        0,
+        "RLIMIT_NOFILE to {want}: {}",
+        std::io::Error::last_os_error()
+    );
 }
 
 const HTTP_REQUEST: &[u8] = b"GET /not-a-socket HTTP/1.1\r\nHost: peer\r\n\r\n";
