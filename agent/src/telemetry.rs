@@ -111,6 +111,14 @@ fn describe() {
         "Statements without an outcome: discarded by the server after an earlier one failed, in flight when their connection closed, or dropped past the 65,536 requests one connection may have in flight (counted at close)"
     );
     describe_counter!(
+        "pipelens_streams_unwalked_bytes_total",
+        "Bytes of vectored socket calls whose iovecs the capture could not walk"
+    );
+    describe_counter!(
+        "pipelens_streams_undecided_dropped_total",
+        "Sockets whose capture was given up before any protocol analyser could classify them"
+    );
+    describe_counter!(
         "pipelens_exporter_connections_rejected_total",
         "Connections to /metrics and /healthz closed on accept: the 64 allowed were open"
     );
