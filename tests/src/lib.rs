@@ -120,16 +120,30 @@ fn least_privilege(dir: &TempDir) -> Command {
         }
         other => panic!("{CAPS_ENV}={other}: expected root or user"),
     }
+    with_least_caps(&mut cmd);
+    cmd
+}
+
+/// Adds to a `setpriv` command the four capabilities (and only them, in
+/// the bounding, inheritable and ambient sets), then the agent.
+fn with_least_caps(setpriv: &mut Command) {
     let caps = format!("-all,{LEAST_CAPS}");
-    cmd.args([
-        "--inh-caps",
-        &caps,
-        "--ambient-caps",
-        &caps,
-        "--bounding-set",
-        &caps,
-    ])
-    .arg(pipelens_bin());
+    setpriv
+        .args([
+            "--inh-caps",
+            &caps,
+            "--ambient-caps",
+            &caps,
+            "--bounding-set",
+            &caps,
+        ])
+        .arg(pipelens_bin());
+}
+
+/// `pipelens`, as root, under exactly the four capabilities.
+pub fn least_privileged_agent() -> Command {
+    let mut cmd = Command::new("setpriv");
+    with_least_caps(&mut cmd);
     cmd
 }
 

@@ -125,7 +125,6 @@ fn allocator_profiling_without_cap_sys_admin_is_refused() {
     if !probes_available("allocator_profiling_without_cap_sys_admin_is_refused") {
         return;
     }
-    let caps = format!("-all,{}", pipelens_tests::LEAST_CAPS);
     let me = std::process::id().to_string();
     for args in [
         &["run", "--pid", &me, "--memory-allocs", "--duration", "5"][..],
@@ -139,16 +138,7 @@ fn allocator_profiling_without_cap_sys_admin_is_refused() {
             "5",
         ][..],
     ] {
-        let out = Command::new("setpriv")
-            .args([
-                "--inh-caps",
-                &caps,
-                "--ambient-caps",
-                &caps,
-                "--bounding-set",
-                &caps,
-            ])
-            .arg(pipelens_bin())
+        let out = pipelens_tests::least_privileged_agent()
             .args(args)
             .output()
             .expect("setpriv");
