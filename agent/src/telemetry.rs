@@ -232,11 +232,11 @@ fn describe() {
         "Kernel map inserts that failed (map full or out of memory), by collector and map: an entry not tracked, a decision not remembered"
     );
     describe_counter!(
-        "pipelens_tcp_untracked_closes_total",
+        "pipelens_untracked_closes_total",
         "Established connections a target closed that were never tracked: their open was lost, so they are missing from every connection count"
     );
     describe_counter!(
-        "pipelens_tcp_connections_reconciled_total",
+        "pipelens_connections_reconciled_total",
         "Tracked connections the state hook never saw end, found gone by the reconciliation with the kernel (outcome closed: counted closed with reason unobserved; connect_unresolved: a connect whose outcome was missed)"
     );
     describe_counter!(

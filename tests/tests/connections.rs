@@ -613,12 +613,12 @@ fn close_burst(linger0: bool) {
         );
     }
     let reconciled = m.sum(
-        "pipelens_tcp_connections_reconciled_total",
+        "pipelens_connections_reconciled_total",
         &[("outcome", "closed")],
     );
     eprintln!(
         "{name}: reconciled {reconciled}, untracked closes {}, events lost {}, evictions {}",
-        m.sum("pipelens_tcp_untracked_closes_total", &[]),
+        m.sum("pipelens_untracked_closes_total", &[]),
         m.sum(
             "pipelens_events_lost_total",
             &[("collector", "connections")]
@@ -700,13 +700,13 @@ fn loss_series_exist_from_the_first_scrape() {
             "pipelens_kernel_map_errors_total",
             &[("collector", "targets")],
         ),
-        ("pipelens_tcp_untracked_closes_total", &[]),
+        ("pipelens_untracked_closes_total", &[]),
         (
-            "pipelens_tcp_connections_reconciled_total",
+            "pipelens_connections_reconciled_total",
             &[("outcome", "closed")],
         ),
         (
-            "pipelens_tcp_connections_reconciled_total",
+            "pipelens_connections_reconciled_total",
             &[("outcome", "connect_unresolved")],
         ),
         (

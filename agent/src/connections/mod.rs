@@ -324,12 +324,12 @@ impl ConnectionsCollector {
         let stat = |slot| objects::per_cpu_total(&self.ebpf, "CONN_STATS", slot);
         metrics::counter!("pipelens_events_lost_total", "collector" => "connections")
             .absolute(stat(STAT_RING_LOST)?);
-        metrics::counter!("pipelens_tcp_untracked_closes_total")
+        metrics::counter!("pipelens_untracked_closes_total")
             .absolute(stat(STAT_SOCK_UNTRACKED_CLOSE)?);
-        metrics::counter!("pipelens_tcp_connections_reconciled_total", "outcome" => "closed")
+        metrics::counter!("pipelens_connections_reconciled_total", "outcome" => "closed")
             .absolute(stat(STAT_RECONCILED)?);
         metrics::counter!(
-            "pipelens_tcp_connections_reconciled_total",
+            "pipelens_connections_reconciled_total",
             "outcome" => "connect_unresolved"
         )
         .absolute(stat(STAT_RECONCILED_CONNECT)?);
