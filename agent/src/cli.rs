@@ -107,6 +107,13 @@ pub struct RunArgs {
     /// quoted one can carry anything (`"user@example.com"`).
     #[arg(long)]
     pub mask_identifiers: bool,
+
+    /// The agent's resident memory is kept below this (bytes, or with KiB,
+    /// MiB, GiB): from 70 % of it no new state is taken on (processes
+    /// profiled, sockets followed), from 85 % profiles are let go. What is
+    /// shed is counted in pipelens_shed_total. At least 64 MiB.
+    #[arg(long, default_value = "128MiB", value_name = "SIZE", value_parser = parse_size)]
+    pub memory_limit: u64,
 }
 
 impl RunArgs {
@@ -126,6 +133,7 @@ impl RunArgs {
             memory_allocs: self.memory_allocs,
             summary_json: self.summary_json,
             mask_identifiers: self.mask_identifiers,
+            memory_limit: self.memory_limit,
         }
     }
 }
@@ -296,6 +304,43 @@ pub fn parse_secs(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(secs))
 }
 
+/// The smallest `--memory-limit`: the agent with every collector attached
+/// and idle holds about 30 MiB (BENCHMARKS.md), and the governor acts from
+/// 70 % of the limit.
+pub const MIN_MEMORY_LIMIT: u64 = 64 << 20;
+
+/// A size in bytes: a number, optionally followed by KiB, MiB or GiB (K, M,
+/// G and KB, MB, GB are read as the same powers of two).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (number, unit) = t.split_at(split);
+    let number: f64 = number
+        .parse()
+        .map_err(|_| format!("`{s}` is not a size (for example 128MiB)"))?;
+    let scale: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        other => return Err(format!("unknown unit `{other}` in `{s}`: use KiB, MiB or GiB")),
+    };
+    let bytes = number * scale as f64;
+    if !bytes.is_finite() || bytes > u64::MAX as f64 {
+        return Err(format!("`{s}` is too large"));
+    }
+    let bytes = bytes as u64;
+    if bytes < MIN_MEMORY_LIMIT {
+        return Err(format!(
+            "`{s}` is below the smallest limit, {} MiB",
+            MIN_MEMORY_LIMIT >> 20
+        ));
+    }
+    Ok(bytes)
+}
+
 #[cfg(test)]
 mod tests {
     use clap::CommandFactory;
@@ -305,6 +350,23 @@ mod tests {
     #[test]
     fn cli_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn sizes_parse_in_powers_of_two_and_refuse_what_is_not_one() {
+        assert_eq!(parse_size("128MiB"), Ok(128 << 20));
+        assert_eq!(parse_size("1G"), Ok(1 << 30));
+        assert_eq!(parse_size("1.5 GiB"), Ok(3 << 29));
+        assert_eq!(parse_size("100000000"), Ok(100_000_000));
+        assert_eq!(parse_size("65536KiB"), Ok(64 << 20));
+        assert!(parse_size("32MiB").unwrap_err().contains("smallest limit, 64 MiB"));
+        assert!(parse_size("12 parsecs").unwrap_err().contains("unknown unit"));
+        assert!(parse_size("MiB").unwrap_err().contains("not a size"));
+        let cli = Cli::try_parse_from(["pipelens", "run", "--all"]).unwrap();
+        let Command::Run(run) = cli.command else {
+            panic!("not run")
+        };
+        assert_eq!(run.memory_limit, 128 << 20, "the documented default");
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! the fuzz targets (`agent/fuzz`) drive the same parsers the collectors do.
 
 pub mod btf;
+pub mod budget;
 pub mod check;
 pub mod cli;
 pub mod collector;

@@ -36,6 +36,8 @@ pub struct Options {
     /// Quoted identifiers masked in query templates.
     pub mask_identifiers: bool,
     pub summary_json: Option<PathBuf>,
+    /// Resident bytes the agent keeps below by shedding (`crate::budget`).
+    pub memory_limit: u64,
 }
 
 impl Options {
@@ -154,6 +156,8 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         })
     };
 
+    let governor = tokio::spawn(crate::budget::govern(opts.memory_limit, shutdown.clone()));
+
     let mut running = Vec::new();
     for collector in collectors(&opts, &requested) {
         let kinds = collector.kinds();
@@ -187,6 +191,9 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         bail!("no collector could be attached: {:?}", health.snapshot());
     }
     log::info!("attached in {:.0?}", started.elapsed());
+    // Loading parsed the kernel's BTF (tens of MiB, freed since): hand the
+    // heap it left back to the kernel.
+    crate::budget::trim();
 
     wait_for_stop(opts.duration).await?;
     log::info!("stopping");
@@ -202,6 +209,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     }
     drop(session);
     let _ = upkeep.await;
+    let _ = governor.await;
     if let Ok(Err(e)) = server_task.await {
         log::warn!("http server: {e}");
     }
@@ -248,6 +256,7 @@ mod tests {
             duration: None,
             syscall_hooks: false,
             capture_bytes: 4096,
+            memory_limit: 128 << 20,
             memory_sample_bytes: 0,
             memory_allocs: false,
             mask_identifiers: false,

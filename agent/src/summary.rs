@@ -11,6 +11,9 @@ pub fn build(elapsed: Duration, health: &Health, sections: Vec<Section>) -> serd
         "version": env!("CARGO_PKG_VERSION"),
         "duration_seconds": elapsed.as_secs_f64(),
         "collectors": health.snapshot(),
+        "agent": {
+            "peak_resident_bytes": crate::budget::peak_resident_bytes(),
+        },
     });
     for (key, section) in sections {
         doc[key] = section;

@@ -215,6 +215,18 @@ impl Agent {
         self.process.pid()
     }
 
+    /// The agent's peak resident set so far (`VmHWM`), in bytes.
+    pub fn peak_resident_bytes(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .expect("the agent's status");
+        let kib: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmHWM");
+        kib * 1024
+    }
+
     pub fn metrics_text(&self) -> String {
         let (code, body) = http_get(self.port, "/metrics").expect("GET /metrics");
         assert_eq!(code, 200);

@@ -821,13 +821,8 @@ fn templates_past_the_cap_are_folded_and_counted() {
         ),
         1500.0
     );
-    let status = std::fs::read_to_string(format!("/proc/{}/status", agent.pid())).expect("status");
-    let peak_kib: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
-        .expect("VmHWM");
-    assert!(peak_kib < 128 * 1024, "agent peak RSS {peak_kib} KiB");
+    let peak = agent.peak_resident_bytes();
+    assert!(peak < 128 << 20, "agent peak RSS {} KiB", peak >> 10);
     agent.stop();
 }
 

@@ -12,6 +12,7 @@ use anyhow::{Context as _, bail};
 use super::{
     allocator,
     probes::{MemoryProbes, Record, SamplerSettings, parse},
+    modules::Modules,
     record::{Mode, Recorder},
     report, sampling,
 };
@@ -122,7 +123,15 @@ pub async fn run(args: Options) -> anyhow::Result<()> {
         ring_bytes: 64 << 20,
     };
     let mut probes = MemoryProbes::load(&session.loader, settings)?;
-    let mut recorder = Recorder::new(args.pid, comm.clone(), args.mode, mean, track_frees)?;
+    let mut shared = Modules::default();
+    let mut recorder = Recorder::new(
+        args.pid,
+        comm.clone(),
+        args.mode,
+        mean,
+        track_frees,
+        &mut shared,
+    )?;
     let mut notes = Vec::new();
     match &allocators {
         Some(found) => {
@@ -169,7 +178,7 @@ pub async fn run(args: Options) -> anyhow::Result<()> {
         tokio::select! {
             guard = ring.readable_mut() => {
                 let mut guard = guard?;
-                drain(guard.get_inner_mut(), &mut recorder);
+                drain(guard.get_inner_mut(), &mut recorder, &mut shared);
                 guard.clear_ready();
             }
             _ = tick.tick() => {
@@ -197,7 +206,7 @@ pub async fn run(args: Options) -> anyhow::Result<()> {
         }
     }
     // Whatever the kernel sent before the probes go.
-    drain(ring.get_mut(), &mut recorder);
+    drain(ring.get_mut(), &mut recorder, &mut shared);
     let counts = probes.counts();
     drop(ring);
     drop(probes);
@@ -263,10 +272,14 @@ pub async fn run(args: Options) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn drain(ring: &mut aya::maps::RingBuf<aya::maps::MapData>, recorder: &mut Recorder) {
+fn drain(
+    ring: &mut aya::maps::RingBuf<aya::maps::MapData>,
+    recorder: &mut Recorder,
+    shared: &mut Modules,
+) {
     while let Some(item) = ring.next() {
         match parse(&item) {
-            Some(Record::Sample(head, stack)) => recorder.sample(&head, stack),
+            Some(Record::Sample(head, stack)) => recorder.sample(&head, stack, shared),
             Some(Record::Note(note)) => recorder.note(&note),
             None => {}
         }

@@ -7,7 +7,9 @@
 //!   (`allocator::catalogue` the allocators' functions, `allocator::elf`
 //!   reading a module for them, `allocator::decode` the instructions that
 //!   reading follows).
-//! - `unwind`, `symbols`: sampled stack windows into named call stacks.
+//! - `unwind`, `symbols`: sampled stack windows into named call stacks;
+//!   `modules` what every profiled process shares of them (each mapped
+//!   file's unwind sections, the symboliser).
 //! - `sampling`, `record`: byte sampling and the weighed profile.
 //! - `profile`, `report`: the profile and its formats (`report::attribution`
 //!   picks each stack's allocation site; `report::text`, `report::flame`
@@ -19,6 +21,7 @@ pub mod allocator;
 pub mod collector;
 pub mod command;
 pub mod maps;
+pub mod modules;
 pub mod probes;
 pub mod profile;
 pub mod record;

@@ -14,6 +14,7 @@ use pipelens_common::memory::{
 
 use super::{
     maps::ProcessMaps,
+    modules::Modules,
     profile::{
         ALLOC_OBJECTS, ALLOC_SPACE, Frame, GROWTH_SPACE, INUSE_OBJECTS, INUSE_SPACE, MAPPED_SPACE,
         Profile, Stack, ValueType,
@@ -62,6 +63,16 @@ const MAPPED_B: usize = 1;
 /// most (far more than are ever in flight at once).
 const MAX_AWAITED: usize = 65_536;
 
+/// Distinct call stacks kept per process in full. Past it a new stack is
+/// kept by its innermost [`FOLDED_FRAMES`] frames, which hold its site:
+/// the profile's sites stay right, its deepest paths merge.
+const MAX_STACKS: usize = 4096;
+/// Frames a stack past the budget keeps.
+const FOLDED_FRAMES: usize = 8;
+/// Distinct stacks per process at most, folded ones included; a sample of
+/// a new stack past it is dropped and counted.
+const MAX_ALL_STACKS: usize = 2 * MAX_STACKS;
+
 struct StackEntry {
     unwound: Unwound,
     values: [f64; 4],
@@ -97,7 +108,9 @@ pub struct Recorder {
     maps: Option<ProcessMaps>,
     maps_read: Option<Instant>,
     stacks: Vec<StackEntry>,
-    index: HashMap<Unwound, usize>,
+    /// Stacks by the hash of their addresses (each stack is kept once, in
+    /// `stacks`).
+    index: HashMap<u64, Vec<u32>>,
     /// Sampled calls whose return is awaited, by sequence number.
     pending: HashMap<u64, Weighed>,
     live: HashMap<u64, Weighed>,
@@ -109,6 +122,10 @@ pub struct Recorder {
     pub samples: u64,
     pub truncated: u64,
     pub non_anonymous_faults: u64,
+    /// New stacks kept by their innermost frames only (stack budget).
+    pub folded: u64,
+    /// Samples dropped: their stack was new and the budget spent.
+    pub dropped: u64,
 }
 
 impl Recorder {
@@ -118,6 +135,7 @@ impl Recorder {
         mode: Mode,
         mean: u64,
         track_frees: bool,
+        shared: &mut Modules,
     ) -> anyhow::Result<Self> {
         Ok(Self {
             pid,
@@ -130,7 +148,7 @@ impl Recorder {
                 .duration_since(UNIX_EPOCH)
                 .map(|d| d.as_nanos() as i64)
                 .unwrap_or(0),
-            unwinder: ProcessUnwinder::new(pid)?,
+            unwinder: ProcessUnwinder::new(pid, shared)?,
             maps: ProcessMaps::read(pid).ok(),
             maps_read: Some(Instant::now()),
             stacks: Vec::new(),
@@ -143,32 +161,77 @@ impl Recorder {
             samples: 0,
             truncated: 0,
             non_anonymous_faults: 0,
+            folded: 0,
+            dropped: 0,
         })
     }
 
-    fn stack_of(&mut self, s: &MemSampleHeader, stack: &[u8]) -> usize {
+    fn find(&self, unwound: &Unwound) -> Option<usize> {
+        self.index
+            .get(&hash_of(unwound))?
+            .iter()
+            .map(|i| *i as usize)
+            .find(|i| self.stacks[*i].unwound == *unwound)
+    }
+
+    /// Lets go of what only this process held in `shared`.
+    pub fn release(self, shared: &mut Modules) {
+        let paths: Vec<_> = self.unwinder.paths().collect();
+        drop(self);
+        shared.release(paths);
+    }
+
+    /// The stack of a sample, by index; `None` when the stack budget is
+    /// spent and the stack is new (the sample is counted as dropped).
+    fn stack_of(
+        &mut self,
+        s: &MemSampleHeader,
+        stack: &[u8],
+        shared: &mut Modules,
+    ) -> Option<usize> {
         let len = (s.stack_len as usize).min(stack.len());
-        let unwound = self.unwinder.unwind(s.ip, s.sp, s.bp, &stack[..len]);
+        let mut unwound = self.unwinder.unwind(s.ip, s.sp, s.bp, &stack[..len], shared);
         if unwound.truncated {
             self.truncated += 1;
         }
-        if let Some(i) = self.index.get(&unwound) {
-            return *i;
+        if let Some(i) = self.find(&unwound) {
+            return Some(i);
+        }
+        let frugal = self.stacks.len() >= MAX_STACKS
+            || crate::budget::pressure() == crate::budget::Pressure::Critical;
+        if frugal && unwound.addresses.len() > FOLDED_FRAMES {
+            unwound.addresses.truncate(FOLDED_FRAMES);
+            unwound.truncated = true;
+            if let Some(i) = self.find(&unwound) {
+                self.folded += 1;
+                return Some(i);
+            }
+            if self.stacks.len() < MAX_ALL_STACKS {
+                self.folded += 1;
+            }
+        }
+        if self.stacks.len() >= MAX_ALL_STACKS {
+            self.dropped += 1;
+            return None;
         }
         // Name the new addresses now, while the process (and its
         // `/proc/<pid>/root`) is still there.
         let unwinder = &self.unwinder;
-        self.symbols
-            .resolve(unwound.addresses.iter().copied(), |a| {
-                unwinder.module_of(a).cloned()
-            });
+        self.symbols.resolve(
+            &shared.symbolizer,
+            unwound.addresses.iter().copied(),
+            |a| unwinder.module_of(a).cloned(),
+        );
         let i = self.stacks.len();
-        self.index.insert(unwound.clone(), i);
+        self.index
+            .entry(hash_of(&unwound))
+            .or_default()
+            .push(i as u32);
         self.stacks.push(StackEntry {
             unwound,
             values: [0.0; 4],
         });
-        i
+        Some(i)
     }
 
     /// Whether `addr` is anonymous memory, reading the maps again when the
@@ -193,11 +256,13 @@ impl Recorder {
         }
     }
 
-    pub fn sample(&mut self, s: &MemSampleHeader, stack: &[u8]) {
+    pub fn sample(&mut self, s: &MemSampleHeader, stack: &[u8], shared: &mut Modules) {
         self.samples += 1;
         match s.kind {
             SAMPLE_ALLOC if self.mode == Mode::Allocs => {
-                let stack = self.stack_of(s, stack);
+                let Some(stack) = self.stack_of(s, stack, shared) else {
+                    return;
+                };
                 let (bytes, count) = sampling::weight(s.size, self.mean);
                 let v = &mut self.stacks[stack].values;
                 v[ALLOC_B] += bytes;
@@ -224,11 +289,15 @@ impl Recorder {
                     self.non_anonymous_faults += 1;
                     return;
                 }
-                let stack = self.stack_of(s, stack);
+                let Some(stack) = self.stack_of(s, stack, shared) else {
+                    return;
+                };
                 self.stacks[stack].values[GROWTH_B] += sampling::weight(s.size, self.mean).0;
             }
             SAMPLE_MAP if self.mode == Mode::Growth => {
-                let stack = self.stack_of(s, stack);
+                let Some(stack) = self.stack_of(s, stack, shared) else {
+                    return;
+                };
                 let (bytes, _) = sampling::weight(s.size, self.mean);
                 self.stacks[stack].values[MAPPED_B] += bytes;
                 self.regions.push(Region {
@@ -357,4 +426,9 @@ impl Recorder {
             notes,
         }
     }
+}
+
+fn hash_of(unwound: &Unwound) -> u64 {
+    use std::hash::{BuildHasher as _, BuildHasherDefault};
+    BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default().hash_one(unwound)
 }

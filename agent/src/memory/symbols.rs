@@ -2,7 +2,9 @@
 //! and DWARF (lines, inlined calls) and demangles Rust and C++. Addresses
 //! are looked up as stated in the file, through the module table taken
 //! while the process ran, so that a process which exits mid-profile is
-//! still named; a stripped module yields `module+0xoffset`.
+//! still named; a stripped module yields `module+0xoffset`. The
+//! symboliser itself is shared by every process (`modules::Modules`):
+//! each file is parsed once, whichever process it was reached through.
 
 use std::{collections::HashMap, sync::Arc};
 
@@ -13,19 +15,11 @@ use blazesym::symbolize::{
 
 use super::{profile::Frame, unwind::ModuleInfo};
 
-/// Looked-up addresses, cached for the life of the profile.
+/// Looked-up addresses of one process, cached for the life of its
+/// profile.
+#[derive(Default)]
 pub struct Symbols {
-    symbolizer: Symbolizer,
     cache: HashMap<u64, Arc<[Frame]>>,
-}
-
-impl Default for Symbols {
-    fn default() -> Self {
-        Self {
-            symbolizer: Symbolizer::new(),
-            cache: HashMap::new(),
-        }
-    }
 }
 
 impl Symbols {
@@ -33,6 +27,7 @@ impl Symbols {
     /// inlined) of each address, looked up in batches per module.
     pub fn resolve(
         &mut self,
+        symbolizer: &Symbolizer,
         addresses: impl IntoIterator<Item = u64>,
         module_of: impl Fn(u64) -> Option<ModuleInfo>,
     ) {
@@ -57,8 +52,7 @@ impl Symbols {
             addrs.dedup();
             let svmas: Vec<u64> = addrs.iter().map(|a| module.svma(*a)).collect();
             let src = Source::Elf(Elf::new(&module.path));
-            let results = self
-                .symbolizer
+            let results = symbolizer
                 .symbolize(&src, Input::VirtOffset(&svmas))
                 .unwrap_or_default();
             // DWARF names functions by their short name (`alloc_block`);
@@ -67,8 +61,7 @@ impl Symbols {
             // what a site must be called to be told apart.
             let mut plain = Elf::new(&module.path);
             plain.debug_syms = false;
-            let qualified = self
-                .symbolizer
+            let qualified = symbolizer
                 .symbolize(&Source::Elf(plain), Input::VirtOffset(&svmas))
                 .unwrap_or_default();
             for (i, addr) in addrs.iter().enumerate() {

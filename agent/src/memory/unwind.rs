@@ -13,12 +13,14 @@ use std::{
 };
 
 use framehop::{
-    ExplicitModuleSectionInfo, FrameAddress, Module, Unwinder as _,
+    FrameAddress, Unwinder as _,
     x86_64::{CacheX86_64, UnwindRegsX86_64, UnwinderX86_64},
 };
-use object::{Object as _, ObjectSection as _, ObjectSegment as _};
 
-use super::maps::{self, ProcessMaps};
+use super::{
+    maps::{self, ProcessMaps},
+    modules::{Modules, SectionBytes, SharedFile},
+};
 
 /// Frames kept per stack at most.
 pub const MAX_FRAMES: usize = 128;
@@ -35,6 +37,8 @@ pub struct ModuleInfo {
     pub avma: Range<u64>,
     /// Load bias: actual address minus the address stated in the file.
     pub bias: u64,
+    /// The file's unwind sections, shared with every process mapping it.
+    pub file: Arc<SharedFile>,
 }
 
 impl ModuleInfo {
@@ -56,14 +60,14 @@ pub struct Unwound {
 /// The modules of one process and framehop's state for them.
 pub struct ProcessUnwinder {
     pid: u32,
-    unwinder: UnwinderX86_64<Vec<u8>>,
+    unwinder: UnwinderX86_64<SectionBytes>,
     cache: CacheX86_64,
     modules: Vec<ModuleInfo>,
     last_refresh: Option<Instant>,
 }
 
 impl ProcessUnwinder {
-    pub fn new(pid: u32) -> Result<Self, maps::MapsError> {
+    pub fn new(pid: u32, shared: &mut Modules) -> Result<Self, maps::MapsError> {
         let mut unwinder = Self {
             pid,
             unwinder: UnwinderX86_64::new(),
@@ -72,7 +76,7 @@ impl ProcessUnwinder {
             last_refresh: None,
         };
         let process_maps = ProcessMaps::read(pid)?;
-        unwinder.add_modules(&process_maps);
+        unwinder.add_modules(&process_maps, shared);
         Ok(unwinder)
     }
 
@@ -82,7 +86,7 @@ impl ProcessUnwinder {
 
     /// Reads the maps again for modules loaded since (at most every
     /// 100 ms; a process that has exited keeps what was known).
-    pub fn refresh(&mut self) {
+    pub fn refresh(&mut self, shared: &mut Modules) {
         if self
             .last_refresh
             .is_some_and(|t| t.elapsed() < Duration::from_millis(100))
@@ -91,11 +95,17 @@ impl ProcessUnwinder {
         }
         self.last_refresh = Some(Instant::now());
         if let Ok(m) = ProcessMaps::read(self.pid) {
-            self.add_modules(&m);
+            self.add_modules(&m, shared);
         }
     }
 
-    fn add_modules(&mut self, process_maps: &ProcessMaps) {
+    /// The host paths of the files this process's modules were read from
+    /// (what the symboliser knows them by).
+    pub fn paths(&self) -> impl Iterator<Item = PathBuf> + '_ {
+        self.modules.iter().map(|m| m.path.clone())
+    }
+
+    fn add_modules(&mut self, process_maps: &ProcessMaps, shared: &mut Modules) {
         // Per file: the range of all its mappings, and where its executable
         // mapping starts with which file offset.
         type Extent = (Range<u64>, Option<(u64, u64)>);
@@ -126,10 +136,23 @@ impl ProcessUnwinder {
                 continue;
             }
             let host = maps::host_path(self.pid, path);
-            match load_module(&host, path, avma.clone(), exec_start, exec_offset) {
-                Ok((info, module)) => {
-                    self.unwinder.add_module(module);
-                    self.modules.push(info);
+            let loaded = shared.file(&host).and_then(|file| {
+                let bias = file.bias(exec_start, exec_offset)?;
+                Ok((file, bias))
+            });
+            match loaded {
+                Ok((file, bias)) => {
+                    let name: Arc<str> = path.rsplit('/').next().unwrap_or(path).into();
+                    self.unwinder
+                        .add_module(file.module(&name, avma.clone(), bias));
+                    self.modules.push(ModuleInfo {
+                        name,
+                        source: path.to_owned(),
+                        path: host,
+                        avma,
+                        bias,
+                        file,
+                    });
                 }
                 Err(e) => log::debug!("memory: no unwind data for {path}: {e}"),
             }
@@ -138,9 +161,16 @@ impl ProcessUnwinder {
 
     /// Walks the stack from the sampled registers. `stack` holds the bytes
     /// from `sp` up.
-    pub fn unwind(&mut self, ip: u64, sp: u64, bp: u64, stack: &[u8]) -> Unwound {
+    pub fn unwind(
+        &mut self,
+        ip: u64,
+        sp: u64,
+        bp: u64,
+        stack: &[u8],
+        shared: &mut Modules,
+    ) -> Unwound {
         if self.module_of(ip).is_none() {
-            self.refresh();
+            self.refresh(shared);
         }
         let mut read_stack = |addr: u64| -> Result<u64, ()> {
             let off = addr.checked_sub(sp).ok_or(())? as usize;
@@ -177,73 +207,4 @@ impl ProcessUnwinder {
             truncated,
         }
     }
-}
-
-/// Reads the unwind sections of `host` (an ELF file mapped at `avma`, its
-/// executable mapping at `exec_start` from file offset `exec_offset`).
-fn load_module(
-    host: &std::path::Path,
-    path: &str,
-    avma: Range<u64>,
-    exec_start: u64,
-    exec_offset: u64,
-) -> anyhow::Result<(ModuleInfo, Module<Vec<u8>>)> {
-    // Mapped, not read: only the unwind sections and `.text` are copied
-    // out, and a binary with debug information can be hundreds of MiB.
-    let mapped = std::fs::File::open(host)?;
-    // SAFETY: read-only private mapping of a file the process has mapped
-    // too; it is not expected to shrink while we copy from it.
-    let data = unsafe { memmap2::Mmap::map(&mapped) }?;
-    let file = object::File::parse(&*data)?;
-    // The executable segment holding the mapping gives the load bias. A
-    // segment's file offset need not be page aligned (lld), while the
-    // mapping's is: compare with the segment's first page.
-    let segment = file
-        .segments()
-        .find(|s| {
-            let (off, size) = s.file_range();
-            let executable = matches!(s.flags(), object::SegmentFlags::Elf { p_flags, .. } if p_flags.contains(object::elf::PF_X));
-            executable && off & !0xfff <= exec_offset && exec_offset < off + size
-        })
-        .ok_or_else(|| anyhow::anyhow!("no executable segment holds file offset {exec_offset:#x}"))?;
-    let (seg_off, _) = segment.file_range();
-    let stated = (segment.address().wrapping_sub(seg_off)).wrapping_add(exec_offset);
-    let bias = exec_start.wrapping_sub(stated);
-    let section = |name: &str| {
-        file.section_by_name(name).and_then(|s| {
-            let data = s.uncompressed_data().ok()?.into_owned();
-            Some((s.address()..s.address() + s.size(), data))
-        })
-    };
-    let text = section(".text");
-    let eh_frame = section(".eh_frame");
-    let eh_frame_hdr = section(".eh_frame_hdr");
-    let got = file
-        .section_by_name(".got")
-        .map(|s| s.address()..s.address() + s.size());
-    let debug_frame = section(".debug_frame").map(|(_, d)| d);
-    let name: Arc<str> = path.rsplit('/').next().unwrap_or(path).into();
-    let info = ExplicitModuleSectionInfo {
-        base_svma: 0,
-        text_svma: text.as_ref().map(|(r, _)| r.clone()),
-        text: text.map(|(_, d)| d),
-        got_svma: got,
-        eh_frame_svma: eh_frame.as_ref().map(|(r, _)| r.clone()),
-        eh_frame: eh_frame.map(|(_, d)| d),
-        eh_frame_hdr_svma: eh_frame_hdr.as_ref().map(|(r, _)| r.clone()),
-        eh_frame_hdr: eh_frame_hdr.map(|(_, d)| d),
-        debug_frame,
-        ..Default::default()
-    };
-    let module = Module::new(name.to_string(), avma.clone(), bias, info);
-    Ok((
-        ModuleInfo {
-            name,
-            source: path.to_owned(),
-            path: host.to_owned(),
-            avma,
-            bias,
-        },
-        module,
-    ))
 }

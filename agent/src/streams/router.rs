@@ -232,6 +232,12 @@ impl Router {
             None => chunk,
         };
         let Some(mut opening) = self.openings.remove(&chunk.sk) else {
+            if crate::budget::pressure() >= crate::budget::Pressure::High {
+                // No new stream under memory pressure: its capture stops.
+                self.decided.push((chunk.sk, CAPTURE_OFF));
+                crate::budget::shed("streams", "stream", 1);
+                return;
+            }
             // A socket's first chunk: offered alone (most are claimed at
             // once), kept only while no analyser can tell yet.
             match self.offer(chunk) {
