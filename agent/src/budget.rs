@@ -57,8 +57,7 @@ const SHED: [(&str, &str); 4] = [
 /// Counts `n` of `what` shed by `collector` (one of [`SHED`]).
 pub fn shed(collector: &'static str, what: &'static str, n: u64) {
     debug_assert!(SHED.contains(&(collector, what)));
-    metrics::counter!("pipelens_shed_total", "collector" => collector, "what" => what)
-        .increment(n);
+    metrics::counter!("pipelens_shed_total", "collector" => collector, "what" => what).increment(n);
 }
 
 /// The agent's resident set now, in bytes.
@@ -98,6 +97,7 @@ pub fn next_level(now: Pressure, resident: u64, limit: u64) -> Pressure {
 /// Watches the resident set against `limit` until `shutdown`.
 pub async fn govern(limit: u64, shutdown: CancellationToken) {
     metrics::gauge!("pipelens_agent_memory_limit_bytes").set(limit as f64);
+    metrics::gauge!("pipelens_agent_memory_pressure").set(0.0);
     for (collector, what) in SHED {
         shed(collector, what, 0);
     }

@@ -325,7 +325,11 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         "k" | "kb" | "kib" => 1 << 10,
         "m" | "mb" | "mib" => 1 << 20,
         "g" | "gb" | "gib" => 1 << 30,
-        other => return Err(format!("unknown unit `{other}` in `{s}`: use KiB, MiB or GiB")),
+        other => {
+            return Err(format!(
+                "unknown unit `{other}` in `{s}`: use KiB, MiB or GiB"
+            ));
+        }
     };
     let bytes = number * scale as f64;
     if !bytes.is_finite() || bytes > u64::MAX as f64 {
@@ -359,8 +363,16 @@ mod tests {
         assert_eq!(parse_size("1.5 GiB"), Ok(3 << 29));
         assert_eq!(parse_size("100000000"), Ok(100_000_000));
         assert_eq!(parse_size("65536KiB"), Ok(64 << 20));
-        assert!(parse_size("32MiB").unwrap_err().contains("smallest limit, 64 MiB"));
-        assert!(parse_size("12 parsecs").unwrap_err().contains("unknown unit"));
+        assert!(
+            parse_size("32MiB")
+                .unwrap_err()
+                .contains("smallest limit, 64 MiB")
+        );
+        assert!(
+            parse_size("12 parsecs")
+                .unwrap_err()
+                .contains("unknown unit")
+        );
         assert!(parse_size("MiB").unwrap_err().contains("not a size"));
         let cli = Cli::try_parse_from(["pipelens", "run", "--all"]).unwrap();
         let Command::Run(run) = cli.command else {

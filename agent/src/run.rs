@@ -156,8 +156,6 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         })
     };
 
-    let governor = tokio::spawn(crate::budget::govern(opts.memory_limit, shutdown.clone()));
-
     let mut running = Vec::new();
     for collector in collectors(&opts, &requested) {
         let kinds = collector.kinds();
@@ -194,6 +192,8 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     // Loading parsed the kernel's BTF (tens of MiB, freed since): hand the
     // heap it left back to the kernel.
     crate::budget::trim();
+    // Governed from here: the peak of loading is over.
+    let governor = tokio::spawn(crate::budget::govern(opts.memory_limit, shutdown.clone()));
 
     wait_for_stop(opts.duration).await?;
     log::info!("stopping");

@@ -247,6 +247,36 @@ fn describe() {
         "pipelens_map_evictions_total",
         "Entries a kernel map lost to LRU eviction before they completed"
     );
+    describe_gauge!(
+        "pipelens_agent_resident_bytes",
+        Unit::Bytes,
+        "The agent's resident set (VmRSS), read four times a second"
+    );
+    describe_gauge!(
+        "pipelens_agent_memory_limit_bytes",
+        Unit::Bytes,
+        "--memory-limit: the resident set the agent keeps below by shedding"
+    );
+    describe_gauge!(
+        "pipelens_agent_memory_pressure",
+        "0 normal; 1 high (from 70 % of the limit: no new state taken on); 2 critical (from 85 %: profiles let go)"
+    );
+    describe_counter!(
+        "pipelens_shed_total",
+        "What a collector gave up to stay under --memory-limit or its own budget: memory processes not profiled or let go, stacks folded to their innermost frames, samples of stacks past the budget; streams not followed"
+    );
+    describe_gauge!(
+        "pipelens_profiler_processes",
+        "Processes whose growth the memory collector profiles now (at most 64)"
+    );
+    describe_gauge!(
+        "pipelens_profiler_shared_files",
+        "Mapped files whose unwind sections are loaded, each once however many profiled processes map it"
+    );
+    describe_counter!(
+        "pipelens_profiler_samples_dropped_total",
+        "Growth samples in no profile: the process exited before its first sample was read (exited), 64 processes were profiled already (process_cap), or memory pressure (pressure)"
+    );
 }
 
 /// Distinct `process` values a collector reports; the rest are [`OTHER`].

@@ -628,6 +628,13 @@ fn close_burst(linger0: bool) {
     // Every close the state hook missed is one the reconciliation found,
     // and is counted as such.
     assert_eq!(unobserved(&i) + unobserved(&o), reconciled, "{}", m.dump());
+    // 20,000 sockets open at once stay within the README's memory bound.
+    let peak = agent.peak_resident_bytes();
+    eprintln!(
+        "{name}: agent peak RSS {:.1} MiB",
+        peak as f64 / (1 << 20) as f64
+    );
+    assert!(peak < 128 << 20, "agent peak RSS {} KiB", peak >> 10);
     if linger0 {
         // Every accepted end was reset by its owner, and the reset seen.
         assert_eq!(

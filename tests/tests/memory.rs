@@ -634,14 +634,27 @@ fn a_forking_server_keeps_the_agent_within_its_memory_bound() {
     // -C: a new connection, so a new backend, for every transaction.
     let connections = if pipelens_tests::emulated() { 150 } else { 800 };
     let per_client = (connections / 4).to_string();
-    let out = pg.pgbench(false, &["-C", "-S", "-c", "4", "-j", "2", "-t", &per_client]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let profiled = |m: &pipelens_tests::Metrics| m.sum("pipelens_memory_profiled_processes", &[]);
+    let out = pg.pgbench(
+        false,
+        &["-C", "-S", "-c", "4", "-j", "2", "-t", &per_client],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let profiled = |m: &pipelens_tests::Metrics| m.sum("pipelens_profiler_processes", &[]);
     let m = agent.wait_for(
-        "the backends' profiles let go",
+        "the backends' profiles let go, postgres growth published",
         Duration::from_secs(30),
         // The postmaster and its few background processes stay.
-        |m| profiled(m) <= 12.0,
+        |m| {
+            profiled(m) <= 12.0
+                && m.sum(
+                    "pipelens_memory_growth_bytes_total",
+                    &[("process", "postgres")],
+                ) > 0.0
+        },
     );
     let peak = agent.peak_resident_bytes();
     eprintln!(
@@ -660,23 +673,110 @@ fn a_forking_server_keeps_the_agent_within_its_memory_bound() {
         "within the bound by sharing, not by shedding:\n{}",
         m.dump()
     );
-    let grown = m.sum("pipelens_memory_growth_bytes_total", &[("process", "postgres")]);
+    let grown = m.sum(
+        "pipelens_memory_growth_bytes_total",
+        &[("process", "postgres")],
+    );
     assert!(grown > 0.0, "postgres growth published:\n{}", m.dump());
     let summary = agent.stop();
     let backends = summary["memory"]
         .as_array()
         .expect("memory summary")
         .iter()
-        .filter(|p| p["process"] == "postgres" && p["growth"].as_array().is_some_and(|g| !g.is_empty()))
+        .filter(|p| {
+            p["process"] == "postgres" && p["growth"].as_array().is_some_and(|g| !g.is_empty())
+        })
         .count();
     assert!(
         backends > connections / 4,
         "{backends} of {connections} backends profiled (each must be, while it lives)"
     );
     // The kernel's RSS counters are per-CPU and summed approximately.
-    let reported = summary["agent"]["peak_resident_bytes"].as_u64().unwrap_or(0);
+    let reported = summary["agent"]["peak_resident_bytes"]
+        .as_u64()
+        .unwrap_or(0);
     assert!(
         reported + (1 << 20) >= peak,
         "summary: {reported}, VmHWM {peak}"
     );
+}
+
+/// `--memory-limit` is kept by shedding, never by growing: the same fork
+/// storm under the smallest limit (64 MiB, where the storm would take the
+/// agent to about 70 MiB). The agent's peak RSS stays below the limit, what
+/// it shed is counted, and it still publishes postgres growth.
+#[test]
+fn the_memory_limit_is_kept_by_shedding() {
+    if !probes_available("the_memory_limit_is_kept_by_shedding") {
+        return;
+    }
+    let pg = pipelens_tests::pg::TestPostgres::start();
+    pg.pgbench(false, &["-i", "-s", "1", "-q"]);
+    let agent = pipelens_tests::Agent::start(&[
+        "--comm",
+        "postgres",
+        "--collectors",
+        "memory",
+        "--memory-limit",
+        "64MiB",
+    ]);
+    let m = agent.metrics();
+    assert_eq!(
+        m.sum("pipelens_agent_memory_limit_bytes", &[]),
+        (64 << 20) as f64
+    );
+    assert_eq!(
+        m.sum("pipelens_shed_total", &[]),
+        0.0,
+        "nothing shed at rest"
+    );
+    assert_eq!(
+        m.sum("pipelens_agent_memory_pressure", &[]),
+        0.0,
+        "no pressure at rest: {:.1} MiB",
+        m.sum("pipelens_agent_resident_bytes", &[]) / MIB
+    );
+    let connections = if pipelens_tests::emulated() { 150 } else { 800 };
+    let per_client = (connections / 4).to_string();
+    let out = pg.pgbench(
+        false,
+        &["-C", "-S", "-c", "4", "-j", "2", "-t", &per_client],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let m = agent.wait_for(
+        "profiles shed under pressure",
+        Duration::from_secs(30),
+        |m| {
+            m.sum("pipelens_shed_total", &[("collector", "memory")]) > 0.0
+                && m.sum(
+                    "pipelens_memory_growth_bytes_total",
+                    &[("process", "postgres")],
+                ) > 0.0
+        },
+    );
+    let peak = agent.peak_resident_bytes();
+    eprintln!(
+        "agent peak RSS {:.1} MiB under a 64 MiB limit; shed {}",
+        peak as f64 / MIB,
+        m.sum("pipelens_shed_total", &[])
+    );
+    assert!(
+        peak < 64 << 20,
+        "agent peak RSS {:.1} MiB over a 64 MiB limit:\n{}",
+        peak as f64 / MIB,
+        m.dump()
+    );
+    assert!(
+        m.sum(
+            "pipelens_profiler_samples_dropped_total",
+            &[("reason", "pressure")]
+        ) > 0.0,
+        "{}",
+        m.dump()
+    );
+    agent.stop();
 }

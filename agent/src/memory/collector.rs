@@ -113,7 +113,7 @@ impl MemoryCollector {
         export_losses(&probes);
         metrics::counter!("pipelens_map_evictions_total", "map" => "memory_processes").increment(0);
         for reason in DROP_REASONS {
-            metrics::counter!("pipelens_memory_samples_dropped_total", "reason" => reason)
+            metrics::counter!("pipelens_profiler_samples_dropped_total", "reason" => reason)
                 .increment(0);
         }
         Ok(Self {
@@ -361,8 +361,8 @@ impl State {
     }
 
     fn export_profiled(&self) {
-        metrics::gauge!("pipelens_memory_profiled_processes").set(self.growth.len() as f64);
-        metrics::gauge!("pipelens_memory_shared_files").set(self.shared.files_held() as f64);
+        metrics::gauge!("pipelens_profiler_processes").set(self.growth.len() as f64);
+        metrics::gauge!("pipelens_profiler_shared_files").set(self.shared.files_held() as f64);
     }
 
     /// Under critical pressure, lets go of the half of the growth profiles
@@ -411,7 +411,12 @@ impl State {
         for (tgid, r) in &self.growth {
             let p = r.profile(Vec::new());
             let by_site = sites(&p, 0);
-            add_sites(&mut totals, identity_of(&self.who, *tgid), "growth", &by_site);
+            add_sites(
+                &mut totals,
+                identity_of(&self.who, *tgid),
+                "growth",
+                &by_site,
+            );
             summary_entry(&mut self.summary, *tgid, &r.process)["growth"] = top_sites(&by_site);
             if !process::exists(*tgid) {
                 gone.push((*tgid, by_site));
@@ -486,7 +491,7 @@ impl State {
 const DROP_REASONS: [&str; 3] = ["exited", "process_cap", "pressure"];
 
 fn dropped_sample(reason: &'static str) {
-    metrics::counter!("pipelens_memory_samples_dropped_total", "reason" => reason).increment(1);
+    metrics::counter!("pipelens_profiler_samples_dropped_total", "reason" => reason).increment(1);
 }
 
 fn identity_of(who: &HashMap<u32, Identity>, tgid: u32) -> Identity {

@@ -11,8 +11,8 @@ use anyhow::{Context as _, bail};
 
 use super::{
     allocator,
-    probes::{MemoryProbes, Record, SamplerSettings, parse},
     modules::Modules,
+    probes::{MemoryProbes, Record, SamplerSettings, parse},
     record::{Mode, Recorder},
     report, sampling,
 };

@@ -190,7 +190,9 @@ impl Recorder {
         shared: &mut Modules,
     ) -> Option<usize> {
         let len = (s.stack_len as usize).min(stack.len());
-        let mut unwound = self.unwinder.unwind(s.ip, s.sp, s.bp, &stack[..len], shared);
+        let mut unwound = self
+            .unwinder
+            .unwind(s.ip, s.sp, s.bp, &stack[..len], shared);
         if unwound.truncated {
             self.truncated += 1;
         }
@@ -217,11 +219,10 @@ impl Recorder {
         // Name the new addresses now, while the process (and its
         // `/proc/<pid>/root`) is still there.
         let unwinder = &self.unwinder;
-        self.symbols.resolve(
-            &shared.symbolizer,
-            unwound.addresses.iter().copied(),
-            |a| unwinder.module_of(a).cloned(),
-        );
+        self.symbols
+            .resolve(&shared.symbolizer, unwound.addresses.iter().copied(), |a| {
+                unwinder.module_of(a).cloned()
+            });
         let i = self.stacks.len();
         self.index
             .entry(hash_of(&unwound))
