@@ -10,6 +10,11 @@
 //! non-root user takes `CAP_DAC_READ_SEARCH`. Before 5.8 only
 //! `CAP_SYS_ADMIN` will do, and uprobes (allocator profiling) need it on
 //! every current kernel.
+//!
+//! Before 5.11 the kernel charges BPF maps to `RLIMIT_MEMLOCK` (64 KiB by
+//! default before 5.16) rather than to the memory cgroup: there the limit
+//! is raised at start, which past its hard limit takes
+//! `CAP_SYS_RESOURCE`; without it, the error says so.
 
 use thiserror::Error;
 
@@ -19,8 +24,17 @@ const CAP_SYS_ADMIN: u32 = 21;
 const CAP_PERFMON: u32 = 38;
 const CAP_BPF: u32 = 39;
 
+const CAP_SYS_RESOURCE: u32 = 24;
+
 /// The first kernel with `CAP_BPF` and `CAP_PERFMON`.
 const SPLIT_CAPS: (u32, u32) = (5, 8);
+
+/// The first kernel that charges BPF maps to the memory cgroup, not to
+/// `RLIMIT_MEMLOCK`.
+const MEMCG_CHARGED: (u32, u32) = (5, 11);
+
+/// Locked memory enough for every collector's maps and rings, with room.
+pub const MEMLOCK_NEEDED: u64 = 256 << 20;
 
 #[derive(Debug, Error)]
 #[error(
@@ -29,7 +43,7 @@ const SPLIT_CAPS: (u32, u32) = (5, 8);
 )]
 pub struct PrivilegeError {
     missing: String,
-    why: &'static str,
+    why: String,
 }
 
 /// Capabilities present, and what works without the ones that are not.
@@ -75,6 +89,8 @@ fn effective() -> u64 {
         .unwrap_or(0)
 }
 
+/// Judges the agent's capabilities on this kernel and, where the kernel
+/// charges BPF maps to `RLIMIT_MEMLOCK`, raises it.
 pub fn check() -> Result<Privileges, PrivilegeError> {
     let eff = effective();
     let kernel = nix::sys::utsname::uname()
@@ -82,7 +98,70 @@ pub fn check() -> Result<Privileges, PrivilegeError> {
         .and_then(|u| crate::check::kernel_version(&u.release().to_string_lossy()))
         .unwrap_or(SPLIT_CAPS);
     // SAFETY: geteuid has no preconditions and cannot fail.
-    judge(eff, kernel, unsafe { libc::geteuid() } == 0)
+    let privileges = judge(eff, kernel, unsafe { libc::geteuid() } == 0)?;
+    if kernel < MEMCG_CHARGED {
+        raise_memlock(eff & (1u64 << CAP_SYS_RESOURCE) != 0)?;
+    }
+    Ok(privileges)
+}
+
+/// The memlock limit as (soft, hard); `u64::MAX` is unlimited.
+fn memlock() -> (u64, u64) {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes the struct it is given.
+    unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut lim) };
+    (lim.rlim_cur, lim.rlim_max)
+}
+
+fn set_memlock(soft: u64, hard: u64) -> bool {
+    let lim = libc::rlimit {
+        rlim_cur: soft,
+        rlim_max: hard,
+    };
+    // SAFETY: setrlimit reads the struct it is given.
+    unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &lim) == 0 }
+}
+
+/// Lifts `RLIMIT_MEMLOCK` for a kernel that charges BPF maps to it: to
+/// unlimited where it may (`CAP_SYS_RESOURCE`), else to its hard limit.
+fn raise_memlock(sys_resource: bool) -> Result<(), PrivilegeError> {
+    let infinity = libc::RLIM_INFINITY;
+    let (soft, hard) = memlock();
+    if soft == infinity || soft >= MEMLOCK_NEEDED {
+        return Ok(());
+    }
+    if set_memlock(infinity, infinity) {
+        log::info!("RLIMIT_MEMLOCK lifted: this kernel charges BPF maps to it");
+        return Ok(());
+    }
+    if (hard == infinity || hard >= MEMLOCK_NEEDED) && set_memlock(hard, hard) {
+        return Ok(());
+    }
+    Err(memlock_refusal(hard, sys_resource))
+}
+
+/// Why the memlock limit cannot be raised enough.
+fn memlock_refusal(hard: u64, sys_resource: bool) -> PrivilegeError {
+    let missing = if sys_resource {
+        // Granted, yet refused: a seccomp or LSM rule, not a capability.
+        "nothing the capabilities can give".to_owned()
+    } else {
+        "CAP_SYS_RESOURCE".to_owned()
+    };
+    PrivilegeError {
+        missing,
+        why: format!(
+            "kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK, whose hard limit is {} KiB \
+             here and cannot be raised to the {} MiB the collectors' maps may take without \
+             CAP_SYS_RESOURCE; or raise the limit (ulimit -l, systemd LimitMEMLOCK=, a \
+             container's memlock ulimit)",
+            hard / 1024,
+            MEMLOCK_NEEDED >> 20
+        ),
+    }
 }
 
 /// The verdict for effective capabilities `eff` on kernel `kernel`.
@@ -92,7 +171,7 @@ pub fn judge(eff: u64, kernel: (u32, u32), root: bool) -> Result<Privileges, Pri
         if !has(CAP_SYS_ADMIN) {
             return Err(PrivilegeError {
                 missing: "CAP_SYS_ADMIN".to_owned(),
-                why: "kernels before 5.8 load BPF programs for CAP_SYS_ADMIN only",
+                why: "kernels before 5.8 load BPF programs for CAP_SYS_ADMIN only".to_owned(),
             });
         }
     } else {
@@ -105,7 +184,8 @@ pub fn judge(eff: u64, kernel: (u32, u32), root: bool) -> Result<Privileges, Pri
             return Err(PrivilegeError {
                 missing: missing.join(", "),
                 why: "loading BPF programs and attaching them to tracepoints and uprobes \
-                      takes CAP_BPF and CAP_PERFMON (or CAP_SYS_ADMIN), every collector needs them",
+                      takes CAP_BPF and CAP_PERFMON (or CAP_SYS_ADMIN), every collector needs them"
+                    .to_owned(),
             });
         }
     }
@@ -160,6 +240,17 @@ mod tests {
         assert!(err.contains("CAP_BPF, CAP_PERFMON"), "{err}");
         // CAP_SYS_ADMIN stands in for both.
         assert!(judge(1 << CAP_SYS_ADMIN, (6, 1), true).is_ok());
+    }
+
+    #[test]
+    fn a_memlock_that_cannot_be_raised_names_cap_sys_resource() {
+        let err = memlock_refusal(64 * 1024, false).to_string();
+        assert!(
+            err.starts_with("missing capabilities: CAP_SYS_RESOURCE (")
+                && err.contains("before 5.11")
+                && err.contains("64 KiB"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -101,6 +101,25 @@ pub const CAPS_ENV: &str = "PIPELENS_TEST_CAPS";
 /// The four capabilities the agent is documented to need.
 pub const LEAST_CAPS: &str = "+bpf,+perfmon,+sys_ptrace,+dac_read_search";
 
+/// Whether this kernel charges BPF maps to `RLIMIT_MEMLOCK` (before 5.11),
+/// so that the least set also holds `CAP_SYS_RESOURCE` to raise it.
+pub fn memlock_charged() -> bool {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mut parts = release.trim().split(['.', '-']);
+    let major: u32 = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+    let minor: u32 = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+    (major, minor) < (5, 11)
+}
+
+/// The least capabilities on this kernel, for `setpriv`.
+pub fn least_caps() -> String {
+    if memlock_charged() {
+        format!("{LEAST_CAPS},+sys_resource")
+    } else {
+        LEAST_CAPS.to_owned()
+    }
+}
+
 fn least_privilege(dir: &TempDir) -> Command {
     let mode = std::env::var(CAPS_ENV).unwrap_or_default();
     if mode.is_empty() {
@@ -127,7 +146,7 @@ fn least_privilege(dir: &TempDir) -> Command {
 /// Adds to a `setpriv` command the four capabilities (and only them, in
 /// the bounding, inheritable and ambient sets), then the agent.
 fn with_least_caps(setpriv: &mut Command) {
-    let caps = format!("-all,{LEAST_CAPS}");
+    let caps = format!("-all,{}", least_caps());
     setpriv
         .args([
             "--inh-caps",
@@ -197,8 +216,12 @@ impl Agent {
                 .unwrap_or_default()
         };
         // CAP_DAC_READ_SEARCH 2, CAP_SYS_PTRACE 19, CAP_PERFMON 38, CAP_BPF 39.
-        let four = format!("{:016x}", (1u64 << 2) | (1 << 19) | (1 << 38) | (1 << 39));
-        assert_eq!(field("CapEff:"), four, "{status}");
+        let mut least = (1u64 << 2) | (1 << 19) | (1 << 38) | (1 << 39);
+        if memlock_charged() {
+            // CAP_SYS_RESOURCE 24, to raise RLIMIT_MEMLOCK.
+            least |= 1 << 24;
+        }
+        assert_eq!(field("CapEff:"), format!("{least:016x}"), "{status}");
         let uid = if mode == "user" { "65534" } else { "0" };
         assert_eq!(field("Uid:"), uid, "{status}");
     }

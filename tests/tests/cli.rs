@@ -209,3 +209,62 @@ fn a_reused_target_pid_is_logged_and_not_traced() {
     assert_eq!(text.matches(&exited).count(), 1, "{text}");
     assert_eq!(text.matches(&reused).count(), 1, "{text}");
 }
+
+/// `RLIMIT_MEMLOCK` at its old default (64 KiB) under exactly the four
+/// capabilities: a kernel that charges BPF maps to it (before 5.11) is
+/// refused at once, naming `CAP_SYS_RESOURCE` and the limit; a later kernel
+/// charges the maps to the memory cgroup, and the agent runs.
+#[test]
+fn a_low_memlock_limit_is_refused_by_name_where_the_kernel_counts_it() {
+    if !probes_available("a_low_memlock_limit_is_refused_by_name_where_the_kernel_counts_it") {
+        return;
+    }
+    use std::os::unix::process::CommandExt as _;
+    let caps = format!("-all,{}", pipelens_tests::LEAST_CAPS);
+    let listen = format!("127.0.0.1:{}", pipelens_tests::free_port());
+    let mut cmd = Command::new("setpriv");
+    cmd.args([
+        "--inh-caps",
+        &caps,
+        "--ambient-caps",
+        &caps,
+        "--bounding-set",
+        &caps,
+    ])
+    .arg(pipelens_bin())
+    .args([
+        "run",
+        "--all",
+        "--collectors",
+        "connections",
+        "--duration",
+        "2",
+    ])
+    .args(["--listen", &listen]);
+    // SAFETY: setrlimit is async-signal-safe; nothing else runs here.
+    unsafe {
+        cmd.pre_exec(|| {
+            let lim = libc::rlimit {
+                rlim_cur: 64 * 1024,
+                rlim_max: 64 * 1024,
+            };
+            if libc::setrlimit(libc::RLIMIT_MEMLOCK, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let out = cmd.output().expect("setpriv pipelens");
+    let err = String::from_utf8_lossy(&out.stderr);
+    if pipelens_tests::memlock_charged() {
+        assert!(!out.status.success(), "{err}");
+        assert!(
+            err.contains("missing capabilities: CAP_SYS_RESOURCE")
+                && err.contains("RLIMIT_MEMLOCK")
+                && err.contains("64 KiB"),
+            "{err}"
+        );
+    } else {
+        assert!(out.status.success(), "{err}");
+    }
+}

@@ -21,7 +21,13 @@ use crate::{Tally, cargo, root};
 /// What each guest runs, by probe-test binary: one exact-count check per
 /// area at least (connections, PostgreSQL, WebSocket, memory).
 const GUEST_TESTS: &[(&str, &[&str])] = &[
-    ("cli", &["check_reports_usable_collectors"]),
+    (
+        "cli",
+        &[
+            "check_reports_usable_collectors",
+            "a_low_memlock_limit_is_refused_by_name_where_the_kernel_counts_it",
+        ],
+    ),
     (
         "connections",
         &[
@@ -52,9 +58,16 @@ const GUEST_TESTS: &[(&str, &[&str])] = &[
             "allocs_mode_names_functions_with_true_sizes",
             "growth_mode_attributes_touched_mappings_and_retained_heap",
             "run_exports_top_sites_as_metrics",
+            "a_forking_server_keeps_the_agent_within_its_memory_bound",
         ],
     ),
 ];
+
+/// Run again in every guest as user nobody with only the least
+/// capabilities (`PIPELENS_TEST_CAPS=user`): the four, and
+/// `CAP_SYS_RESOURCE` where the kernel charges BPF maps to memlock.
+const GUEST_LEAST_PRIVILEGE_TESTS: &[(&str, &[&str])] =
+    &[("connections", &["churn_ipv4", "refused_and_reset"])];
 
 /// Release binaries the tests start by their workspace paths.
 const RELEASE_BINS: &[&str] = &[
@@ -117,6 +130,8 @@ pub fn run(opts: &Options, tally: &mut Tally) -> anyhow::Result<()> {
         .collect();
     files.extend(tests.iter().map(|(_, p)| p.clone()));
     files.push("/usr/bin/promtool".into());
+    // The least-privilege runs drop to the capabilities they name.
+    files.push("/usr/bin/setpriv".into());
     let pg = pipelens_tests::pg::bin_dir()
         .context("PostgreSQL server binaries (cargo xtask setup installs them)")?;
     files.extend(PG_PROGRAMS.iter().map(|p| pg.join(p)));
@@ -307,7 +322,6 @@ mount -t cgroup2 cgroup2 /sys/fs/cgroup
 chmod 1777 /tmp /dev/shm
 ip link set lo up
 ulimit -n 65536
-ulimit -l unlimited
 exec >/dev/ttyS1 2>&1
 echo "{mark}kernel $(uname -r)"
 step() {{ name=$1; shift; echo "{mark}begin $name"; "$@"; echo "{mark}end $name $?"; }}
@@ -324,6 +338,16 @@ step check {agent} check
         };
         s.push_str(&format!(
             "step test:{name} {} --test-threads=1 --exact {}\n",
+            exe.display(),
+            filters.join(" ")
+        ));
+    }
+    for (name, filters) in GUEST_LEAST_PRIVILEGE_TESTS {
+        let Some((_, exe)) = tests.iter().find(|(n, _)| n == name) else {
+            continue;
+        };
+        s.push_str(&format!(
+            "step test:{name}-least-privilege env PIPELENS_TEST_CAPS=user {} --test-threads=1 --exact {}\n",
             exe.display(),
             filters.join(" ")
         ));
