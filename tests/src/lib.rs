@@ -282,6 +282,16 @@ impl Agent {
         }
     }
 
+    /// SIGKILL: no chance to detach or clean up.
+    pub fn kill(self) {
+        let status = self.process.stop(libc::SIGKILL, Duration::from_secs(10));
+        assert_eq!(
+            std::os::unix::process::ExitStatusExt::signal(&status),
+            Some(libc::SIGKILL),
+            "{status}"
+        );
+    }
+
     /// SIGINT, wait for exit, and return the summary it wrote.
     pub fn stop(self) -> serde_json::Value {
         let status = self

@@ -780,3 +780,116 @@ fn the_memory_limit_is_kept_by_shedding() {
     );
     agent.stop();
 }
+
+/// The ids of the BPF programs loaded now (`bpftool prog show`).
+fn loaded_programs() -> std::collections::BTreeSet<u64> {
+    let out = Command::new("bpftool")
+        .args(["prog", "show", "--json"])
+        .output()
+        .expect("bpftool (cargo xtask setup installs it)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let progs: Value = serde_json::from_slice(&out.stdout).expect("bpftool JSON");
+    progs
+        .as_array()
+        .expect("a list")
+        .iter()
+        .filter_map(|p| p["id"].as_u64())
+        .collect()
+}
+
+/// The agent SIGKILLed under load (every collector, allocator uprobes in a
+/// target calling malloc, pgbench through the queries collector): it had no
+/// chance to detach, yet nothing of it stays in the kernel (its programs
+/// are gone, the breakpoint in the target's malloc is removed), the traced
+/// programs run on unharmed, and the pins it left are removed by the next
+/// agent to start.
+#[test]
+fn an_agent_killed_under_load_leaves_nothing_behind() {
+    if !probes_available("an_agent_killed_under_load_leaves_nothing_behind") {
+        return;
+    }
+    if !pipelens_tests::pg::is_available() {
+        panic!("PostgreSQL is not installed: cargo xtask setup installs it");
+    }
+    let before = loaded_programs();
+    let pg = pipelens_tests::pg::TestPostgres::start();
+    pg.pgbench(false, &["-i", "-s", "1", "-q"]);
+    let fixture = Fixture::spawn(&fixture_bin("alloc-fixture"), &["--phases", "churn"]);
+    let malloc = libc_malloc_address(fixture.pid());
+    let pid = fixture.pid().to_string();
+    let agent = pipelens_tests::Agent::start(&[
+        "--pid",
+        &pid,
+        "--comm",
+        "pgbench",
+        "--comm",
+        "postgres",
+        "--memory-allocs",
+    ]);
+    let agent_pid = agent.pid();
+    let pins = std::path::Path::new("/sys/fs/bpf/pipelens").join(agent_pid.to_string());
+    assert!(pins.exists(), "{} pinned", pins.display());
+    let ours: Vec<u64> = loaded_programs().difference(&before).copied().collect();
+    assert!(!ours.is_empty(), "the agent's programs are listed");
+    assert_eq!(first_byte(fixture.pid(), malloc), 0xcc, "malloc probed");
+    // Load: the fixture's malloc churn under uprobes, pgbench's queries.
+    fixture.go();
+    let bench = {
+        let mut cmd = pg.pgbench_command(false, &["-S", "-c", "2", "-j", "2", "-T", "4"]);
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+        cmd.spawn().expect("pgbench")
+    };
+    agent.wait_for("queries counted", Duration::from_secs(20), |m| {
+        m.sum(
+            "pipelens_db_query_duration_seconds_count",
+            &[("process", "pgbench")],
+        ) > 100.0
+    });
+    agent.kill();
+
+    // Nothing attached is left: the programs go with their last descriptor.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let left = loop {
+        let now = loaded_programs();
+        let left: Vec<u64> = ours.iter().copied().filter(|id| now.contains(id)).collect();
+        if left.is_empty() || std::time::Instant::now() > deadline {
+            break left;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(
+        left.is_empty(),
+        "programs {left:?} of the killed agent still loaded"
+    );
+    assert_ne!(
+        first_byte(fixture.pid(), malloc),
+        0xcc,
+        "breakpoint left in malloc"
+    );
+    // The traced programs ran on unharmed.
+    let out = bench.wait_with_output().expect("pgbench");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let truth = fixture.wait_done();
+    assert!(
+        truth["churn_bytes"].as_f64().unwrap_or(0.0) > 0.0,
+        "{truth}"
+    );
+    fixture.finish();
+    // Only the pins stay behind, and the next agent removes them.
+    assert!(pins.exists(), "a SIGKILLed agent cannot remove its pins");
+    let next = pipelens_tests::Agent::start(&["--comm", "pgbench", "--collectors", "connections"]);
+    assert!(
+        !pins.exists(),
+        "{} left by the killed agent",
+        pins.display()
+    );
+    next.stop();
+}

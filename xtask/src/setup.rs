@@ -13,7 +13,8 @@ use crate::{is_root, run_cmd};
 /// stripped copy with strip); qemu, busybox and cpio for the kernel
 /// matrix's guests; Go for `go tool pprof`, which reads our pprof
 /// output in a test; bpftrace, the baseline of the memory benchmark;
-/// valgrind, whose count of allocator calls checks the fixture's own.
+/// valgrind, whose count of allocator calls checks the fixture's own;
+/// bpftool, which lists the programs a killed agent must not leave loaded.
 /// Node.js and npm (see [`PROGRAMS`]) for the node-postgres test peer.
 /// g++ for libFuzzer, which the fuzz targets link (libfuzzer-sys builds
 /// it from source).
@@ -32,6 +33,7 @@ const PACKAGES: &[&str] = &[
     "binutils",
     "golang-go",
     "bpftrace",
+    "bpftool",
     "valgrind",
     "g++",
     // The kernel matrix: guests under emulation, their initramfs.
