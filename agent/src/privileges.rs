@@ -99,10 +99,76 @@ pub fn check() -> Result<Privileges, PrivilegeError> {
         .unwrap_or(SPLIT_CAPS);
     // SAFETY: geteuid has no preconditions and cannot fail.
     let privileges = judge(eff, kernel, unsafe { libc::geteuid() } == 0)?;
+    if eff & (1u64 << CAP_SYS_ADMIN) == 0 && !perf_events_allowed() {
+        return Err(paranoid_refusal(perf_event_paranoid()));
+    }
     if kernel < MEMCG_CHARGED {
         raise_memlock(eff & (1u64 << CAP_SYS_RESOURCE) != 0)?;
     }
     Ok(privileges)
+}
+
+/// Whether this process may open a system-wide perf event, as attaching a
+/// tracepoint or a uprobe does: a dummy software event on CPU 0, opened and
+/// closed. Debian's and Ubuntu's kernels add a `perf_event_paranoid` level
+/// 3 that some of them (Debian's 5.10) lift for `CAP_SYS_ADMIN` only, not
+/// for `CAP_PERFMON`.
+fn perf_events_allowed() -> bool {
+    const PERF_TYPE_SOFTWARE: u32 = 1;
+    const PERF_COUNT_SW_DUMMY: u64 = 9;
+    const PERF_ATTR_SIZE_VER0: u32 = 64;
+    const DISABLED: u64 = 1;
+    const PERF_FLAG_FD_CLOEXEC: libc::c_ulong = 1 << 3;
+    // perf_event_attr, version 0: type, size, config, sample period,
+    // sample type, read format, then the flag bits.
+    let mut attr = [0u8; PERF_ATTR_SIZE_VER0 as usize];
+    attr[0..4].copy_from_slice(&PERF_TYPE_SOFTWARE.to_ne_bytes());
+    attr[4..8].copy_from_slice(&PERF_ATTR_SIZE_VER0.to_ne_bytes());
+    attr[8..16].copy_from_slice(&PERF_COUNT_SW_DUMMY.to_ne_bytes());
+    attr[40..48].copy_from_slice(&DISABLED.to_ne_bytes());
+    // SAFETY: perf_event_open reads `attr`, of the size it states; the
+    // descriptor it returns is closed at once.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_perf_event_open,
+            attr.as_ptr(),
+            -1 as libc::pid_t,
+            0 as libc::c_int,
+            -1 as libc::c_int,
+            PERF_FLAG_FD_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        let errno = std::io::Error::last_os_error().raw_os_error();
+        // Only a refusal is a verdict: a kernel without perf events fails
+        // later with its own error.
+        return !matches!(errno, Some(libc::EACCES) | Some(libc::EPERM));
+    }
+    // SAFETY: `fd` is the descriptor just opened, closed once.
+    unsafe { libc::close(fd as libc::c_int) };
+    true
+}
+
+fn perf_event_paranoid() -> Option<i32> {
+    std::fs::read_to_string("/proc/sys/kernel/perf_event_paranoid")
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// Why perf events are refused without `CAP_SYS_ADMIN`.
+fn paranoid_refusal(paranoid: Option<i32>) -> PrivilegeError {
+    let level = paranoid.map_or("unreadable".to_owned(), |p| p.to_string());
+    PrivilegeError {
+        missing: "CAP_SYS_ADMIN".to_owned(),
+        why: format!(
+            "the kernel refuses perf events, through which every collector attaches, to \
+             CAP_PERFMON: kernel.perf_event_paranoid is {level}, and this kernel's level 3 \
+             (a Debian and Ubuntu restriction) admits CAP_SYS_ADMIN only. Lower it \
+             (`sysctl kernel.perf_event_paranoid=2`) to run with the least capabilities"
+        ),
+    }
 }
 
 /// The memlock limit as (soft, hard); `u64::MAX` is unlimited.
@@ -249,6 +315,17 @@ mod tests {
             err.starts_with("missing capabilities: CAP_SYS_RESOURCE (")
                 && err.contains("before 5.11")
                 && err.contains("64 KiB"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_paranoid_kernel_names_cap_sys_admin_and_the_sysctl() {
+        let err = paranoid_refusal(Some(3)).to_string();
+        assert!(
+            err.starts_with("missing capabilities: CAP_SYS_ADMIN (")
+                && err.contains("perf_event_paranoid is 3")
+                && err.contains("sysctl kernel.perf_event_paranoid=2"),
             "{err}"
         );
     }

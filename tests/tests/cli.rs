@@ -268,3 +268,64 @@ fn a_low_memlock_limit_is_refused_by_name_where_the_kernel_counts_it() {
         assert!(out.status.success(), "{err}");
     }
 }
+
+/// `kernel.perf_event_paranoid` at 3, the level Debian's and Ubuntu's
+/// kernels add: where the kernel lifts it for `CAP_SYS_ADMIN` only (Debian's
+/// 5.10), the agent under the four capabilities refuses at once, naming
+/// `CAP_SYS_ADMIN` and the sysctl, instead of an EACCES from deep inside an
+/// attach; where `CAP_PERFMON` is enough (or the level is upstream's, the
+/// same as 2), it runs. At 2 it runs on every kernel.
+#[test]
+fn a_paranoid_perf_level_is_named_where_it_refuses_the_least_capabilities() {
+    if !probes_available("a_paranoid_perf_level_is_named_where_it_refuses_the_least_capabilities") {
+        return;
+    }
+    const SYSCTL: &str = "/proc/sys/kernel/perf_event_paranoid";
+    let before = std::fs::read_to_string(SYSCTL).expect("perf_event_paranoid");
+    let run_least = || {
+        let caps = format!("-all,{}", pipelens_tests::least_caps());
+        let listen = format!("127.0.0.1:{}", pipelens_tests::free_port());
+        let out = Command::new("setpriv")
+            .args([
+                "--inh-caps",
+                &caps,
+                "--ambient-caps",
+                &caps,
+                "--bounding-set",
+                &caps,
+            ])
+            .arg(pipelens_bin())
+            .args([
+                "run",
+                "--all",
+                "--collectors",
+                "connections",
+                "--duration",
+                "2",
+            ])
+            .args(["--listen", &listen])
+            .output()
+            .expect("setpriv pipelens");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    std::fs::write(SYSCTL, "3").expect("set perf_event_paranoid");
+    let at3 = run_least();
+    std::fs::write(SYSCTL, "2").expect("set perf_event_paranoid");
+    let at2 = run_least();
+    std::fs::write(SYSCTL, before.trim()).expect("restore perf_event_paranoid");
+    let (ok, err) = at3;
+    eprintln!(
+        "at level 3 the least capabilities {}",
+        if ok { "run" } else { "are refused" }
+    );
+    assert!(
+        ok || (err.contains("missing capabilities: CAP_SYS_ADMIN")
+            && err.contains("perf_event_paranoid is 3")
+            && err.contains("sysctl kernel.perf_event_paranoid=2")),
+        "{err}"
+    );
+    assert!(at2.0, "{}", at2.1);
+}
