@@ -111,7 +111,7 @@ pub fn check() -> Result<Privileges, PrivilegeError> {
 /// Whether this process may open a system-wide perf event, as attaching a
 /// tracepoint or a uprobe does: a dummy software event on CPU 0, opened and
 /// closed. Debian's and Ubuntu's kernels add a `perf_event_paranoid` level
-/// 3 that some of them (Debian's 5.10) lift for `CAP_SYS_ADMIN` only, not
+/// 3 that some of them (Debian's 5.10 and 6.1) lift for `CAP_SYS_ADMIN` only, not
 /// for `CAP_PERFMON`.
 fn perf_events_allowed() -> bool {
     const PERF_TYPE_SOFTWARE: u32 = 1;
