@@ -757,3 +757,64 @@ fn loss_series_exist_from_the_first_scrape() {
     );
     promtool_accepts(&agent.metrics_text());
 }
+
+/// 200,000 short-lived connections (connect, 64 bytes each way, close) under
+/// every collector: each is counted exactly on both ends, and the agent's
+/// peak RSS stays under the README's 128 MiB bound (nothing it keeps grows
+/// with the number of connections seen).
+#[test]
+fn two_hundred_thousand_short_connections_keep_the_agent_bounded() {
+    if !probes_available("two_hundred_thousand_short_connections_keep_the_agent_bounded") {
+        return;
+    }
+    let agent = Agent::start(&["--comm", "tcp-peer"]);
+    let target = if pipelens_tests::emulated() {
+        5_000
+    } else {
+        200_000
+    };
+    let mut total = 0u64;
+    let mut ports = Vec::new();
+    let started = std::time::Instant::now();
+    while total < target {
+        assert!(
+            started.elapsed() < pipelens_tests::patience(Duration::from_secs(120)),
+            "only {total} connections in {:.0?}",
+            started.elapsed()
+        );
+        let port = free_port();
+        let mut peer = Peer::spawn(PEER, &["churn", &port.to_string(), "5", "2"]);
+        peer.expect("ready");
+        let done = peer.expect("done ");
+        total += done.parse::<u64>().expect("count");
+        peer.wait();
+        ports.push(port);
+    }
+    let closed = |m: &Metrics, direction: &str| {
+        ports
+            .iter()
+            .map(|p| {
+                m.sum(
+                    "pipelens_tcp_connections_closed_total",
+                    &[
+                        ("process", "tcp-peer"),
+                        ("direction", direction),
+                        ("port", &p.to_string()),
+                    ],
+                )
+            })
+            .sum::<f64>()
+    };
+    let m = agent.wait_for(&format!("{total} closes each way"), WAIT, |m| {
+        closed(m, "inbound") >= total as f64 && closed(m, "outbound") >= total as f64
+    });
+    assert_eq!(closed(&m, "inbound"), total as f64);
+    assert_eq!(closed(&m, "outbound"), total as f64);
+    let peak = agent.peak_resident_bytes();
+    eprintln!(
+        "{total} connections: agent peak RSS {:.1} MiB",
+        peak as f64 / (1 << 20) as f64
+    );
+    assert!(peak < 128 << 20, "agent peak RSS {} KiB", peak >> 10);
+    agent.stop();
+}
