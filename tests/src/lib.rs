@@ -143,10 +143,17 @@ fn least_privilege(dir: &TempDir) -> Command {
     cmd
 }
 
-/// Adds to a `setpriv` command the four capabilities (and only them, in
-/// the bounding, inheritable and ambient sets), then the agent.
+/// Adds to a `setpriv` command the least capabilities of this kernel (and
+/// only them, in the bounding, inheritable and ambient sets), then the
+/// agent.
 fn with_least_caps(setpriv: &mut Command) {
-    let caps = format!("-all,{}", least_caps());
+    with_caps(setpriv, &least_caps());
+}
+
+/// Adds to a `setpriv` command exactly `caps` (`+bpf,+perfmon,…`), in the
+/// bounding, inheritable and ambient sets, then the agent.
+fn with_caps(setpriv: &mut Command, caps: &str) {
+    let caps = format!("-all,{caps}");
     setpriv
         .args([
             "--inh-caps",
@@ -159,10 +166,16 @@ fn with_least_caps(setpriv: &mut Command) {
         .arg(pipelens_bin());
 }
 
-/// `pipelens`, as root, under exactly the four capabilities.
+/// `pipelens`, as root, under exactly the least capabilities of this
+/// kernel.
 pub fn least_privileged_agent() -> Command {
+    agent_with_caps(&least_caps())
+}
+
+/// `pipelens`, as root, under exactly `caps` (`+bpf,+perfmon,…`).
+pub fn agent_with_caps(caps: &str) -> Command {
     let mut cmd = Command::new("setpriv");
-    with_least_caps(&mut cmd);
+    with_caps(&mut cmd, caps);
     cmd
 }
 

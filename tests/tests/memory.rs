@@ -631,30 +631,13 @@ fn a_forking_server_keeps_the_agent_within_its_memory_bound() {
     pg.pgbench(false, &["-i", "-s", "1", "-q"]);
     let agent = pipelens_tests::Agent::start(&["--comm", "postgres", "--collectors", "memory"]);
     let idle = agent.peak_resident_bytes();
-    // -C: a new connection, so a new backend, for every transaction.
-    let connections = if pipelens_tests::emulated() { 150 } else { 800 };
-    let per_client = (connections / 4).to_string();
-    let out = pg.pgbench(
-        false,
-        &["-C", "-S", "-c", "4", "-j", "2", "-t", &per_client],
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let connections = fork_storm(&pg);
     let profiled = |m: &pipelens_tests::Metrics| m.sum("pipelens_profiler_processes", &[]);
     let m = agent.wait_for(
         "the backends' profiles let go, postgres growth published",
         Duration::from_secs(30),
         // The postmaster and its few background processes stay.
-        |m| {
-            profiled(m) <= 12.0
-                && m.sum(
-                    "pipelens_memory_growth_bytes_total",
-                    &[("process", "postgres")],
-                ) > 0.0
-        },
+        |m| profiled(m) <= 12.0 && postgres_growth(m) > 0.0,
     );
     let peak = agent.peak_resident_bytes();
     eprintln!(
@@ -736,26 +719,13 @@ fn the_memory_limit_is_kept_by_shedding() {
         "no pressure at rest: {:.1} MiB",
         m.sum("pipelens_agent_resident_bytes", &[]) / MIB
     );
-    let connections = if pipelens_tests::emulated() { 150 } else { 800 };
-    let per_client = (connections / 4).to_string();
-    let out = pg.pgbench(
-        false,
-        &["-C", "-S", "-c", "4", "-j", "2", "-t", &per_client],
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    fork_storm(&pg);
     let m = agent.wait_for(
         "profiles shed under pressure",
         Duration::from_secs(30),
         |m| {
             m.sum("pipelens_shed_total", &[("collector", "memory")]) > 0.0
-                && m.sum(
-                    "pipelens_memory_growth_bytes_total",
-                    &[("process", "postgres")],
-                ) > 0.0
+                && postgres_growth(m) > 0.0
         },
     );
     let peak = agent.peak_resident_bytes();
@@ -892,4 +862,30 @@ fn an_agent_killed_under_load_leaves_nothing_behind() {
         pins.display()
     );
     next.stop();
+}
+
+/// 800 connections (150 under emulation) to `pg`, each a new backend
+/// (`pgbench -C`: a new connection for every transaction); returns their
+/// number.
+fn fork_storm(pg: &pipelens_tests::pg::TestPostgres) -> usize {
+    let connections = if pipelens_tests::emulated() { 150 } else { 800 };
+    let per_client = (connections / 4).to_string();
+    let out = pg.pgbench(
+        false,
+        &["-C", "-S", "-c", "4", "-j", "2", "-t", &per_client],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    connections
+}
+
+/// Growth published for `process="postgres"`, every site.
+fn postgres_growth(m: &pipelens_tests::Metrics) -> f64 {
+    m.sum(
+        "pipelens_memory_growth_bytes_total",
+        &[("process", "postgres")],
+    )
 }
