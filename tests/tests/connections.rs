@@ -818,3 +818,84 @@ fn two_hundred_thousand_short_connections_keep_the_agent_bounded() {
     assert!(peak < 128 << 20, "agent peak RSS {} KiB", peak >> 10);
     agent.stop();
 }
+
+/// A `--comm` target SIGKILLed in the middle of a request, then started
+/// again under the same name (as a supervisor restarts a crashed server):
+/// the killed server's connection is counted closed and no longer active,
+/// and the new process is followed from its first connection, exactly.
+#[test]
+fn a_target_killed_mid_request_and_restarted_is_followed() {
+    if !probes_available("a_target_killed_mid_request_and_restarted_is_followed") {
+        return;
+    }
+    let agent = Agent::start(&["--comm", "tcp-peer", "--collectors", "connections"]);
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut server = Peer::spawn(PEER, &["hold-server", &addr]);
+    server.expect("ready");
+    let mut client = Peer::spawn(PEER, &["hold-client", &addr]);
+    client.expect("ready");
+    // Half a request: read by the server, never answered.
+    client.send("send 1000");
+    client.expect("sent");
+    let (i, o) = (inbound(port), outbound(port));
+    agent.wait_for("the request read", WAIT, |m| {
+        sum(m, "pipelens_tcp_bytes_received_total", &i, &[]) >= 1000.0
+    });
+    // SAFETY: signalling our own child.
+    assert_eq!(unsafe { libc::kill(server.pid() as i32, libc::SIGKILL) }, 0);
+    client.send("close");
+    client.expect("done");
+    client.wait();
+    let m = agent.wait_for("the killed server's connection closed", WAIT, |m| {
+        sum(m, "pipelens_tcp_connections_closed_total", &i, &[]) >= 1.0
+            && sum(m, "pipelens_tcp_connections_closed_total", &o, &[]) >= 1.0
+    });
+    for labels in [&i, &o] {
+        assert_eq!(
+            sum(&m, "pipelens_tcp_connections_closed_total", labels, &[]),
+            1.0
+        );
+        assert_eq!(sum(&m, "pipelens_tcp_connections_active", labels, &[]), 0.0);
+    }
+    drop(server);
+
+    // Restarted under the same name, on the same port.
+    const N: u64 = 20;
+    let mut restarted = Peer::spawn(PEER, &["serve", &addr, &N.to_string(), "100", "200", "0"]);
+    restarted.expect("ready");
+    let mut client = Peer::spawn(
+        PEER,
+        &["connect", &addr, &N.to_string(), "100", "200", "0", "2"],
+    );
+    client.expect("ready");
+    assert_eq!(
+        client.expect("done"),
+        format!("{N} received {} resets 0", N * 200)
+    );
+    assert_eq!(restarted.expect("done"), N.to_string());
+    restarted.wait();
+    client.wait();
+    let m = agent.wait_for("the restarted server's connections", WAIT, |m| {
+        sum(m, "pipelens_tcp_connections_closed_total", &i, &[]) >= (N + 1) as f64
+            && sum(m, "pipelens_tcp_connections_closed_total", &o, &[]) >= (N + 1) as f64
+    });
+    for labels in [&i, &o] {
+        assert_eq!(
+            sum(&m, "pipelens_tcp_connections_opened_total", labels, &[]),
+            (N + 1) as f64,
+            "{}",
+            m.dump()
+        );
+        assert_eq!(
+            sum(&m, "pipelens_tcp_connections_closed_total", labels, &[]),
+            (N + 1) as f64
+        );
+        assert_eq!(sum(&m, "pipelens_tcp_connections_active", labels, &[]), 0.0);
+    }
+    assert_eq!(
+        sum(&m, "pipelens_tcp_bytes_received_total", &i, &[]),
+        (1000 + N * 100) as f64
+    );
+    agent.stop();
+}
