@@ -180,6 +180,25 @@ impl<'a> Separated<'a> {
     }
 }
 
+/// Whether `left` then `right` are read as the tokens of each.
+fn read_apart(left: &str, right: &str) -> bool {
+    let tokens = |sql: &str| {
+        let source = Separated::new(sql);
+        Tokenizer::new(&PostgreSqlDialect {}, &source.text).tokenize()
+    };
+    match (
+        tokens(left),
+        tokens(right),
+        tokens(&format!("{left}{right}")),
+    ) {
+        (Ok(mut each), Ok(r), Ok(both)) => {
+            each.extend(r);
+            each == both
+        }
+        _ => false,
+    }
+}
+
 /// Moves `here` past `text`, as sqlparser's tokenizer counts lines and
 /// columns.
 fn advance(here: &mut Location, text: &str) {
@@ -485,10 +504,15 @@ impl Template {
     }
 
     /// Writes `piece` after the text, after one space if whitespace was
-    /// seen and is kept there.
+    /// seen and is kept there, or if a `?` would join it.
     fn append(&mut self, piece: &str, kind: Kind) {
         let at = self.text.len();
-        if self.space && !self.text.is_empty() && needs_space(&self.text, piece) {
+        let spaced = if self.space {
+            needs_space(&self.text, piece)
+        } else {
+            self.would_join(piece)
+        };
+        if spaced && !self.text.is_empty() {
             self.text.push(' ');
         }
         // Canonical spacing: one space after a comma, whatever was written.
@@ -499,6 +523,21 @@ impl Template {
             kind,
         });
         self.text.push_str(piece);
+    }
+
+    /// Whether `piece`, written right after a `?`, would be read again as
+    /// one token with it. A `?` stands for a literal or a parameter (`'a'`,
+    /// `1`, `$1`) that parted the operator characters around it, and is one
+    /// itself: `?|`, `?-`, `?#`, `?&` are operators, and the operator
+    /// characters after them are then read otherwise (`$1||<|x` would be
+    /// read `?||`, `<|x`, and `<|` is written `<<|`). Such a `?` is written
+    /// with a space after it. Before it none is needed: an operator that
+    /// takes in a `?` (`>?`, `->>?`) takes in the operator characters after
+    /// it too, and is written as read.
+    fn would_join(&self, piece: &str) -> bool {
+        self.pieces.last().is_some_and(|p| p.kind == Kind::Value)
+            && piece.bytes().next().is_some_and(is_operator_char)
+            && !read_apart("?", piece)
     }
 
     /// Drops the pieces from the `from`th on.
@@ -823,6 +862,43 @@ mod tests {
             fixed("SELECT \"a&>\nb\" FROM t"),
             "SELECT \"a&>\nb\" FROM t"
         );
+    }
+
+    /// A `?` stands for a literal that parted the operators around it and
+    /// is an operator character itself: next to an operator it is written
+    /// with a space where, read again, it would join it.
+    #[test]
+    fn placeholders_next_to_operators() {
+        // `?|` is one operator: the `|` after `$1` is another.
+        assert_eq!(fixed("$1|x"), "? |x");
+        // Before a `?`, nothing changes: `>?` read again is an operator,
+        // written as it is.
+        assert_eq!(fixed("a>$1"), "a>?");
+        assert_eq!(fixed("a<'x'"), "a<?");
+        assert_eq!(fixed("aid=$1"), "aid=?");
+        assert_eq!(
+            fixed("a<@$1 AND b@>'x' AND c->>'k' = ?"),
+            "a<@? AND b@>? AND c->>? = ?"
+        );
+        assert_eq!(fixed("a = 'k'||'v'"), "a = ? ||?");
+        assert_eq!(fixed("a::int+$1::int"), "a::int+?::int");
+        assert_eq!(fixed("x = -1"), "x = -?");
+        assert_eq!(fixed("abalance + -4000"), "abalance + -?");
+        // Found by a fuzzing run of the normaliser: each was templated
+        // into something that read again was another template, or none.
+        for sql in [
+            "\"q\" $||<|&>",
+            "E'e\\''|||& x>) <@",
+            "$U&!=*@>",
+            "1-!= $ !::",
+            "$$d$$||!= <-> U)~",
+            ".5-||>",
+            "?|&>?| ",
+            "\"a\"\"b\"* &> ?| ",
+            "<@tt[&>$1>",
+        ] {
+            fixed(sql);
+        }
     }
 
     #[test]
