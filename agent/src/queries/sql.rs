@@ -14,6 +14,9 @@
 //! reported as `unparseable`, never as raw text. Where that tokenizer reads
 //! operators differently from PostgreSQL, the text it is given is
 //! separated first (see [`Separated`]).
+//!
+//! A template is its own template: written again through the normaliser
+//! it comes out unchanged, cut or not (`sql_tests` checks it).
 
 use std::{
     borrow::Cow,
@@ -69,6 +72,13 @@ pub fn template_with(sql: &str, mask_quoted: bool) -> String {
             // The `?` of a template read again.
             Token::Question => template.push("?", Kind::Value),
             Token::Minus | Token::Plus => template.push(&token.to_string(), Kind::Sign),
+            // What a negative literal's template is written as, read again
+            // (or a driver's `?` parameter after a minus): sqlparser reads
+            // the operator `-?`.
+            Token::CustomBinaryOperator(op) if op == "-?" => {
+                template.push("-", Kind::Sign);
+                template.push("?", Kind::Value);
+            }
             Token::DoubleColon => template.push("::", Kind::Cast),
             Token::Comma => template.push(",", Kind::Comma),
             Token::LParen => template.open("(", ')'),
@@ -240,10 +250,13 @@ fn unseparated(name: &str, start: Location, at: &[Location]) -> String {
     out
 }
 
+/// Whether whitespace between `out` and `piece` is written, as one space.
+/// It is not after `(`, before `)` and `,`, around `.`; but it is between
+/// `.` and `_`: sqlparser reads `._` as a field access only after a name.
 fn needs_space(out: &str, piece: &str) -> bool {
     let last = out.chars().last().unwrap_or(' ');
     let first = piece.chars().next().unwrap_or(' ');
-    !(last == '(' || first == ')' || first == ',' || last == '.' || first == '.')
+    !(last == '(' || first == ')' || first == ',' || last == '.' && first != '_' || first == '.')
 }
 
 fn is_literal(t: &Token) -> bool {
@@ -899,6 +912,27 @@ mod tests {
         ] {
             fixed(sql);
         }
+    }
+
+    /// Found by `sql_tests`: `. _x` was templated `._x`, which sqlparser
+    /// rejects (`._` is a field access after a name only).
+    #[test]
+    fn a_dot_keeps_its_space_before_an_underscore() {
+        assert_eq!(fixed(". _x"), ". _x");
+        assert_eq!(fixed("(a) . _x"), "(a). _x");
+        assert_eq!(fixed("t . _x"), "t. _x");
+        assert_eq!(fixed("t._x"), "t._x");
+    }
+
+    /// Found by `sql_tests`: a list holding `-?` (a template's negative
+    /// literal, or a driver's `?` after a minus) did not fold, `-?` being
+    /// read as one operator.
+    #[test]
+    fn minus_then_a_placeholder_is_a_negative_value() {
+        assert_eq!(fixed("WHERE (a, b) IN ((0, -?))"), "WHERE (a, b) IN ((?))");
+        assert_eq!(fixed("WHERE a IN (-?, -?)"), "WHERE a IN (?)");
+        assert_eq!(fixed("WHERE a = -?"), "WHERE a = -?");
+        assert_eq!(fixed("WHERE a = b-?"), "WHERE a = b-?");
     }
 
     #[test]
