@@ -16,7 +16,8 @@
 //! separated first (see [`Separated`]).
 //!
 //! A template is its own template: written again through the normaliser
-//! it comes out unchanged, cut or not (`sql_tests` checks it).
+//! it comes out unchanged, cut or not (the `sql_template` fuzz target and
+//! `sql_tests` check it).
 
 use std::{
     borrow::Cow,
