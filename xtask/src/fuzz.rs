@@ -314,7 +314,23 @@ const SQL_SEEDS: &[&str] = &[
     "WITH x AS (SELECT 1) UPDATE t SET v = 1.5e3 FROM x;",
     "SELECT 'unterminated",
     "",
+    // Operators next to placeholders, literals and comments, which
+    // sqlparser reads otherwise than PostgreSQL without a separator.
+    "SELECT * FROM t WHERE b &> $1 AND b&>'x' AND d->>'k' = $2 AND e #-- c\n<*/* c */ f",
+    "SELECT a FROM t WHERE (a, b) IN ((1, -2), (3, $4::int)) AND c IN (-1, '2'::text)",
 ];
+
+/// A statement whose template is longer than the normaliser keeps, with
+/// a list longer still: what is cut, and what folds before the cut.
+fn long_statement() -> String {
+    let columns: Vec<String> = (0..300).map(|i| format!("c{i}")).collect();
+    let values: Vec<String> = (0..1_000).map(|i| format!("-{i}")).collect();
+    format!(
+        "SELECT {} FROM t WHERE id IN ({}) AND \"é\" &> $1",
+        columns.join(", "),
+        values.join(", ")
+    )
+}
 
 fn write_dir(dir: &Path, seeds: impl IntoIterator<Item = (String, Vec<u8>)>) -> anyhow::Result<()> {
     let _ = std::fs::remove_dir_all(dir);
@@ -439,6 +455,7 @@ pub fn write_seeds() -> anyhow::Result<()> {
     write_dir(&seeds.join("postgres"), pg)?;
     write_dir(&seeds.join("http_websocket"), web)?;
     sql.extend(SQL_SEEDS.iter().map(|s| s.as_bytes().to_vec()));
+    sql.insert(long_statement().into_bytes());
     write_dir(
         &seeds.join("sql_template"),
         sql.into_iter()

@@ -12,6 +12,8 @@ pub mod wire;
 
 #[cfg(test)]
 pub(crate) mod fixture_tests;
+#[cfg(test)]
+mod sql_tests;
 
 use std::{
     collections::{BTreeMap, HashMap},
