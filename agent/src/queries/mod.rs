@@ -381,7 +381,9 @@ fn segments<'a>(c: &Chunk<'a>) -> Vec<Segment<'a>> {
     if c.len <= seen {
         return segs;
     }
-    let tail_start = c.len - c.tail.len() as u64;
+    // A record whose tail is longer than the whole call is malformed
+    // (found by the postgres fuzz target): read as if the tail began at 0.
+    let tail_start = c.len.saturating_sub(c.tail.len() as u64);
     if c.tail.is_empty() {
         segs.push(Segment::Gap(c.len - seen));
     } else if tail_start >= seen {
@@ -539,6 +541,33 @@ impl Analyser for QueriesAnalyser {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Found by the postgres fuzz target: a record whose tail is longer
+    /// than the call's length made the segment arithmetic overflow.
+    #[test]
+    fn a_tail_longer_than_the_call_is_no_panic() {
+        let tail = [b'x'; 16];
+        let c = Chunk {
+            sk: 1,
+            tgid: 1,
+            comm: b"fuzz",
+            flow: Flow::Received,
+            ts_enter: 0,
+            ts_exit: 0,
+            len: 10,
+            data: b"abcd",
+            tail: &tail,
+            lport: 0,
+            rport: 0,
+        };
+        let segs = segments(&c);
+        assert!(matches!(segs[0], Segment::Bytes(b"abcd")));
+        assert!(
+            !segs
+                .iter()
+                .any(|s| matches!(s, Segment::Gap(n) if *n > c.len))
+        );
+    }
 
     /// Found by `streams::reassembly_tests`: a StartupMessage whose first
     /// piece held 5 to `len - 1` of its bytes was ruled out (`No`), so the
