@@ -169,22 +169,19 @@ fn churn(host: &str, extra: &[&str]) {
         }
         assert_eq!(bucket("+Inf"), N as f64);
     }
-    assert_eq!(
-        sum(&m, "pipelens_tcp_bytes_received_total", &i, &[]),
-        (N * REQ) as f64
-    );
-    assert_eq!(
-        sum(&m, "pipelens_tcp_bytes_sent_total", &i, &[]),
-        (N * RESP) as f64
-    );
-    assert_eq!(
-        sum(&m, "pipelens_tcp_bytes_sent_total", &o, &[]),
-        (N * REQ) as f64
-    );
-    assert_eq!(
-        sum(&m, "pipelens_tcp_bytes_received_total", &o, &[]),
-        (N * RESP) as f64
-    );
+    for (name, labels, want) in [
+        ("pipelens_tcp_bytes_received_total", &i, N * REQ),
+        ("pipelens_tcp_bytes_sent_total", &i, N * RESP),
+        ("pipelens_tcp_bytes_sent_total", &o, N * REQ),
+        ("pipelens_tcp_bytes_received_total", &o, N * RESP),
+    ] {
+        assert_eq!(
+            sum(&m, name, labels, &[]),
+            want as f64,
+            "{name} {labels:?}\n{}",
+            m.dump()
+        );
+    }
     promtool_accepts(&agent.metrics_text());
 
     let summary = agent.stop();
