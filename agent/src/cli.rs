@@ -34,6 +34,9 @@ pub struct Cli {
 pub enum Command {
     /// Attach to target processes and serve Prometheus metrics until stopped.
     Run(RunArgs),
+    /// A run that also writes a snapshot for `analyse` and `compare`: every
+    /// series per interval, latencies as sketches, the targets' memory.
+    Record(RecordArgs),
     /// Profile one process's memory for a while: allocation hotspots
     /// (`--mode allocs`) or resident-set growth (`--mode growth`) by call stack.
     Memory(MemoryArgs),
@@ -134,7 +137,44 @@ impl RunArgs {
             summary_json: self.summary_json,
             mask_identifiers: self.mask_identifiers,
             memory_limit: self.memory_limit,
+            record: None,
         }
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct RecordArgs {
+    #[command(flatten)]
+    pub run: RunArgs,
+
+    /// Write the snapshot (JSON) to FILE, atomically: a failed write leaves
+    /// nothing under that name.
+    #[arg(short = 'o', long = "output", value_name = "FILE")]
+    pub output: PathBuf,
+
+    /// Length of each interval of the snapshot, in seconds: the variation
+    /// between intervals is what `compare` judges significance by.
+    #[arg(long, default_value = "5", value_name = "SECS", value_parser = parse_secs)]
+    pub interval: Duration,
+}
+
+impl RecordArgs {
+    pub fn into_options(self) -> Result<run::Options, String> {
+        if let Some(d) = self.run.duration
+            && d < self.interval
+        {
+            return Err(format!(
+                "--duration {:.1} is shorter than one --interval ({:.1} s)",
+                d.as_secs_f64(),
+                self.interval.as_secs_f64()
+            ));
+        }
+        let mut opts = self.run.into_options();
+        opts.record = Some(crate::record::Plan {
+            output: self.output,
+            interval: self.interval,
+        });
+        Ok(opts)
     }
 }
 

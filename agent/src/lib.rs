@@ -17,6 +17,7 @@ pub mod output;
 pub mod privileges;
 pub mod process;
 pub mod queries;
+pub mod record;
 pub mod run;
 pub mod server;
 pub mod session;

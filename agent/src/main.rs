@@ -13,6 +13,18 @@ fn main() -> std::process::ExitCode {
             .build()
             .map_err(anyhow::Error::from)
             .and_then(|rt| rt.block_on(run::run(args.into_options()))),
+        cli::Command::Record(args) => {
+            args.into_options()
+                .map_err(anyhow::Error::msg)
+                .and_then(|opts| {
+                    tokio::runtime::Builder::new_multi_thread()
+                        .worker_threads(2)
+                        .enable_all()
+                        .build()
+                        .map_err(anyhow::Error::from)
+                        .and_then(|rt| rt.block_on(run::run(opts)))
+                })
+        }
         cli::Command::Memory(args) => tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()

@@ -11,6 +11,7 @@ use crate::{
     connections::Connections,
     memory::collector::Memory,
     queries::QueriesAnalyser,
+    record::{self, Recording, book::Book},
     server,
     session::Session,
     streams::{Analyser, Payload},
@@ -38,6 +39,8 @@ pub struct Options {
     pub summary_json: Option<PathBuf>,
     /// Resident bytes the agent keeps below by shedding (`crate::budget`).
     pub memory_limit: u64,
+    /// `pipelens record`: the snapshot to write, and its interval.
+    pub record: Option<record::Plan>,
 }
 
 impl Options {
@@ -105,6 +108,9 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     if let Some(path) = &opts.summary_json {
         crate::output::check_writable(path).context("--summary-json")?;
     }
+    if let Some(plan) = &opts.record {
+        crate::output::check_writable(&plan.output).context("--output")?;
+    }
     let requested = opts.requested();
     if opts.memory_allocs {
         if opts.selection.pids.is_empty() {
@@ -125,7 +131,8 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     }
 
     crate::queries::sql::mask_quoted_identifiers(opts.mask_identifiers);
-    let handle = telemetry::install()?;
+    let book = opts.record.as_ref().map(|_| Book::default());
+    let handle = telemetry::install(book.clone())?;
     let health = Health::new(&requested);
     let listener = server::bind(opts.listen).await?;
     log::info!(
@@ -195,7 +202,11 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     // Governed from here: the peak of loading is over.
     let governor = tokio::spawn(crate::budget::govern(opts.memory_limit, shutdown.clone()));
 
-    wait_for_stop(opts.duration).await?;
+    let mut recording =
+        opts.record.clone().zip(book).map(|(plan, book)| {
+            Recording::start(plan, book, opts.selection.clone(), opts.duration)
+        });
+    wait_for_stop(opts.duration, recording.as_mut(), &session).await?;
     log::info!("stopping");
     shutdown.cancel();
     let mut sections = Vec::new();
@@ -207,6 +218,8 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
             Err(e) => log::error!("collector {} panicked: {e}", names.join(",")),
         }
     }
+    // The last interval ends once the collectors have drained the kernel.
+    let recorded = recording.map(|r| r.finish(&session));
     drop(session);
     let _ = upkeep.await;
     let _ = governor.await;
@@ -219,23 +232,56 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         summary::write(path, &doc)?;
         log::info!("summary written to {}", path.display());
     }
+    if let Some(written) = recorded {
+        log::info!("snapshot written to {}", written?.display());
+    }
     Ok(())
 }
 
-async fn wait_for_stop(duration: Option<Duration>) -> anyhow::Result<()> {
+/// Until the duration is over or a signal; a recording's intervals are
+/// closed meanwhile, and it ends early, partial, once its `--pid` targets
+/// are all gone or a signal cut the duration short.
+async fn wait_for_stop(
+    duration: Option<Duration>,
+    mut recording: Option<&mut Recording>,
+    session: &Session,
+) -> anyhow::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
+    let started = Instant::now();
     let sleep = async {
         match duration {
             Some(d) => tokio::time::sleep(d).await,
             None => std::future::pending().await,
         }
     };
-    tokio::select! {
-        () = sleep => {}
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+    tokio::pin!(sleep);
+    let period = recording
+        .as_ref()
+        .map_or(Duration::from_secs(3600), |r| r.interval());
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    loop {
+        tokio::select! {
+            () = &mut sleep => return Ok(()),
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = tick.tick() => {
+                if let Some(r) = recording.as_deref_mut() {
+                    r.close_interval(session);
+                    if r.targets_gone() {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+    }
+    if let (Some(r), Some(d)) = (recording, duration) {
+        r.mark_partial(format!(
+            "stopped by a signal after {:.1} s of {:.1} s",
+            started.elapsed().as_secs_f64(),
+            d.as_secs_f64()
+        ));
     }
     Ok(())
 }
@@ -261,6 +307,7 @@ mod tests {
             memory_allocs: false,
             mask_identifiers: false,
             summary_json: None,
+            record: None,
         }
     }
 

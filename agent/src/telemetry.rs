@@ -33,9 +33,10 @@ pub const MESSAGE_SIZE_BUCKETS: &[f64] = &[
 /// Overflow value of a capped label.
 pub const OTHER: &str = "other";
 
-/// Installs the global recorder and describes every metric.
-pub fn install() -> anyhow::Result<PrometheusHandle> {
-    let handle = PrometheusBuilder::new()
+/// Installs the global recorder and describes every metric. With `book`
+/// (`pipelens record`), every series also reaches the interval book.
+pub fn install(book: Option<crate::record::book::Book>) -> anyhow::Result<PrometheusHandle> {
+    let recorder = PrometheusBuilder::new()
         .set_buckets_for_metric(
             Matcher::Full("pipelens_tcp_connection_duration_seconds".to_owned()),
             CONNECTION_DURATION_BUCKETS,
@@ -64,7 +65,18 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
             Matcher::Full("pipelens_websocket_message_size_bytes".to_owned()),
             MESSAGE_SIZE_BUCKETS,
         )?
-        .install_recorder()?;
+        .build_recorder();
+    let handle = recorder.handle();
+    match book {
+        None => metrics::set_global_recorder(recorder)?,
+        Some(book) => metrics::set_global_recorder(
+            metrics_util::layers::FanoutBuilder::default()
+                .add_recorder(recorder)
+                .add_recorder(book)
+                .build(),
+        )
+        .map_err(|_| anyhow::anyhow!("a metrics recorder is already installed"))?,
+    }
     describe();
     Ok(handle)
 }

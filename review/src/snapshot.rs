@@ -177,7 +177,9 @@ impl PartialEq for Sketch {
     fn eq(&self, other: &Self) -> bool {
         self.count() == other.count()
             && self.sum() == other.sum()
-            && [0.5, 0.95, 0.99].iter().all(|q| self.quantile(*q) == other.quantile(*q))
+            && [0.5, 0.95, 0.99]
+                .iter()
+                .all(|q| self.quantile(*q) == other.quantile(*q))
     }
 }
 
@@ -249,8 +251,7 @@ impl Snapshot {
             }
             None => return Err(not("it has no schema_version".into())),
         }
-        let snapshot: Snapshot =
-            serde_json::from_value(value).map_err(|e| not(format!("{e}")))?;
+        let snapshot: Snapshot = serde_json::from_value(value).map_err(|e| not(format!("{e}")))?;
         if snapshot.intervals.is_empty() {
             return Err(SnapshotError::Empty {
                 path: name.to_owned(),
@@ -343,7 +344,10 @@ mod tests {
             .unwrap()
             .replace("\"schema_version\": 1", "\"schema_version\": 7");
         let e = Snapshot::parse("s", other.as_bytes()).unwrap_err();
-        assert!(matches!(e, SnapshotError::OtherVersion { found: 7, .. }), "{e}");
+        assert!(
+            matches!(e, SnapshotError::OtherVersion { found: 7, .. }),
+            "{e}"
+        );
         assert!(e.to_string().contains("version 7"), "{e}");
         assert!(matches!(
             Snapshot::parse("s", b"{\"format\": \"prometheus\"}"),
