@@ -189,13 +189,56 @@ pub struct Agent {
 impl Agent {
     /// Starts `pipelens run ARGS` and waits until `/healthz` answers 200.
     pub fn start(args: &[&str]) -> Agent {
+        Self::start_command("run", args)
+    }
+
+    /// Starts `pipelens record ARGS -o <its directory>/snapshot.json` and
+    /// waits until `/healthz` answers 200 ([`Agent::snapshot_path`]).
+    pub fn record(args: &[&str]) -> Agent {
+        let mut all: Vec<&str> = args.to_vec();
+        if !args.contains(&"-o") {
+            all.extend_from_slice(&["-o", "{snapshot}"]);
+        }
+        Self::start_command("record", &all)
+    }
+
+    /// Where [`Agent::record`] writes its snapshot.
+    pub fn snapshot_path(&self) -> PathBuf {
+        self._dir.path.join("snapshot.json")
+    }
+
+    /// Waits (up to `timeout`) for the agent to stop by itself, at the end
+    /// of its `--duration`: its exit status and the snapshot it wrote, if
+    /// any (read before its directory goes).
+    pub fn wait_exit(mut self, timeout: Duration) -> (std::process::ExitStatus, Option<Vec<u8>>) {
+        let timeout = patience(timeout);
+        let start = Instant::now();
+        while self.process.exited().is_none() {
+            assert!(
+                start.elapsed() < timeout,
+                "pipelens still running after {timeout:?}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let snapshot = std::fs::read(self.snapshot_path()).ok();
+        let Agent { process, _dir, .. } = self;
+        (process.wait(), snapshot)
+    }
+
+    fn start_command(command: &str, args: &[&str]) -> Agent {
         let dir = TempDir::new("agent");
         let port = free_port();
         let summary_path = dir.path.join("summary.json");
+        let snapshot = dir.path.join("snapshot.json");
+        let snapshot = snapshot.to_string_lossy();
+        let args: Vec<&str> = args
+            .iter()
+            .map(|a| if *a == "{snapshot}" { &*snapshot } else { *a })
+            .collect();
         let listen = format!("127.0.0.1:{port}");
         let mut cmd = least_privilege(&dir);
-        cmd.arg("run")
-            .args(args)
+        cmd.arg(command)
+            .args(&args)
             .args(["--listen", &listen])
             .arg("--summary-json")
             .arg(&summary_path)
