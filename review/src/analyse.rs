@@ -2245,11 +2245,4 @@ mod tests {
         assert_eq!("md".parse::<Format>(), Ok(Format::Markdown));
         assert!("pdf".parse::<Format>().is_err());
     }
-
-    #[test]
-    #[ignore = "prints the slow demo's review, for reading"]
-    fn print_the_slow_demo() {
-        println!("{}", analyse(&slow_demo()).render(Format::Text));
-        println!("{}", analyse(&closes(20, 1)).render(Format::Markdown));
-    }
 }
