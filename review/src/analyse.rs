@@ -17,6 +17,8 @@ use serde::Serialize;
 
 use crate::snapshot::{Series, Sketch, Snapshot};
 
+mod html;
+
 pub const HTTP_DURATION: &str = "pipelens_http_server_request_duration_seconds";
 pub const WS_RESPONSE: &str = "pipelens_websocket_response_duration_seconds";
 pub const WS_SESSIONS_ACTIVE: &str = "pipelens_websocket_sessions_active";
@@ -183,6 +185,8 @@ pub enum Format {
     Text,
     Markdown,
     Json,
+    /// One self-contained page: inline CSS and SVG charts, no script.
+    Html,
 }
 
 impl FromStr for Format {
@@ -192,8 +196,9 @@ impl FromStr for Format {
             "text" => Ok(Self::Text),
             "markdown" | "md" => Ok(Self::Markdown),
             "json" => Ok(Self::Json),
+            "html" => Ok(Self::Html),
             other => Err(format!(
-                "unknown review format {other:?}: use text, markdown or json"
+                "unknown review format {other:?}: use text, markdown, json or html"
             )),
         }
     }
@@ -1476,6 +1481,7 @@ impl Analysis {
             Format::Text => self.render_text(),
             Format::Markdown => self.render_markdown(),
             Format::Json => serde_json::to_string_pretty(self).expect("an analysis serialises"),
+            Format::Html => self.render_html(),
         }
     }
 
@@ -1858,6 +1864,22 @@ mod tests {
             })
             .collect();
         snapshot(ivs)
+    }
+
+    /// The slow demo with one more template, holding a `<`, for the page.
+    pub(super) fn slow_demo_for_html() -> Snapshot {
+        let mut s = slow_demo();
+        for (i, iv) in s.intervals.iter_mut().enumerate() {
+            let mut add = Iv(std::mem::take(iv));
+            add.statement(
+                "SELECT id FROM events WHERE kind < $2",
+                10 + i,
+                0.001,
+                0.002,
+            );
+            *iv = add.0;
+        }
+        s
     }
 
     fn find(a: &Analysis, kind: FindingKind) -> Vec<&Finding> {
