@@ -520,7 +520,10 @@ const MIN_EVENTS: f64 = 20.0;
 /// `per_event_round_trips`: an INSERT or UPDATE template executed about
 /// once per received WebSocket data message (executions / messages within
 /// [`PER_EVENT_RATIO`], over the intervals that had messages): each message
-/// waits for its own statement.
+/// waits for its own statement. When the message count varies across
+/// intervals (CV ≥ 0.1) the template's count must follow it (Pearson ≥
+/// 0.8), so that an INSERT driven by something else at a similar rate is
+/// not taken for a per-message one.
 fn per_event_round_trips(v: &View) -> Vec<Finding> {
     let with_messages: Vec<usize> = (0..v.n).filter(|&i| v.received[i] > 0.0).collect();
     let messages: f64 = with_messages.iter().map(|&i| v.received[i]).sum();
@@ -538,6 +541,16 @@ fn per_event_round_trips(v: &View) -> Vec<Finding> {
         if !(PER_EVENT_RATIO.0..=PER_EVENT_RATIO.1).contains(&r) {
             continue;
         }
+        let msgs: Vec<f64> = with_messages.iter().map(|&i| v.received[i]).collect();
+        let execs: Vec<f64> = with_messages.iter().map(|&i| t.timed.counts[i]).collect();
+        let correlation = if cv(&msgs) >= STEADY_CV {
+            match pearson(&msgs, &execs) {
+                Some(p) if p >= MIN_CORRELATION => Some(p),
+                _ => continue,
+            }
+        } else {
+            None
+        };
         let total = t.timed.total();
         let mean_exec = ratio(total, t.timed.count()).unwrap_or(0.0);
         let share = ratio(total, response_time);
@@ -547,6 +560,14 @@ fn per_event_round_trips(v: &View) -> Vec<Finding> {
                  {r:.2} per message",
                 with_messages.len()
             ),
+            match correlation {
+                Some(p) => format!(
+                    "its executions follow the message count interval by interval \
+                     (correlation {p:.2})"
+                ),
+                None => "the message rate was steady, so the correlation could not be checked"
+                    .to_owned(),
+            },
             format!(
                 "{} per execution (p95 {}), {} in all",
                 human_seconds(mean_exec),
@@ -2156,6 +2177,68 @@ mod tests {
             "{:#?}",
             a.findings
         );
+    }
+
+    #[test]
+    fn an_insert_at_the_message_rate_that_does_not_follow_it_is_not_per_message() {
+        let steady = (total_messages() / N as f64) as usize;
+        let ivs = (0..N)
+            .map(|i| {
+                let mut iv = Iv::new(i);
+                iv.messages(messages_in(i), messages_in(i), (0.002, 0.004))
+                    .statement(INSERT, steady, 0.0008, 0.0012);
+                iv
+            })
+            .collect();
+        let s = snapshot(ivs);
+        let a = analyse(&s);
+        // The ratio alone would qualify: 490 × 12 for 5880 messages.
+        let per_message = (steady * N) as f64 / total_messages();
+        assert!(close(per_message, 1.0, 1e-9), "{per_message}");
+        assert!(
+            find(&a, FindingKind::PerEventRoundTrips).is_empty(),
+            "{:#?}",
+            a.findings
+        );
+    }
+
+    #[test]
+    fn an_n_plus_one_can_follow_messages() {
+        let ivs = (0..N)
+            .map(|i| {
+                let mut iv = Iv::new(i);
+                let m = messages_in(i);
+                iv.messages(m, m, (0.004, 0.008)).statement(
+                    SELECT_ONE,
+                    10 * m as usize,
+                    0.0002,
+                    0.0004,
+                );
+                iv
+            })
+            .collect();
+        let a = analyse(&snapshot(ivs));
+        let f = find(&a, FindingKind::NPlusOne);
+        assert_eq!(f.len(), 1, "{:#?}", a.findings);
+        assert_eq!(f[0].subjects, vec![SELECT_ONE.to_owned()]);
+        assert_eq!(
+            number_after(&f[0].evidence[0], "intervals:"),
+            10.0,
+            "{:?}",
+            f[0].evidence
+        );
+        // 10 × 0.3 ms of each 6 ms response.
+        let share = f[0].share_of_response_time.unwrap();
+        assert!(close(share, 0.5, 0.03), "{share}");
+    }
+
+    #[test]
+    fn an_empty_run_has_no_findings_and_an_empty_overview() {
+        let a = analyse(&snapshot(vec![]));
+        assert!(a.findings.is_empty(), "{:#?}", a.findings);
+        assert_eq!(a.overview.intervals, 0);
+        assert_eq!(a.overview.statements_per_request, None);
+        assert!(a.render(Format::Text).contains("No findings."));
     }
 
     /// Sessions: 100 concurrent, 400 in intervals 6 and 7, where
