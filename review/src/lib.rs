@@ -3,4 +3,5 @@
 //! make of it. Nothing here touches the kernel: a snapshot is read on any
 //! machine.
 
+pub mod analyse;
 pub mod snapshot;
