@@ -34,6 +34,10 @@ pub struct Cli {
 pub enum Command {
     /// Attach to target processes and serve Prometheus metrics until stopped.
     Run(RunArgs),
+    /// What to fix, from a snapshot: per-event round trips, N+1 queries,
+    /// slow templates, connection churn, unbounded growth, abnormal closes,
+    /// each with its evidence and a suggested fix, costliest first.
+    Analyse(AnalyseArgs),
     /// A run that also writes a snapshot for `analyse` and `compare`: every
     /// series per interval, latencies as sketches, the targets' memory.
     Record(RecordArgs),
@@ -138,6 +142,63 @@ impl RunArgs {
             mask_identifiers: self.mask_identifiers,
             memory_limit: self.memory_limit,
             record: None,
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct AnalyseArgs {
+    /// A snapshot written by `pipelens record`.
+    #[arg(value_name = "SNAPSHOT")]
+    pub snapshot: PathBuf,
+
+    /// `text`, `markdown`, `json` or `html` (one self-contained page with
+    /// its charts).
+    #[arg(long, default_value = "text", value_parser = one_of::<ReviewFormat>())]
+    pub format: ReviewFormat,
+
+    /// Write the report to FILE instead of standard output.
+    #[arg(short = 'o', long = "output", value_name = "FILE")]
+    pub output: Option<PathBuf>,
+}
+
+impl AnalyseArgs {
+    pub fn into_options(self) -> crate::review::AnalyseOptions {
+        crate::review::AnalyseOptions {
+            snapshot: self.snapshot,
+            format: self.format.0,
+            output: self.output,
+        }
+    }
+}
+
+/// A review report's format, as clap offers it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ReviewFormat(pub pipelens_review::analyse::Format);
+
+impl FlagValue for ReviewFormat {
+    const ALL: &'static [Self] = &[
+        ReviewFormat(pipelens_review::analyse::Format::Text),
+        ReviewFormat(pipelens_review::analyse::Format::Markdown),
+        ReviewFormat(pipelens_review::analyse::Format::Json),
+        ReviewFormat(pipelens_review::analyse::Format::Html),
+    ];
+    fn name(self) -> &'static str {
+        use pipelens_review::analyse::Format;
+        match self.0 {
+            Format::Text => "text",
+            Format::Markdown => "markdown",
+            Format::Json => "json",
+            Format::Html => "html",
+        }
+    }
+    fn help(self) -> &'static str {
+        use pipelens_review::analyse::Format;
+        match self.0 {
+            Format::Text => "A plain table and findings, for a terminal",
+            Format::Markdown => "Tables for a pull request or a design document",
+            Format::Json => "The whole result, machine-readable",
+            Format::Html => "One self-contained page with its charts (no network, no script)",
         }
     }
 }

@@ -18,6 +18,7 @@ pub mod privileges;
 pub mod process;
 pub mod queries;
 pub mod record;
+pub mod review;
 pub mod run;
 pub mod server;
 pub mod session;

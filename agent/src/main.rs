@@ -25,6 +25,9 @@ fn main() -> std::process::ExitCode {
                         .and_then(|rt| rt.block_on(run::run(opts)))
                 })
         }
+        cli::Command::Analyse(args) => {
+            return review_exit(pipelens::review::analyse(&args.into_options()));
+        }
         cli::Command::Memory(args) => tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -43,6 +46,18 @@ fn main() -> std::process::ExitCode {
         Err(e) => {
             eprintln!("error: {}", describe(&e));
             std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// A review command's exit: 0 done, 2 on an error (a snapshot that cannot
+/// be read, a bad targets file), so that 1 can mean "a target was missed".
+fn review_exit(result: anyhow::Result<()>) -> std::process::ExitCode {
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", describe(&e));
+            std::process::ExitCode::from(2)
         }
     }
 }
