@@ -1,6 +1,7 @@
 //! Harness for the probe tests: runs the real `pipelens` binary as root
 //! against peers started here, and reads back what it exported.
 
+pub mod browser;
 pub mod child;
 pub mod demo;
 pub mod memory;

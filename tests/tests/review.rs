@@ -215,6 +215,36 @@ fn record_books_every_interval_exactly() {
     );
     drop(app);
     drop(pg);
+
+    // The snapshot analysed, as a page a reviewer opens.
+    let dir = TempDir::new("review");
+    let path = dir.path.join("snapshot.json");
+    std::fs::write(&path, &bytes).expect("write snapshot");
+    let html = dir.path.join("analysis.html");
+    let out = Command::new(pipelens_tests::pipelens_bin())
+        .arg("analyse")
+        .arg(&path)
+        .args(["--format", "html", "-o"])
+        .arg(&html)
+        .output()
+        .expect("pipelens analyse");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_renders(&html);
+}
+
+/// A report renders in headless Chromium without a console message or a
+/// failed load, and its screenshot shows its charts: more than text on
+/// white below the title.
+fn assert_renders(page: &std::path::Path) {
+    let shot = pipelens_tests::browser::render(page);
+    assert!(shot.console.is_empty(), "console: {:#?}", shot.console);
+    let inked = shot.inked_fraction(0.1);
+    assert!(inked > 0.02, "a blank page: {:.3} of it inked", inked);
+    assert!(shot.colours() > 16, "no chart colours: {}", shot.colours());
 }
 
 /// `record --pid` on a process that exits mid-run: the recording ends

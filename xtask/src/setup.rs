@@ -17,7 +17,7 @@ use crate::{is_root, run_cmd};
 /// bpftool, which lists the programs a killed agent must not leave loaded.
 /// Node.js and npm (see [`PROGRAMS`]) for the node-postgres test peer.
 /// g++ for libFuzzer, which the fuzz targets link (libfuzzer-sys builds
-/// it from source).
+/// it from source). Chromium, headless, renders the review's HTML reports.
 const PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -36,6 +36,7 @@ const PACKAGES: &[&str] = &[
     "bpftool",
     "valgrind",
     "g++",
+    "chromium",
     // The kernel matrix: guests under emulation, their initramfs.
     "qemu-system-x86",
     "busybox-static",
